@@ -1,0 +1,25 @@
+# statsd: every target sets itself up from a fresh checkout with only python3.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test bench binary clean
+
+$(BIN)/statsd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/statsd
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/statsd
+	$(BIN)/statsd serve
+
+test: $(VENV)/.test-deps
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

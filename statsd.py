@@ -1,0 +1,1745 @@
+"""statsd: a standalone statistics service for MONARC.
+
+One module, read top to bottom in the order data flows through it:
+
+    config -> storage -> query -> middleware (rate limit, errors, auth)
+           -> handlers -> app factory -> command line
+
+Statistics and organizations live in memory and in one TinyDB JSON file.
+Every write is appended to a journal beside that file and fsynced before it
+is acknowledged; the journal is folded into the file (atomically) when it
+grows and when the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import fcntl
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import re
+import secrets
+import sys
+import time
+import tomllib
+import uuid as uuidlib
+import zlib
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+from urllib.parse import quote, urlsplit
+
+import limits
+import orjson
+from aiohttp import web
+from aiohttplimiter import Limiter
+from tinydb.storages import Storage
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("statsd")
+
+API_PREFIX = "/api/v2"
+MISSING = object()  # a field a record does not have
+
+
+def utcnow() -> str:
+    """The current UTC time as ISO 8601 with microseconds and no offset."""
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+# ---------------------------------------------------------------- config ---
+
+class ConfigError(Exception):
+    """A configuration value, file or variable that cannot be used."""
+
+
+@dataclass
+class Config:
+    """Settings, from defaults < TOML file < STATSD_* environment < command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    database: str = "statsd.json"
+    api_key_authentication: bool = True
+    rate_limit: str = "300/15minutes"
+    trusted_proxies: list = field(default_factory=list)
+    default_limit: int = 100
+    max_limit: int = 1000
+    max_body_size: int = 16 * 1024 * 1024
+
+    @classmethod
+    def load(cls, path: str | None = None, environ=None, overrides=None) -> "Config":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if path is None and os.path.exists("statsd.toml"):
+            path = "statsd.toml"
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    values.update(tomllib.load(f))
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+            unknown = sorted(set(values) - cls.keys())
+            if unknown:
+                raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}"
+                                  f" (known keys: {', '.join(sorted(cls.keys()))})")
+        for key in cls.keys():
+            env = "STATSD_" + key.upper()
+            if env in environ:
+                values[key] = _from_env(env, environ[env], cls.kind(key))
+        unknown_env = sorted(k for k in environ if k.startswith("STATSD_")
+                             and k[7:].lower() not in cls.keys())
+        if unknown_env:
+            raise ConfigError(f"unknown environment variable(s): {', '.join(unknown_env)}")
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def kind(cls, key: str) -> type:
+        return type(getattr(cls(), key))
+
+    def validate(self) -> None:
+        for key in self.keys():
+            value, kind = getattr(self, key), self.kind(key)
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{key} must be an integer, not {value!r}")
+            if kind is not int and not isinstance(value, kind):
+                raise ConfigError(f"{key} must be a {kind.__name__}, not {value!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be from 0 to 65535, not {self.port}")
+        if not 1 <= self.max_limit:
+            raise ConfigError(f"max_limit must be at least 1, not {self.max_limit}")
+        if not 0 <= self.default_limit <= self.max_limit:
+            raise ConfigError(f"default_limit must be from 0 to max_limit ({self.max_limit}),"
+                              f" not {self.default_limit}")
+        if self.max_body_size < 1024:
+            raise ConfigError(f"max_body_size must be at least 1024 bytes, not {self.max_body_size}")
+        if not self.database:
+            raise ConfigError("database must be a file path")
+        if self.rate_limit:
+            self.rate_limit_item()
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(str(proxy), strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
+
+    def rate_limit_item(self):
+        """The parsed `limits` item, or None when rate limiting is off."""
+        if not self.rate_limit:
+            return None
+        try:
+            return limits.parse(self.rate_limit)
+        except ValueError:
+            raise ConfigError(f"rate_limit {self.rate_limit!r} is not in the limits notation,"
+                              " e.g. '300/15minutes' (or \"\" to turn rate limiting off)") from None
+
+
+def _from_env(name: str, raw: str, kind: type):
+    """Convert one STATSD_* variable to the type of its key."""
+    if kind is bool:
+        word = raw.strip().lower()
+        if word in ("true", "1", "yes"):
+            return True
+        if word in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{name} must be true/false/1/0/yes/no, not {raw!r}")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if kind is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
+
+
+# --------------------------------------------------------------- storage ---
+
+class StorageError(Exception):
+    """The database cannot be opened, read or written."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+class DatabaseLocked(StorageError):
+    """Another process holds the database."""
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace `path` with `data`: temp file, fsync, rename, fsync of the folder.
+
+    A crash at any instant leaves either the old file or the new one, whole.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_folder(folder)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that reads with orjson and never overwrites in place."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> dict | None:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            data = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError as e:
+            raise StorageError(f"{self.path} is not valid JSON ({e}); it was left untouched:"
+                               " restore it from a backup or move it away") from None
+        if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+            raise StorageError(f"{self.path} is not a TinyDB database (an object of tables);"
+                               " it was left untouched")
+        return data
+
+    def write(self, data: dict) -> None:
+        write_atomically(self.path, orjson.dumps(data))
+
+
+class Index:
+    """Equality index of one field: value -> ids of the records holding it, in order."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ids: dict[Any, dict[int, None]] = {}
+        self.unsorted: set = set()
+
+    def add(self, doc_id: int, doc: dict) -> None:
+        value = doc.get(self.name, MISSING)
+        if value is MISSING or not _hashable(value):
+            return
+        bucket = self.ids.setdefault(value, {})
+        if bucket and doc_id < next(reversed(bucket)):
+            self.unsorted.add(value)
+        bucket[doc_id] = None
+
+    def remove(self, doc_id: int, doc: dict) -> None:
+        value = doc.get(self.name, MISSING)
+        bucket = self.ids.get(value) if value is not MISSING and _hashable(value) else None
+        if bucket is not None:
+            bucket.pop(doc_id, None)
+            if not bucket:
+                del self.ids[value]
+                self.unsorted.discard(value)
+
+    def lookup(self, value) -> dict[int, None]:
+        """The ids holding `value`, in creation order."""
+        if value in self.unsorted:
+            self.ids[value] = dict.fromkeys(sorted(self.ids[value]))
+            self.unsorted.discard(value)
+        return self.ids.get(value, {})
+
+
+def _hashable(value) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+class Table:
+    """One table: its records in creation order, a primary key and indexes."""
+
+    def __init__(self, name: str, key: str, unique: Iterable[str] = (), indexed: Iterable[str] = ()):
+        self.name = name
+        self.key = key
+        self.docs: dict[int, dict] = {}
+        self.next_id = 1
+        self.by_key: dict[str, int] = {}
+        self.unique = {f: {} for f in unique}
+        self.indexes = {f: Index(f) for f in indexed}
+
+    def get(self, key) -> dict | None:
+        doc_id = self.by_key.get(key)
+        return None if doc_id is None else self.docs[doc_id]
+
+    def doc_id(self, key) -> int | None:
+        return self.by_key.get(key)
+
+    def find_unique(self, name: str, value) -> dict | None:
+        doc_id = self.unique[name].get(value)
+        return None if doc_id is None else self.docs[doc_id]
+
+    def new_doc_id(self) -> int:
+        doc_id, self.next_id = self.next_id, self.next_id + 1
+        return doc_id
+
+    def apply(self, doc_id: int, doc: dict | None) -> None:
+        """Put `doc` under `doc_id` (None deletes it), keeping every index true."""
+        old = self.docs.get(doc_id)
+        if old is not None:
+            self.by_key.pop(old.get(self.key), None)
+            for name, ids in self.unique.items():
+                if ids.get(old.get(name)) == doc_id:
+                    del ids[old[name]]
+            for index in self.indexes.values():
+                index.remove(doc_id, old)
+        if doc is None:
+            self.docs.pop(doc_id, None)
+            return
+        self.docs[doc_id] = doc
+        self.next_id = max(self.next_id, doc_id + 1)
+        self.by_key[doc[self.key]] = doc_id
+        for name, ids in self.unique.items():
+            if name in doc:
+                ids[doc[name]] = doc_id
+        for index in self.indexes.values():
+            index.add(doc_id, doc)
+
+    def dump(self) -> dict:
+        return {str(doc_id): doc for doc_id, doc in self.docs.items()}
+
+
+STAT_INDEXED = ("organization", "type", "anr", "year", "quarter", "month", "week", "day")
+
+
+class Store:
+    """The database: tables in memory, a journal for durability, a TinyDB file as checkpoint.
+
+    A write applies its changes in memory at once, then `commit` appends them
+    to the journal as one line and waits for the fsync that covers it;
+    concurrent writers share one fsync. When the journal outgrows the last
+    checkpoint, new writes pause, the tables are written to the TinyDB file
+    atomically, and the journal starts empty.
+    """
+
+    MIN_CHECKPOINT_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, path: str):
+        self.path = path
+        self.journal_path = path + ".journal"
+        self.lock_path = path + ".lock"
+        self._lock_fd: int | None = None
+        self._journal_fd: int | None = None
+        self._journal_size = 0
+        self._checkpoint_at = self.MIN_CHECKPOINT_BYTES
+        self._pending: list[tuple[bytes, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._writable: asyncio.Event | None = None
+        self._flusher: asyncio.Task | None = None
+        self._extra_tables: dict = {}
+        self._new_tables()
+
+    def _new_tables(self) -> None:
+        self.orgs = Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",))
+        self.stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED)
+        self.tables = {"organizations": self.orgs, "stats": self.stats}
+
+    # opening and closing
+
+    def lock(self) -> None:
+        """Take the database for this process, or raise DatabaseLocked at once."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DatabaseLocked(
+                f"the database {self.path} is in use by another statsd process (pid {holder});"
+                " stop that server first, or make the change through its HTTP API"
+                " (/api/v2/organizations/ with an admin key)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def open(self) -> None:
+        """Lock, load the file, replay and fold the journal, open a fresh journal."""
+        if self._lock_fd is None:
+            self.lock()
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise StorageError(f"the folder of the database {self.path} does not exist")
+        replayed = self._load()
+        if replayed or not os.path.exists(self.path):
+            self._write_checkpoint()
+        if os.path.exists(self.journal_path):
+            os.unlink(self.journal_path)
+            _fsync_folder(folder)
+        self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._journal_size = 0
+
+    def _load(self) -> int:
+        """Fill memory from the checkpoint and the journal; the number of journal lines."""
+        self._new_tables()
+        data = AtomicJSONStorage(self.path).read() or {}
+        self._extra_tables = {k: v for k, v in data.items() if k not in self.tables}
+        for name, table in self.tables.items():
+            for doc_id, doc in data.get(name, {}).items():
+                if not (doc_id.isdigit() and isinstance(doc, dict) and isinstance(doc.get(table.key), str)):
+                    raise StorageError(f"{self.path}: table {name}, document {doc_id} is not a"
+                                       f" statsd record; the file was left untouched")
+                table.apply(int(doc_id), doc)
+        return self._replay()
+
+    def _replay(self) -> int:
+        """Apply the journal's transactions; cut a torn last line, refuse a corrupt middle."""
+        try:
+            with open(self.journal_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return 0
+        count, offset = 0, 0
+        while offset < len(raw):
+            end = raw.find(b"\n", offset)
+            ops = _decode_journal_line(raw[offset:end]) if end != -1 else None
+            if ops is None:
+                rest = raw[offset:]
+                if end == -1 or not rest[rest.find(b"\n") + 1:].strip():
+                    log.warning("journal %s: dropping a torn last line (%d bytes) left by a crash",
+                                self.journal_path, len(rest))
+                    break
+                raise StorageError(f"journal {self.journal_path} is corrupt at byte {offset};"
+                                   " statsd refuses to guess: restore a backup, or move the journal"
+                                   " away to start from the last checkpoint")
+            for table, doc_id, doc in ops:
+                self.tables[table].apply(doc_id, doc)
+            count += 1
+            offset = end + 1
+        return count
+
+    def _write_checkpoint(self) -> int:
+        data = dict(self._extra_tables)
+        data.update({name: table.dump() for name, table in self.tables.items()})
+        AtomicJSONStorage(self.path).write(data)
+        return os.path.getsize(self.path)
+
+    async def start(self) -> None:
+        """Open, then start the task that writes the journal."""
+        self.open()
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._flusher = asyncio.create_task(self._flush_forever())
+
+    async def close(self) -> None:
+        """Write what is pending, fold the journal into the file, release the lock."""
+        if self._flusher is not None:
+            await self._flush_pending()
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+        if self._journal_fd is not None:
+            try:
+                self._write_checkpoint()
+                os.ftruncate(self._journal_fd, 0)
+                os.close(self._journal_fd)
+                os.unlink(self.journal_path)
+            except OSError as e:
+                log.error("could not fold the journal into %s (%s); it is kept and will be"
+                          " replayed at the next start", self.path, e)
+            self._journal_fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # writing
+
+    async def writable(self) -> None:
+        """Wait while a checkpoint is being written."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+
+    def apply(self, ops: list[tuple[str, int, dict | None]]) -> asyncio.Future:
+        """Apply `ops` in memory now; the future is done when they are on disk.
+
+        Call it with no await between the checks that justify the ops and this call.
+        """
+        line = _encode_journal_line(ops)
+        for table, doc_id, doc in ops:
+            self.tables[table].apply(doc_id, doc)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((line, future))
+        self._wake.set()
+        return future
+
+    async def commit(self, ops: list[tuple[str, int, dict | None]]) -> None:
+        """Apply `ops` and return once they are durable (raises StorageError if not)."""
+        await self.apply(ops)
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush_pending()
+            if self._journal_size >= self._checkpoint_at:
+                await self._checkpoint()
+
+    async def _flush_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            data = b"".join(line for line, _ in batch)
+            try:
+                await loop.run_in_executor(None, self._append, data)
+            except OSError as e:
+                self._recover(batch, e)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    def _append(self, data: bytes) -> None:
+        try:
+            _write_all(self._journal_fd, data)
+            os.fdatasync(self._journal_fd)
+        except OSError:
+            os.ftruncate(self._journal_fd, self._journal_size)
+            raise
+        self._journal_size += len(data)
+
+    def _recover(self, batch, error: OSError) -> None:
+        """A journal write failed: fail every write not on disk and reload what is."""
+        failed = batch + self._pending
+        self._pending = []
+        log.error("journal write failed (%s); %d write(s) refused, reloading from disk",
+                  error, len(failed))
+        self._load()
+        exc = StorageError(f"the database could not be written ({error.strerror or error});"
+                           " nothing of this request was stored", error.errno)
+        for _, future in failed:
+            if not future.done():
+                future.set_exception(exc)
+
+    async def _checkpoint(self) -> None:
+        """Pause writers, write the tables to the TinyDB file, empty the journal."""
+        self._writable.clear()
+        try:
+            await self._flush_pending()
+            loop = asyncio.get_running_loop()
+            size = await loop.run_in_executor(None, self._write_checkpoint)
+            os.ftruncate(self._journal_fd, 0)
+            os.fsync(self._journal_fd)
+            self._journal_size = 0
+            self._checkpoint_at = max(self.MIN_CHECKPOINT_BYTES, size)
+        except OSError as e:
+            log.error("checkpoint of %s failed (%s); the journal is kept", self.path, e)
+            self._checkpoint_at = self._journal_size + self.MIN_CHECKPOINT_BYTES
+        finally:
+            self._writable.set()
+
+
+def _encode_journal_line(ops) -> bytes:
+    body = orjson.dumps(ops)
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _decode_journal_line(line: bytes):
+    """The ops of one journal line, or None when it is torn or damaged."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        ops = orjson.loads(body)
+    except ValueError:
+        return None
+    return [(t, int(i), d) for t, i, d in ops]
+
+
+class IdGenerator:
+    """24-hex ids in the shape of MongoDB ObjectIds: time, process random, counter."""
+
+    def __init__(self):
+        self.random = secrets.token_hex(5)
+        self.counter = secrets.randbelow(1 << 24)
+
+    def __call__(self) -> str:
+        self.counter = (self.counter + 1) & 0xFFFFFF
+        return f"{int(time.time()) & 0xFFFFFFFF:08x}{self.random}{self.counter:06x}"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------- query ---
+
+class ApiError(Exception):
+    """An error answered to the client as the JSON error object."""
+
+    NAMES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+             405: "MethodNotAllowed", 409: "Conflict", 413: "RequestEntityTooLarge",
+             415: "UnsupportedMediaType", 429: "TooManyRequests", 500: "InternalServerError",
+             503: "ServiceUnavailable", 507: "InsufficientStorage"}
+
+    def __init__(self, status: int, message: str, errors=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def bad_request(message: str, errors=None) -> ApiError:
+    return ApiError(400, message, errors)
+
+
+INT_RE = re.compile(r"[+-]?[0-9]{1,18}")
+STRING_OPS = ("contains", "icontains", "startswith", "istartswith", "endswith", "iendswith", "iexact")
+COMPARE_OPS = ("lt", "lte", "gt", "gte")
+OPERATORS = ("exact", "ne", "in", "nin", "exists") + COMPARE_OPS + STRING_OPS
+
+
+def _kind(value) -> int:
+    """Type rank used to compare and order values of mixed types."""
+    if value is MISSING:
+        return 0
+    if value is None:
+        return 1
+    if isinstance(value, bool):
+        return 2
+    if isinstance(value, (int, float)):
+        return 3
+    if isinstance(value, str):
+        return 4
+    return 5
+
+
+def parse_uuid(value: str) -> str | None:
+    try:
+        return str(uuidlib.UUID(value)) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def parse_datetime(value: str) -> str | None:
+    """A date or date-time (any offset) as a naive UTC ISO string with microseconds."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds")
+
+
+def parse_json_scalar(raw: str):
+    """A query value inside `data`: a JSON number, true, false or null, else the string."""
+    if raw in ("true", "false", "null") or re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", raw):
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if not (isinstance(value, float) and not math.isfinite(value)):
+            return value
+    return raw
+
+
+def _convert_int(raw: str, name: str):
+    if not INT_RE.fullmatch(raw):
+        raise bad_request(f"{name}: {raw!r} is not an integer")
+    return int(raw)
+
+
+def _convert_anr(raw: str, name: str):
+    if INT_RE.fullmatch(raw):
+        return int(raw)
+    value = parse_uuid(raw)
+    if value is None:
+        raise bad_request(f"{name}: {raw!r} is neither an integer nor a UUID")
+    return value
+
+
+def _convert_uuid(raw: str, name: str):
+    value = parse_uuid(raw)
+    if value is None:
+        raise bad_request(f"{name}: {raw!r} is not a UUID")
+    return value
+
+
+def _convert_datetime(raw: str, name: str):
+    value = parse_datetime(raw)
+    if value is None:
+        raise bad_request(f"{name}: {raw!r} is not a date (2020-05-12) or date-time"
+                          " (2020-05-12T22:29:42.362000)")
+    return value
+
+
+def _convert_bool(raw: str, name: str):
+    if raw not in ("true", "false"):
+        raise bad_request(f"{name}: {raw!r} is not true or false")
+    return raw == "true"
+
+
+# field name -> (converter of a query value, whether string operators apply)
+STAT_FIELDS = {
+    "id": (lambda raw, name: raw, True),
+    "uuid": (_convert_uuid, True),
+    "organization": (lambda raw, name: raw, True),
+    "anr": (_convert_anr, True),
+    "type": (lambda raw, name: raw, True),
+    "day": (_convert_int, False),
+    "week": (_convert_int, False),
+    "month": (_convert_int, False),
+    "quarter": (_convert_int, False),
+    "year": (_convert_int, False),
+    "data": (lambda raw, name: parse_json_scalar(raw), True),
+    "created_at": (_convert_datetime, True),
+    "updated_at": (_convert_datetime, True),
+}
+ORG_FIELDS = {
+    "id": (lambda raw, name: raw, True),
+    "name": (lambda raw, name: raw, True),
+    "is_admin": (_convert_bool, False),
+    "created_at": (_convert_datetime, True),
+    "updated_at": (_convert_datetime, True),
+}
+
+
+def _getter(path: tuple[str, ...]) -> Callable[[dict], Any]:
+    """A function reading a field, or a path inside it, from a record (MISSING if absent)."""
+    if len(path) == 1:
+        name = path[0]
+        return lambda doc: doc.get(name, MISSING)
+
+    def get(doc):
+        value = doc
+        for part in path:
+            if isinstance(value, dict):
+                value = value.get(part, MISSING)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return MISSING
+            if value is MISSING:
+                return MISSING
+        return value
+    return get
+
+
+def _same(stored, wanted) -> bool:
+    """Equality that never confuses types (true is not 1, "1" is not 1)."""
+    return stored == wanted and _kind(stored) == _kind(wanted)
+
+
+def _predicate(get, op: str, value) -> Callable[[dict], bool]:
+    """The test of one filter on a record."""
+    if op == "exact":
+        if isinstance(value, str):  # the common case, made fast
+            return lambda d: (s := get(d)).__class__ is str and s == value
+        return lambda d: _same(get(d), value)
+    if op == "ne":
+        return lambda d: not _same(get(d), value)
+    if op in ("in", "nin"):
+        keyed = {(_kind(v), v) for v in value}
+        hit = lambda d: (s := get(d)) is not MISSING and _hashable_or_none(s) and (_kind(s), s) in keyed
+        return hit if op == "in" else (lambda d: not hit(d))
+    if op == "exists":
+        return lambda d: (get(d) is not MISSING) == value
+    if op in COMPARE_OPS:
+        kind = _kind(value)
+        compare = {"lt": lambda a: a < value, "lte": lambda a: a <= value,
+                   "gt": lambda a: a > value, "gte": lambda a: a >= value}[op]
+        return lambda d: _kind(s := get(d)) == kind and compare(s)
+    low = value.casefold()
+    test = {"iexact": lambda s: s.casefold() == low,
+            "contains": lambda s: value in s, "icontains": lambda s: low in s.casefold(),
+            "startswith": lambda s: s.startswith(value), "istartswith": lambda s: s.casefold().startswith(low),
+            "endswith": lambda s: s.endswith(value), "iendswith": lambda s: s.casefold().endswith(low)}[op]
+    return lambda d: isinstance(s := get(d), str) and test(s)
+
+
+def _hashable_or_none(value) -> bool:
+    return value is None or isinstance(value, (str, int, float))
+
+
+@dataclass
+class Query:
+    """A parsed list request: filters, order, fields and page."""
+
+    predicates: list = field(default_factory=list)
+    equals: list = field(default_factory=list)  # (field, value) usable with an index
+    order_by: list = field(default_factory=list)  # (getter, descending)
+    fields: list | None = None
+    skip: int = 0
+    limit: int = 100
+
+
+PAGE_ALIASES = {"_skip": "_skip", "offset": "_skip", "_limit": "_limit", "limit": "_limit"}
+CONTROL_PARAMS = {"_order_by", "_fields", "api_key"}
+
+
+def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = ()) -> Query:
+    """Turn query parameters into a Query; anything unknown or malformed is a 400."""
+    query = Query(limit=config.default_limit)
+    seen: dict[str, str] = {}
+    for name, raw in params.items():
+        canonical = PAGE_ALIASES.get(name, name)
+        if canonical in seen:
+            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
+            raise bad_request(f"query parameter {name!r} is given more than once{also}")
+        seen[canonical] = name
+        if canonical in ("_skip", "_limit"):
+            if not INT_RE.fullmatch(raw) or int(raw) < 0:
+                raise bad_request(f"{name}: {raw!r} is not a non-negative integer")
+            number = int(raw)
+            if canonical == "_limit" and number > config.max_limit:
+                raise bad_request(f"{name}: {raw!r} is above the maximum of {config.max_limit}")
+            setattr(query, canonical[1:], number)
+        elif name == "_order_by":
+            query.order_by = [_parse_order(part, schema) for part in raw.split(",")]
+        elif name == "_fields":
+            query.fields = _parse_fields(raw, schema)
+        elif name == "api_key" or name in extra:
+            pass
+        elif name.startswith("_"):
+            raise bad_request(f"unknown query parameter {name!r}")
+        else:
+            _parse_filter(name, raw, schema, query)
+    return query
+
+
+def _split_field(name: str, schema: dict, what: str) -> tuple[str, ...]:
+    path = tuple(name.split("__"))
+    if path[0] not in schema or (len(path) > 1 and path[0] != "data") or "" in path:
+        raise bad_request(f"unknown field {name!r} in {what}")
+    return path
+
+
+def _parse_order(part: str, schema: dict):
+    descending = part.startswith("-")
+    name = part[1:] if descending else part
+    return _getter(_split_field(name, schema, "_order_by")), descending
+
+
+def _parse_fields(raw: str, schema: dict) -> list[str]:
+    names = raw.split(",")
+    for name in names:
+        if name not in schema and name not in ("link", "links"):
+            raise bad_request(f"unknown field {name!r} in _fields")
+    return names
+
+
+def _parse_filter(name: str, raw: str, schema: dict, query: Query) -> None:
+    path = name.split("__")
+    op = "exact"
+    if len(path) > 1 and path[-1] in OPERATORS:
+        op = path.pop()
+    elif path[0] != "data" and len(path) > 1:
+        raise bad_request(f"unknown operator {path[-1]!r} in {name!r}"
+                          f" (operators: {', '.join(OPERATORS)})")
+    path = _split_field("__".join(path), schema, f"filter {name!r}")
+    convert, strings_ok = schema[path[0]]
+    if op == "exists":
+        value = _convert_bool(raw, name)
+    elif op in STRING_OPS:
+        if not strings_ok:
+            raise bad_request(f"{name}: the string operator {op!r} does not apply to"
+                              f" the integer field {path[0]!r}")
+        value = raw
+    elif op in ("in", "nin"):
+        value = [convert(item, name) for item in raw.split(",")]
+    else:
+        value = convert(raw, name)
+    if op == "exact" and len(path) == 1:
+        query.equals.append((path[0], value))
+    query.predicates.append(_predicate(_getter(path), op, value))
+
+
+def _order_key(getter):
+    def key(doc):
+        value = getter(doc)
+        kind = _kind(value)
+        if kind == 5:
+            value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        elif kind < 2:
+            value = 0
+        return kind, value
+    return key
+
+
+def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
+    """The page of matching records and whether more follow it."""
+    candidates = None
+    for name, value in query.equals:
+        index = table.indexes.get(name)
+        if name == table.key:
+            doc_id = table.doc_id(value) if isinstance(value, str) else None
+            ids = {doc_id: None} if doc_id is not None else {}
+        elif name in table.unique:
+            doc_id = table.unique[name].get(value) if _hashable(value) else None
+            ids = {doc_id: None} if doc_id is not None else {}
+        elif index is not None and _hashable(value):
+            ids = index.lookup(value)
+        else:
+            continue
+        if candidates is None or len(ids) < len(candidates):
+            candidates = ids
+    docs = table.docs
+    records = docs.values() if candidates is None else (docs[i] for i in candidates)
+    predicates = query.predicates
+    if len(predicates) == 1:
+        only = predicates[0]
+        matches = (d for d in records if only(d))
+    elif predicates:
+        matches = (d for d in records if all(p(d) for p in predicates))
+    else:
+        matches = records
+    if query.order_by:
+        ordered = sorted(matches, key=lambda d: d.get("id", ""))
+        for getter, descending in reversed(query.order_by):
+            ordered.sort(key=_order_key(getter), reverse=descending)
+        page = ordered[query.skip:query.skip + query.limit + 1]
+    else:
+        page = []
+        wanted = query.skip + query.limit + 1
+        for doc in matches:
+            page.append(doc)
+            if len(page) >= wanted:
+                break
+        page = page[query.skip:]
+    return page[:query.limit], len(page) > query.limit
+
+
+# ------------------------------------------------------ validation of bodies ---
+
+STAT_CLIENT_FIELDS = ("uuid", "organization", "anr", "type", "day", "week", "month", "quarter", "year", "data")
+STAT_READ_ONLY = ("id", "created_at", "updated_at", "link", "links")
+PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
+MAX_DATA_DEPTH = 64
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
+
+
+def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return True
+
+
+def check_stat_value(name: str, value) -> tuple[Any, str | None]:
+    """(normalized value, None) or (None, what is wrong) for one client field."""
+    if name == "uuid":
+        parsed = parse_uuid(value)
+        return (parsed, None) if parsed else (None, "must be a UUID string")
+    if name == "anr":
+        if _is_int(value):
+            return value, None
+        parsed = parse_uuid(value)
+        return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
+    if name == "type":
+        if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
+            return None, "must be a string of 1 to 120 characters, not only white space"
+        return value, None
+    if name in PERIODS:
+        low, high = PERIODS[name]
+        if not _is_int(value) or not low <= value <= high:
+            return None, f"must be an integer from {low} to {high}"
+        return value, None
+    if name == "year":
+        return (value, None) if _is_int(value) else (None, "must be an integer")
+    if name == "data":
+        return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
+    if name == "organization":
+        return (value, None) if isinstance(value, str) else (None, "must be an organization name")
+    raise AssertionError(name)
+
+
+def _link_path_matches(value, path: str) -> bool:
+    """Whether a link string sent back points at `path` (the host may differ)."""
+    found = re.search(r"href='([^']*)'", value) if isinstance(value, str) else None
+    return bool(found) and urlsplit(found.group(1)).path == path
+
+
+# ------------------------------------------- auth and rate-limit middleware ---
+
+@dataclass
+class Caller:
+    """Who is asking: an organization (or None with authentication off)."""
+
+    organization: str | None
+    is_admin: bool
+
+    @property
+    def sees_all(self) -> bool:
+        return self.is_admin
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address; X-Forwarded-For is believed only from a trusted proxy."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    address = peer[0] if isinstance(peer, tuple) else (request.remote or "unknown")
+    proxies = request.app["trusted_proxies"]
+    if not proxies or "X-Forwarded-For" not in request.headers:
+        return address
+    hops = [address]
+    for header in request.headers.getall("X-Forwarded-For"):
+        hops[:0] = [h.strip() for h in header.split(",")]
+    # walk from the nearest hop outwards while the hop is a trusted proxy
+    for hop in reversed(hops):
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return address if hop is hops[-1] else hop[:64]
+        if not any(ip in net for net in proxies):
+            return str(ip)
+    return hops[0][:64]
+
+
+def endpoint_of(request: web.Request) -> str:
+    """Route and method, so the number of rate-limit counters stays bounded."""
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    if resource is None or request.match_info.http_exception is not None:
+        return f"{request.method} <unknown route>"
+    return f"{request.method} {resource.canonical.rstrip('/')}"
+
+
+def error_response(request: web.Request, status: int, message: str, errors=None, headers=None) -> web.Response:
+    """The JSON error object of both specs."""
+    path = request.path
+    target = "stats" if path.startswith(API_PREFIX + "/stats") else \
+        "organizations" if path.startswith(API_PREFIX + "/organizations") else path
+    body = {"error": message, "status": "failed", "action": request.method, "target": target,
+            "exception_msg": message, "status_code": status,
+            "exception_cls": ApiError.NAMES.get(status, "HTTPException")}
+    if errors:
+        body["errors"] = errors
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler):
+    """Count every /api/ request per client and endpoint; answer 429 over the limit."""
+    item = request.app["rate_limit"]
+    if item is None or not request.path.startswith("/api/"):
+        return await handler(request)
+    limiter: Limiter = request.app["limiter"]
+    key = (client_address(request), endpoint_of(request))
+    allowed = await limiter.moving_window.hit(item, *key)
+    stats = await limiter.moving_window.get_window_stats(item, *key)
+    reset = math.ceil(stats.reset_time)
+    headers = {"X-Rate-Limit-Limit": str(item.amount), "X-Rate-Limit-Remaining": str(stats.remaining),
+               "X-Rate-Limit-Reset": str(reset)}
+    if not allowed:
+        headers["Retry-After"] = str(max(1, reset - math.floor(time.time())))
+        return error_response(request, 429, f"Too Many Requests: at most {item} per client"
+                              " and endpoint; see Retry-After", headers=headers)
+    response = await handler(request)
+    response.headers.update(headers)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Every failure becomes the JSON error object; no traceback reaches a client."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(request, e.status, e.message, e.errors, e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
+        return error_response(request, e.status, _http_message(request, e), headers=headers)
+    except StorageError as e:
+        status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 503
+        return error_response(request, status, str(e))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(request, 500, "Internal Server Error: the failure was logged on the server")
+
+
+def _http_message(request: web.Request, e: web.HTTPException) -> str:
+    if e.status == 404:
+        return f"Not Found: no route {request.path}"
+    if e.status == 405:
+        return f"Method Not Allowed: {request.method} on {request.path} (allowed: {e.headers.get('Allow', '')})"
+    if e.status == 413:
+        return (f"Request Entity Too Large: the body exceeds max_body_size"
+                f" ({request.app['config'].max_body_size} bytes)")
+    return e.reason or str(e)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """Resolve the API key (X-API-KEY header or api_key argument) to a Caller."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    if not request.app["config"].api_key_authentication:
+        request["caller"] = Caller(None, True)
+        return await handler(request)
+    keys = request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])
+    caller = _caller_for(request.app["store"], keys[0]) if len(keys) == 1 else None
+    if caller is None:
+        raise ApiError(401, "Unauthorized")
+    request["caller"] = caller
+    return await handler(request)
+
+
+def _caller_for(store: Store, token: str) -> Caller | None:
+    """The organization holding `token`; the hash is looked up, then compared in constant time."""
+    digest = hash_token(token)
+    org = store.orgs.find_unique("token_sha256", digest)
+    if org is None or not hmac.compare_digest(org["token_sha256"], digest):
+        return None
+    return Caller(org["name"], bool(org.get("is_admin")))
+
+
+# -------------------------------------------------------------- handlers ---
+
+def json_response(body, status: int = 200, headers=None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def _link(rel: str, title: str, url: str) -> str:
+    return f"<link rel='{rel}' title='{title}' href='{url}'/>"
+
+
+def stat_path(stat_id: str) -> str:
+    return f"{API_PREFIX}/stats/{stat_id}/"
+
+
+def org_path(name: str) -> str:
+    return f"{API_PREFIX}/organizations/{quote(name, safe='')}/"
+
+
+def present_stat(base: str, doc: dict, only: list | None = None) -> dict:
+    """A stat as answered: the record plus its hypermedia links."""
+    out = dict(doc)
+    out["link"] = _link("self", "stat", base + stat_path(doc["id"]))
+    if "organization" in doc:
+        out["links"] = [_link("parent", "organization", base + org_path(doc["organization"]))]
+    if only is not None:
+        out = {name: out[name] for name in ("id", *only) if name in out}
+    return out
+
+
+def present_org(base: str, doc: dict, only: list | None = None, token: str | None = None) -> dict:
+    """An organization as answered; its token only when it was just set."""
+    out = {"id": doc["name"], "name": doc["name"], "is_admin": doc["is_admin"],
+           "created_at": doc["created_at"], "updated_at": doc["updated_at"],
+           "link": _link("self", "organization", base + org_path(doc["name"]))}
+    if only is not None:
+        out = {name: out[name] for name in ("id", *only) if name in out}
+    if token is not None:
+        out["token"] = token
+    return out
+
+
+def base_url(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
+
+
+def only_params(request: web.Request, *allowed: str) -> None:
+    """Refuse query parameters a route does not take (the API key is always allowed)."""
+    seen = set()
+    for name in request.query:
+        if name in seen:
+            raise bad_request(f"query parameter {name!r} is given more than once")
+        seen.add(name)
+        if name != "api_key" and name not in allowed:
+            raise bad_request(f"unknown query parameter {name!r}")
+
+
+async def read_json(request: web.Request):
+    """The request body as JSON, or a 4xx a person can act on."""
+    config: Config = request.app["config"]
+    if request.content_length is not None and request.content_length > config.max_body_size:
+        raise ApiError(413, f"Request Entity Too Large: the body exceeds max_body_size"
+                            f" ({config.max_body_size} bytes)")
+    if request.content_type != "application/json":
+        raise ApiError(415, f"Unsupported Media Type {request.content_type!r}: send JSON with"
+                            " the header Content-Type: application/json"
+                            " (curl: -H 'Content-Type: application/json')")
+    raw = await request.read()
+    if not raw.strip():
+        raise bad_request("the request body is empty; send a JSON document")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def _fail(errors: dict, what: str) -> ApiError:
+    return bad_request(f"invalid {what}: " + "; ".join(f"{k}: {v}" for k, v in errors.items()), errors)
+
+
+def stat_client_fields(body: dict, errors: dict) -> dict:
+    """The validated, normalized client fields of a body (uuid and organization aside)."""
+    clean = {}
+    for name, value in body.items():
+        if name in ("uuid", "organization") or name in STAT_READ_ONLY:
+            continue
+        if name not in STAT_CLIENT_FIELDS:
+            errors[name] = "unknown field"
+            continue
+        value, problem = check_stat_value(name, value)
+        if problem:
+            errors[name] = problem
+        else:
+            clean[name] = value
+    return clean
+
+
+def ordered_stat(values: dict) -> dict:
+    """A stat record with its fields in one stable order."""
+    order = ("uuid", "organization", "anr", "type", "day", "week", "month", "quarter", "year",
+             "data", "created_at", "updated_at", "id")
+    return {name: values[name] for name in order if name in values}
+
+
+def new_stat(request: web.Request, body, now: str) -> dict:
+    """A new stat record from a POSTed object, or ApiError(400) naming what is wrong."""
+    if not isinstance(body, dict):
+        raise bad_request("a stat must be a JSON object")
+    errors: dict[str, str] = {}
+    for name in STAT_READ_ONLY:
+        if name in body:
+            errors[name] = "is set by the server"
+    clean = stat_client_fields(body, errors)
+    for name in ("type", "data"):
+        if name not in body:
+            errors[name] = "is required"
+    if "uuid" in body:
+        clean["uuid"], problem = check_stat_value("uuid", body["uuid"])
+        if problem:
+            errors["uuid"] = problem
+    else:
+        clean["uuid"] = str(uuidlib.uuid4())
+    organization = _stat_organization(request, body, errors)
+    if organization is not None:
+        clean["organization"] = organization
+    if errors:
+        raise _fail(errors, "stat")
+    stats: Table = request.app["store"].stats
+    new_id = request.app["ids"]()
+    while stats.doc_id(new_id) is not None:
+        new_id = request.app["ids"]()
+    return ordered_stat({**clean, "id": new_id, "created_at": now, "updated_at": now})
+
+
+def _stat_organization(request: web.Request, body: dict, errors: dict) -> str | None:
+    caller: Caller = request["caller"]
+    given = body.get("organization", MISSING)
+    if request.app["config"].api_key_authentication:
+        if given is not MISSING and given != caller.organization:
+            errors["organization"] = "must be your own organization (it comes from your API key)"
+        return caller.organization
+    if given is MISSING:
+        return None
+    if not isinstance(given, str) or request.app["store"].orgs.get(given) is None:
+        errors["organization"] = f"{given!r} is not an existing organization"
+        return None
+    return given
+
+
+def visible_stat(request: web.Request) -> tuple[int, dict]:
+    """The stat of the URL, if the caller may see it; 404 otherwise."""
+    stat_id = request.match_info["id"]
+    stats: Table = request.app["store"].stats
+    doc_id = stats.doc_id(stat_id)
+    doc = stats.docs.get(doc_id) if doc_id is not None else None
+    caller: Caller = request["caller"]
+    if doc is None or not (caller.sees_all or doc.get("organization") == caller.organization):
+        raise ApiError(404, f"Not Found: no stat with id {stat_id!r}")
+    return doc_id, doc
+
+
+def _check_read_only(request: web.Request, body: dict, old: dict, names, path: str, parents=()) -> dict:
+    """Read-only fields may come back unchanged; a change is an error naming the field."""
+    errors = {}
+    for name in names:
+        if name not in body:
+            continue
+        value, ok = body[name], True
+        if name == "link":
+            ok = _link_path_matches(value, path)
+        elif name == "links":
+            ok = isinstance(value, list) and len(value) == len(parents) and \
+                all(_link_path_matches(v, p) for v, p in zip(value, parents))
+        elif name in ("uuid", "anr"):
+            ok = parse_uuid(value) == old.get(name)
+        else:
+            ok = value == old.get(name, MISSING)
+        if not ok:
+            errors[name] = "is read-only (it may be sent back unchanged, not changed)"
+    return errors
+
+
+async def list_stats(request: web.Request) -> web.Response:
+    query = parse_query(request.query, STAT_FIELDS, request.app["config"])
+    caller: Caller = request["caller"]
+    if not caller.sees_all:
+        query.equals.insert(0, ("organization", caller.organization))
+        query.predicates.insert(0, _predicate(_getter(("organization",)), "exact", caller.organization))
+    page, more = run_query(request.app["store"].stats, query)
+    base = base_url(request)
+    return json_response({"data": [present_stat(base, d, query.fields) for d in page], "has_more": more})
+
+
+async def create_stats(request: web.Request) -> web.Response:
+    only_params(request)
+    body = await read_json(request)
+    config: Config = request.app["config"]
+    single = isinstance(body, dict)
+    if not single and not (isinstance(body, list) and 1 <= len(body) <= config.max_limit):
+        raise bad_request(f"the body must be a JSON object (one stat) or a list of 1 to"
+                          f" {config.max_limit} stats")
+    store: Store = request.app["store"]
+    await store.writable()
+    _caller_still_exists(request)
+    now = utcnow()
+    items = [body] if single else body
+    docs, errors = [], {}
+    for i, item in enumerate(items):
+        try:
+            docs.append(new_stat(request, item, now))
+        except ApiError as e:
+            if single:
+                raise
+            errors[str(i)] = e.errors or e.message
+    if errors:
+        raise bad_request(f"{len(errors)} of {len(items)} stats are invalid; nothing was stored", errors)
+    conflicts, seen = {}, {}
+    for i, doc in enumerate(docs):
+        if doc["uuid"] in seen:
+            conflicts[str(i)] = f"uuid {doc['uuid']} repeats item {seen[doc['uuid']]}"
+        elif store.stats.find_unique("uuid", doc["uuid"]) is not None:
+            conflicts[str(i)] = f"uuid {doc['uuid']} already exists"
+        seen[doc["uuid"]] = i
+    if conflicts:
+        message = conflicts["0"] if single else \
+            f"{len(conflicts)} of {len(items)} stats conflict with stored ones; nothing was stored"
+        raise ApiError(409, f"Conflict: {message}", None if single else conflicts)
+    await store.commit([("stats", store.stats.new_doc_id(), doc) for doc in docs])
+    base = base_url(request)
+    if single:
+        return json_response(present_stat(base, docs[0]), 201,
+                             {"Location": base + stat_path(docs[0]["id"])})
+    return json_response({"data": [present_stat(base, d) for d in docs]}, 201)
+
+
+def _caller_still_exists(request: web.Request) -> None:
+    caller: Caller = request["caller"]
+    if caller.organization is not None and request.app["store"].orgs.get(caller.organization) is None:
+        raise ApiError(401, "Unauthorized")
+
+
+async def get_stat(request: web.Request) -> web.Response:
+    only_params(request)
+    _, doc = visible_stat(request)
+    return json_response(present_stat(base_url(request), doc))
+
+
+async def update_stat(request: web.Request) -> web.Response:
+    """PUT replaces the client fields, PATCH merges the given ones."""
+    only_params(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    store: Store = request.app["store"]
+    await store.writable()
+    doc_id, old = visible_stat(request)
+    parents = [org_path(old["organization"])] if "organization" in old else []
+    errors = _check_read_only(request, body, old, ("id", "uuid", "organization", "created_at",
+                                                   "updated_at", "link", "links"),
+                              stat_path(old["id"]), parents)
+    clean = stat_client_fields(body, errors)
+    if request.method == "PUT":
+        for name in ("type", "data"):
+            if name not in body:
+                errors[name] = "is required (PUT replaces the stat; use PATCH to change some fields)"
+    if errors:
+        raise _fail(errors, "stat")
+    kept = {name: old[name] for name in ("id", "uuid", "organization", "created_at") if name in old}
+    values = {**kept, **clean} if request.method == "PUT" else {**old, **clean}
+    new = ordered_stat({**values, "updated_at": utcnow()})
+    await store.commit([("stats", doc_id, new)])
+    return json_response(present_stat(base_url(request), new))
+
+
+async def delete_stat(request: web.Request) -> web.Response:
+    only_params(request)
+    store: Store = request.app["store"]
+    await store.writable()
+    doc_id, _ = visible_stat(request)
+    await store.commit([("stats", doc_id, None)])
+    return web.Response(status=204)
+
+
+ORG_NAME_MAX = 120
+TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")
+
+
+def check_org_name(name) -> str | None:
+    """What is wrong with an organization name, or None."""
+    if not isinstance(name, str) or not 1 <= len(name) <= ORG_NAME_MAX:
+        return f"must be a string of 1 to {ORG_NAME_MAX} characters"
+    if name != name.strip() or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not contain '/', control characters, or leading or trailing white space"
+    return None
+
+
+def check_token(token) -> str | None:
+    """What is wrong with a token chosen by a person, or None."""
+    if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+        return "must be 16 to 512 visible ASCII characters (no spaces)"
+    return None
+
+
+def require_admin(request: web.Request) -> None:
+    if not request["caller"].is_admin:
+        raise ApiError(403, "Forbidden: only an admin organization may manage organizations")
+
+
+def visible_org(request: web.Request) -> tuple[int, dict]:
+    require_admin(request)
+    name = request.match_info["name"]
+    orgs: Table = request.app["store"].orgs
+    doc_id = orgs.doc_id(name)
+    if doc_id is None:
+        raise ApiError(404, f"Not Found: no organization named {name!r}")
+    return doc_id, orgs.docs[doc_id]
+
+
+def org_body(body, errors: dict, *, creating: bool) -> tuple[dict, str | None]:
+    """Validated is_admin (and name when creating) plus a new token, if any."""
+    clean, token = {}, None
+    allowed = {"name", "token", "is_admin"} if creating else \
+        {"token", "is_admin", "id", "name", "created_at", "updated_at", "link"}
+    for name in body:
+        if name not in allowed:
+            errors[name] = "unknown field" if name not in ("id", "created_at", "updated_at", "link") \
+                else "is set by the server"
+    if creating:
+        problem = check_org_name(body.get("name")) if "name" in body else "is required"
+        if problem:
+            errors["name"] = problem
+        else:
+            clean["name"] = body["name"]
+    if "is_admin" in body:
+        if isinstance(body["is_admin"], bool):
+            clean["is_admin"] = body["is_admin"]
+        else:
+            errors["is_admin"] = "must be true or false"
+    if "token" in body:
+        token = body["token"]
+        problem = check_token(token)
+        if problem:
+            errors["token"] = problem
+    return clean, token
+
+
+def _token_taken(store: Store, token: str, errors: dict) -> str:
+    digest = hash_token(token)
+    if store.orgs.find_unique("token_sha256", digest) is not None:
+        raise ApiError(409, "Conflict: that token is already in use; choose another one")
+    return digest
+
+
+async def list_orgs(request: web.Request) -> web.Response:
+    require_admin(request)
+    query = parse_query(request.query, ORG_FIELDS, request.app["config"])
+    page, more = run_query(request.app["store"].orgs, query)
+    base = base_url(request)
+    return json_response({"data": [present_org(base, d, query.fields) for d in page], "has_more": more})
+
+
+async def create_org(request: web.Request) -> web.Response:
+    require_admin(request)
+    only_params(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object: {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
+    store: Store = request.app["store"]
+    await store.writable()
+    errors: dict[str, str] = {}
+    clean, token = org_body(body, errors, creating=True)
+    if errors:
+        raise _fail(errors, "organization")
+    doc = add_organization(store, clean["name"], token, clean.get("is_admin", False))
+    base = base_url(request)
+    await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
+    return json_response(present_org(base, doc, token=doc.pop("_token")), 201,
+                         {"Location": base + org_path(doc["name"])})
+
+
+def add_organization(store: Store, name: str, token: str | None, is_admin: bool) -> dict:
+    """A new organization record (its clear token under "_token", not stored)."""
+    if store.orgs.get(name) is not None:
+        raise ApiError(409, f"Conflict: an organization named {name!r} already exists")
+    token = token or secrets.token_urlsafe(64)
+    now = utcnow()
+    doc = {"name": name, "token_sha256": _token_taken(store, token, {}), "is_admin": is_admin,
+           "created_at": now, "updated_at": now}
+    return {**doc, "_token": token}
+
+
+async def get_org(request: web.Request) -> web.Response:
+    only_params(request)
+    _, doc = visible_org(request)
+    return json_response(present_org(base_url(request), doc))
+
+
+async def update_org(request: web.Request) -> web.Response:
+    """PUT sets is_admin (required) and maybe a new token; PATCH sets either."""
+    only_params(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    store: Store = request.app["store"]
+    await store.writable()
+    doc_id, old = visible_org(request)
+    errors = _check_read_only(request, body, {**old, "id": old["name"]},
+                              ("id", "name", "created_at", "updated_at", "link"), org_path(old["name"]))
+    clean, token = org_body(body, errors, creating=False)
+    if request.method == "PUT" and "is_admin" not in body:
+        errors["is_admin"] = "is required (PUT replaces the organization; use PATCH to change one field)"
+    if errors:
+        raise _fail(errors, "organization")
+    new = {**old, **clean, "updated_at": utcnow()}
+    if token is not None:
+        new["token_sha256"] = _token_taken(store, token, errors)
+    await store.commit([("organizations", doc_id, new)])
+    return json_response(present_org(base_url(request), new, token=token))
+
+
+async def delete_org(request: web.Request) -> web.Response:
+    only_params(request, "cascade")
+    cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
+    store: Store = request.app["store"]
+    await store.writable()
+    doc_id, doc = visible_org(request)
+    ops = delete_organization_ops(store, doc_id, doc, cascade)
+    await store.commit(ops)
+    return web.Response(status=204)
+
+
+def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool) -> list:
+    """The ops deleting an organization (and its stats with cascade); 409 if it has stats."""
+    owned = list(store.stats.indexes["organization"].lookup(doc["name"]))
+    if owned and not cascade:
+        raise ApiError(409, f"Conflict: organization {doc['name']!r} still has {len(owned)} stat(s);"
+                            " delete them first, or add ?cascade=true to delete them with it")
+    return [("stats", i, None) for i in owned] + [("organizations", doc_id, None)]
+
+
+async def index(request: web.Request) -> web.Response:
+    return json_response({"service": "statsd", "version": __version__,
+                          "api": base_url(request) + API_PREFIX + "/",
+                          "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"]})
+
+
+# ----------------------------------------------------------- app factory ---
+
+def create_app(config: Config, store: Store | None = None) -> web.Application:
+    """The aiohttp application; the store opens on startup and folds its journal on cleanup."""
+    app = web.Application(client_max_size=config.max_body_size,
+                          middlewares=[rate_limit_middleware, error_middleware, auth_middleware])
+    app["config"] = config
+    app["store"] = store or Store(config.database)
+    app["ids"] = IdGenerator()
+    app["rate_limit"] = config.rate_limit_item()
+    app["trusted_proxies"] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
+    routes = [
+        ("GET", "/stats", list_stats), ("POST", "/stats", create_stats),
+        ("GET", "/stats/{id}", get_stat), ("PUT", "/stats/{id}", update_stat),
+        ("PATCH", "/stats/{id}", update_stat), ("DELETE", "/stats/{id}", delete_stat),
+        ("GET", "/organizations", list_orgs), ("POST", "/organizations", create_org),
+        ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
+        ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
+    ]
+    for method, path, handler in routes:
+        for variant in (API_PREFIX + path, API_PREFIX + path + "/"):
+            app.router.add_route(method, variant, handler)
+    app.router.add_get("/", index)
+    app.on_startup.append(_start_store)
+    app.on_cleanup.append(_close_store)
+    return app
+
+
+async def _start_store(app: web.Application) -> None:
+    store: Store = app["store"]
+    await store.start()
+    app["limiter"] = Limiter(keyfunc=client_address)
+    if app["config"].api_key_authentication and not store.orgs.docs:
+        log.warning("no organization yet, so every request will be refused: stop the server and"
+                    " run `statsd create-organization NAME --admin` to get an admin key")
+
+
+async def _close_store(app: web.Application) -> None:
+    await app["store"].close()
+
+
+# ---------------------------------------------------------- command line ---
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="statsd", description="Statistics service for MONARC"
+                                     " (Stats API v2 on one TinyDB JSON file).")
+    parser.add_argument("--version", action="version", version=f"statsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.add_argument("--config", metavar="FILE", help="TOML config file (default: ./statsd.toml if it exists)")
+        sub.add_argument("--database", metavar="PATH", help="TinyDB JSON file (default: statsd.json)")
+        sub.set_defaults(func=func)
+        return sub
+
+    serve = command("serve", cmd_serve, "Start the HTTP server.")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: 5000)")
+    serve.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    create = command("create-organization", cmd_create_org,
+                     "Create an organization and print its API key on the last line.")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--token", help="the API key to use (at least 16 characters; default: a random one)")
+    create.add_argument("--admin", action="store_true", help="may see all stats and manage organizations")
+    command("list-organizations", cmd_list_orgs, "List the organizations and their number of stats.")
+    delete = command("delete-organization", cmd_delete_org, "Delete an organization.")
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("--cascade", action="store_true", help="also delete its stats")
+    return parser
+
+
+def cmd_serve(config: Config, args) -> int:
+    store = Store(config.database)
+    store.lock()
+    app = create_app(config, store)
+    log.info("statsd %s serving %s on http://%s:%s%s/ (authentication %s, rate limit %s)",
+             __version__, config.database, config.host, config.port, API_PREFIX,
+             "on" if config.api_key_authentication else "OFF", config.rate_limit or "off")
+    web.run_app(app, host=config.host, port=config.port, print=None,
+                access_log=logging.getLogger("statsd.access") if args.access_log else None)
+    return 0
+
+
+def _offline(config: Config, work) -> Any:
+    """Run `work(store)` on the database, which no server may hold meanwhile."""
+    async def run():
+        store = Store(config.database)
+        await store.start()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+    return asyncio.run(run())
+
+
+def cmd_create_org(config: Config, args) -> int:
+    for problem, what in ((check_org_name(args.name), "NAME"),
+                          (args.token is not None and check_token(args.token), "--token")):
+        if problem:
+            raise ConfigError(f"{what} {problem}")
+
+    async def work(store: Store):
+        doc = add_organization(store, args.name, args.token, args.admin)
+        token = doc.pop("_token")
+        await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
+        return token
+    token = _offline(config, work)
+    print(f"Created {'admin ' if args.admin else ''}organization {args.name!r} in {config.database}."
+          " Its API key (shown only now; send it as the X-API-KEY header):")
+    print(token)
+    return 0
+
+
+def cmd_list_orgs(config: Config, args) -> int:
+    async def work(store: Store):
+        return [(d["name"], d["is_admin"], len(store.stats.indexes["organization"].lookup(d["name"])),
+                 d["created_at"]) for d in store.orgs.docs.values()]
+    rows = _offline(config, work)
+    print(f"{'NAME':30} {'ADMIN':5} {'STATS':>8}  CREATED_AT")
+    for name, is_admin, count, created in rows:
+        print(f"{name:30} {'yes' if is_admin else 'no':5} {count:>8}  {created}")
+    return 0
+
+
+def cmd_delete_org(config: Config, args) -> int:
+    async def work(store: Store):
+        doc_id = store.orgs.doc_id(args.name)
+        if doc_id is None:
+            raise ConfigError(f"no organization named {args.name!r} in {config.database}")
+        ops = delete_organization_ops(store, doc_id, store.orgs.docs[doc_id], args.cascade)
+        await store.commit(ops)
+        return len(ops) - 1
+    deleted = _offline(config, work)
+    print(f"Deleted organization {args.name!r}" + (f" and its {deleted} stat(s)." if deleted else "."))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"database": args.database, "host": getattr(args, "host", None),
+                 "port": getattr(args, "port", None)}
+    try:
+        config = Config.load(args.config, overrides=overrides)
+        return args.func(config, args)
+    except (ConfigError, StorageError) as e:
+        print(f"statsd: error: {e}", file=sys.stderr)
+        return 1
+    except ApiError as e:
+        print(f"statsd: error: {e.message.removeprefix('Conflict: ')}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
