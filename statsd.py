@@ -99,7 +99,7 @@ class Config:
         unknown_env = sorted(k for k in environ if k.startswith("STATSD_")
                              and k[7:].lower() not in cls.keys())
         if unknown_env:
-            raise ConfigError(f"unknown environment variable(s): {', '.join(unknown_env)}")
+            log.warning("ignoring environment variable(s) that name no setting: %s", ", ".join(unknown_env))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         config = cls(**values)
         config.validate()
@@ -1017,11 +1017,20 @@ class Caller:
         return self.is_admin
 
 
+CONFIG_KEY = web.AppKey("config", Config)
+STORE_KEY = web.AppKey("store", Store)
+IDS_KEY = web.AppKey("ids", IdGenerator)
+RATE_LIMIT_KEY = web.AppKey("rate_limit", object)
+TRUSTED_PROXIES_KEY = web.AppKey("trusted_proxies", list)
+LIMITER_KEY = web.AppKey("limiter", Limiter)
+CALLER_KEY = web.RequestKey("caller", Caller)
+
+
 def client_address(request: web.Request) -> str:
     """The client's address; X-Forwarded-For is believed only from a trusted proxy."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
     address = peer[0] if isinstance(peer, tuple) else (request.remote or "unknown")
-    proxies = request.app["trusted_proxies"]
+    proxies = request.app[TRUSTED_PROXIES_KEY]
     if not proxies or "X-Forwarded-For" not in request.headers:
         return address
     hops = [address]
@@ -1064,10 +1073,10 @@ def error_response(request: web.Request, status: int, message: str, errors=None,
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler):
     """Count every /api/ request per client and endpoint; answer 429 over the limit."""
-    item = request.app["rate_limit"]
+    item = request.app[RATE_LIMIT_KEY]
     if item is None or not request.path.startswith("/api/"):
         return await handler(request)
-    limiter: Limiter = request.app["limiter"]
+    limiter: Limiter = request.app[LIMITER_KEY]
     key = (client_address(request), endpoint_of(request))
     allowed = await limiter.moving_window.hit(item, *key)
     stats = await limiter.moving_window.get_window_stats(item, *key)
@@ -1121,14 +1130,14 @@ async def auth_middleware(request: web.Request, handler):
     """Resolve the API key (X-API-KEY header or api_key argument) to a Caller."""
     if not request.path.startswith("/api/"):
         return await handler(request)
-    if not request.app["config"].api_key_authentication:
-        request["caller"] = Caller(None, True)
+    if not request.app[CONFIG_KEY].api_key_authentication:
+        request[CALLER_KEY] = Caller(None, True)
         return await handler(request)
     keys = request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])
-    caller = _caller_for(request.app["store"], keys[0]) if len(keys) == 1 else None
+    caller = _caller_for(request.app[STORE_KEY], keys[0]) if len(keys) == 1 else None
     if caller is None:
         raise ApiError(401, "Unauthorized")
-    request["caller"] = caller
+    request[CALLER_KEY] = caller
     return await handler(request)
 
 
@@ -1200,7 +1209,7 @@ def only_params(request: web.Request, *allowed: str) -> None:
 
 async def read_json(request: web.Request):
     """The request body as JSON, or a 4xx a person can act on."""
-    config: Config = request.app["config"]
+    config: Config = request.app[CONFIG_KEY]
     if request.content_length is not None and request.content_length > config.max_body_size:
         raise ApiError(413, f"Request Entity Too Large: the body exceeds max_body_size"
                             f" ({config.max_body_size} bytes)")
@@ -1268,23 +1277,23 @@ def new_stat(request: web.Request, body, now: str) -> dict:
         clean["organization"] = organization
     if errors:
         raise _fail(errors, "stat")
-    stats: Table = request.app["store"].stats
-    new_id = request.app["ids"]()
+    stats: Table = request.app[STORE_KEY].stats
+    new_id = request.app[IDS_KEY]()
     while stats.doc_id(new_id) is not None:
-        new_id = request.app["ids"]()
+        new_id = request.app[IDS_KEY]()
     return ordered_stat({**clean, "id": new_id, "created_at": now, "updated_at": now})
 
 
 def _stat_organization(request: web.Request, body: dict, errors: dict) -> str | None:
-    caller: Caller = request["caller"]
+    caller: Caller = request[CALLER_KEY]
     given = body.get("organization", MISSING)
-    if request.app["config"].api_key_authentication:
+    if request.app[CONFIG_KEY].api_key_authentication:
         if given is not MISSING and given != caller.organization:
             errors["organization"] = "must be your own organization (it comes from your API key)"
         return caller.organization
     if given is MISSING:
         return None
-    if not isinstance(given, str) or request.app["store"].orgs.get(given) is None:
+    if not isinstance(given, str) or request.app[STORE_KEY].orgs.get(given) is None:
         errors["organization"] = f"{given!r} is not an existing organization"
         return None
     return given
@@ -1293,10 +1302,10 @@ def _stat_organization(request: web.Request, body: dict, errors: dict) -> str | 
 def visible_stat(request: web.Request) -> tuple[int, dict]:
     """The stat of the URL, if the caller may see it; 404 otherwise."""
     stat_id = request.match_info["id"]
-    stats: Table = request.app["store"].stats
+    stats: Table = request.app[STORE_KEY].stats
     doc_id = stats.doc_id(stat_id)
     doc = stats.docs.get(doc_id) if doc_id is not None else None
-    caller: Caller = request["caller"]
+    caller: Caller = request[CALLER_KEY]
     if doc is None or not (caller.sees_all or doc.get("organization") == caller.organization):
         raise ApiError(404, f"Not Found: no stat with id {stat_id!r}")
     return doc_id, doc
@@ -1324,12 +1333,12 @@ def _check_read_only(request: web.Request, body: dict, old: dict, names, path: s
 
 
 async def list_stats(request: web.Request) -> web.Response:
-    query = parse_query(request.query, STAT_FIELDS, request.app["config"])
-    caller: Caller = request["caller"]
+    query = parse_query(request.query, STAT_FIELDS, request.app[CONFIG_KEY])
+    caller: Caller = request[CALLER_KEY]
     if not caller.sees_all:
         query.equals.insert(0, ("organization", caller.organization))
         query.predicates.insert(0, _predicate(_getter(("organization",)), "exact", caller.organization))
-    page, more = run_query(request.app["store"].stats, query)
+    page, more = run_query(request.app[STORE_KEY].stats, query)
     base = base_url(request)
     return json_response({"data": [present_stat(base, d, query.fields) for d in page], "has_more": more})
 
@@ -1337,12 +1346,12 @@ async def list_stats(request: web.Request) -> web.Response:
 async def create_stats(request: web.Request) -> web.Response:
     only_params(request)
     body = await read_json(request)
-    config: Config = request.app["config"]
+    config: Config = request.app[CONFIG_KEY]
     single = isinstance(body, dict)
     if not single and not (isinstance(body, list) and 1 <= len(body) <= config.max_limit):
         raise bad_request(f"the body must be a JSON object (one stat) or a list of 1 to"
                           f" {config.max_limit} stats")
-    store: Store = request.app["store"]
+    store: Store = request.app[STORE_KEY]
     await store.writable()
     _caller_still_exists(request)
     now = utcnow()
@@ -1377,8 +1386,8 @@ async def create_stats(request: web.Request) -> web.Response:
 
 
 def _caller_still_exists(request: web.Request) -> None:
-    caller: Caller = request["caller"]
-    if caller.organization is not None and request.app["store"].orgs.get(caller.organization) is None:
+    caller: Caller = request[CALLER_KEY]
+    if caller.organization is not None and request.app[STORE_KEY].orgs.get(caller.organization) is None:
         raise ApiError(401, "Unauthorized")
 
 
@@ -1394,7 +1403,7 @@ async def update_stat(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
-    store: Store = request.app["store"]
+    store: Store = request.app[STORE_KEY]
     await store.writable()
     doc_id, old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
@@ -1417,7 +1426,7 @@ async def update_stat(request: web.Request) -> web.Response:
 
 async def delete_stat(request: web.Request) -> web.Response:
     only_params(request)
-    store: Store = request.app["store"]
+    store: Store = request.app[STORE_KEY]
     await store.writable()
     doc_id, _ = visible_stat(request)
     await store.commit([("stats", doc_id, None)])
@@ -1445,14 +1454,14 @@ def check_token(token) -> str | None:
 
 
 def require_admin(request: web.Request) -> None:
-    if not request["caller"].is_admin:
+    if not request[CALLER_KEY].is_admin:
         raise ApiError(403, "Forbidden: only an admin organization may manage organizations")
 
 
 def visible_org(request: web.Request) -> tuple[int, dict]:
     require_admin(request)
     name = request.match_info["name"]
-    orgs: Table = request.app["store"].orgs
+    orgs: Table = request.app[STORE_KEY].orgs
     doc_id = orgs.doc_id(name)
     if doc_id is None:
         raise ApiError(404, f"Not Found: no organization named {name!r}")
@@ -1496,8 +1505,8 @@ def _token_taken(store: Store, token: str, errors: dict) -> str:
 
 async def list_orgs(request: web.Request) -> web.Response:
     require_admin(request)
-    query = parse_query(request.query, ORG_FIELDS, request.app["config"])
-    page, more = run_query(request.app["store"].orgs, query)
+    query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY])
+    page, more = run_query(request.app[STORE_KEY].orgs, query)
     base = base_url(request)
     return json_response({"data": [present_org(base, d, query.fields) for d in page], "has_more": more})
 
@@ -1508,7 +1517,7 @@ async def create_org(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object: {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
-    store: Store = request.app["store"]
+    store: Store = request.app[STORE_KEY]
     await store.writable()
     errors: dict[str, str] = {}
     clean, token = org_body(body, errors, creating=True)
@@ -1544,7 +1553,7 @@ async def update_org(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
-    store: Store = request.app["store"]
+    store: Store = request.app[STORE_KEY]
     await store.writable()
     doc_id, old = visible_org(request)
     errors = _check_read_only(request, body, {**old, "id": old["name"]},
@@ -1564,7 +1573,7 @@ async def update_org(request: web.Request) -> web.Response:
 async def delete_org(request: web.Request) -> web.Response:
     only_params(request, "cascade")
     cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
-    store: Store = request.app["store"]
+    store: Store = request.app[STORE_KEY]
     await store.writable()
     doc_id, doc = visible_org(request)
     ops = delete_organization_ops(store, doc_id, doc, cascade)
@@ -1593,11 +1602,11 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     """The aiohttp application; the store opens on startup and folds its journal on cleanup."""
     app = web.Application(client_max_size=config.max_body_size,
                           middlewares=[rate_limit_middleware, error_middleware, auth_middleware])
-    app["config"] = config
-    app["store"] = store or Store(config.database)
-    app["ids"] = IdGenerator()
-    app["rate_limit"] = config.rate_limit_item()
-    app["trusted_proxies"] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
+    app[CONFIG_KEY] = config
+    app[STORE_KEY] = store or Store(config.database)
+    app[IDS_KEY] = IdGenerator()
+    app[RATE_LIMIT_KEY] = config.rate_limit_item()
+    app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
     routes = [
         ("GET", "/stats", list_stats), ("POST", "/stats", create_stats),
         ("GET", "/stats/{id}", get_stat), ("PUT", "/stats/{id}", update_stat),
@@ -1616,16 +1625,16 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
 
 
 async def _start_store(app: web.Application) -> None:
-    store: Store = app["store"]
+    store: Store = app[STORE_KEY]
     await store.start()
-    app["limiter"] = Limiter(keyfunc=client_address)
-    if app["config"].api_key_authentication and not store.orgs.docs:
+    app[LIMITER_KEY] = Limiter(keyfunc=client_address)
+    if app[CONFIG_KEY].api_key_authentication and not store.orgs.docs:
         log.warning("no organization yet, so every request will be refused: stop the server and"
                     " run `statsd create-organization NAME --admin` to get an admin key")
 
 
 async def _close_store(app: web.Application) -> None:
-    await app["store"].close()
+    await app[STORE_KEY].close()
 
 
 # ---------------------------------------------------------- command line ---

@@ -1,0 +1,122 @@
+"""Shared fixtures: an app on a real database file, organizations, a real server process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import statsd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "statsd.json")
+
+
+@pytest.fixture
+def make_client(aiohttp_client, db_path):
+    """make_client(**config) -> a test client on a fresh app (rate limiting off unless given)."""
+    async def make(**settings):
+        settings.setdefault("database", db_path)
+        settings.setdefault("rate_limit", "")
+        config = statsd.Config(**settings)
+        config.validate()
+        return await aiohttp_client(statsd.create_app(config))
+    return make
+
+
+async def new_org(client, name, admin=False, token=None):
+    """Create an organization through the app's real store; return its token."""
+    store = client.app[statsd.STORE_KEY]
+    doc = statsd.add_organization(store, name, token, admin)
+    token = doc.pop("_token")
+    await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
+    return token
+
+
+def key(token):
+    return {"X-API-KEY": token}
+
+
+@pytest.fixture
+async def api(make_client):
+    """A client with an admin organization and two ordinary ones (CASES, OTHER)."""
+    client = await make_client()
+    client.admin = await new_org(client, "admin", admin=True)
+    client.cases = await new_org(client, "CASES")
+    client.other = await new_org(client, "OTHER")
+    return client
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python statsd.py serve` as a real process on loopback."""
+
+    def __init__(self, database, env=None, args=()):
+        self.database = str(database)
+        self.port = free_port()
+        self.env = {**os.environ, "STATSD_RATE_LIMIT": "", **(env or {})}
+        self.args = list(args)
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=20):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "statsd.py"), "serve", "--database", self.database,
+             "--port", str(self.port), *self.args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()}")
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not answer in time")
+
+    def kill(self, sig=signal.SIGKILL, timeout=20):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def stop(self):
+        return self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """server(env=..., args=...) -> a started ServerProcess; all are killed at teardown."""
+    started = []
+
+    def start(database=None, **kwargs):
+        proc = ServerProcess(database or tmp_path / "statsd.json", **kwargs).start()
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def cli(*args, env=None, cwd=None, timeout=60):
+    """Run `python statsd.py ARGS`; return the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / "statsd.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
