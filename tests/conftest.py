@@ -36,8 +36,7 @@ def make_client(aiohttp_client, db_path):
 async def new_org(client, name, admin=False, token=None):
     """Create an organization through the app's real store; return its token."""
     store = client.app[statsd.STORE_KEY]
-    doc = statsd.add_organization(store, name, token, admin)
-    token = doc.pop("_token")
+    doc, token = statsd.new_organization(store, name, token, admin)
     await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
     return token
 
@@ -120,3 +119,25 @@ def cli(*args, env=None, cwd=None, timeout=60):
     """Run `python statsd.py ARGS`; return the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / "statsd.py"), *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+ERROR_CLASSES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+                 405: "MethodNotAllowed", 409: "Conflict", 413: "RequestEntityTooLarge",
+                 415: "UnsupportedMediaType", 429: "TooManyRequests"}
+
+
+async def assert_error_object(resp, status, target):
+    """Assert `resp` is the JSON error object of issue 2 with `status`; return its body."""
+    assert resp.status == status, f"{resp.status}: {await resp.text()}"
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert isinstance(body, dict)
+    assert body["status"] == "failed"
+    assert body["action"] == resp.method
+    assert body["target"] == target
+    assert body["status_code"] == status
+    assert isinstance(body["error"], str) and body["error"]
+    assert body["exception_msg"] == body["error"]
+    assert body["exception_cls"] == ERROR_CLASSES.get(status, body["exception_cls"])
+    assert "Traceback" not in body["error"]
+    return body
