@@ -685,7 +685,16 @@ def bad_request(message: str, errors=None) -> ApiError:
     return ApiError(400, message, errors)
 
 
-INT_RE = re.compile(r"[+-]?[0-9]{1,18}")
+INT_RE = re.compile(r"[+-]?[0-9]{1,25}")
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def parse_int(raw: str) -> int | None:
+    """A query value as a 64-bit integer (the range a stat may hold), or None."""
+    if not INT_RE.fullmatch(raw):
+        return None
+    number = int(raw)
+    return number if INT64[0] <= number <= INT64[1] else None
 STRING_OPS = ("contains", "icontains", "startswith", "istartswith", "endswith", "iendswith", "iexact")
 COMPARE_OPS = ("lt", "lte", "gt", "gte")
 OPERATORS = ("exact", "ne", "in", "nin", "exists") + COMPARE_OPS + STRING_OPS
@@ -737,14 +746,16 @@ def parse_json_scalar(raw: str):
 
 
 def _convert_int(raw: str, name: str):
-    if not INT_RE.fullmatch(raw):
-        raise bad_request(f"{name}: {raw!r} is not an integer")
-    return int(raw)
+    number = parse_int(raw)
+    if number is None:
+        raise bad_request(f"{name}: {raw!r} is not a 64-bit integer")
+    return number
 
 
 def _convert_anr(raw: str, name: str):
-    if INT_RE.fullmatch(raw):
-        return int(raw)
+    number = parse_int(raw)
+    if number is not None:
+        return number
     value = parse_uuid(raw)
     if value is None:
         raise bad_request(f"{name}: {raw!r} is neither an integer nor a UUID")
@@ -908,9 +919,9 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = ())
             raise bad_request(f"query parameter {name!r} is given more than once{also}")
         seen[canonical] = name
         if canonical in ("_skip", "_limit"):
-            if not INT_RE.fullmatch(raw) or int(raw) < 0:
-                raise bad_request(f"{name}: {raw!r} is not a non-negative integer")
-            number = int(raw)
+            number = parse_int(raw)
+            if number is None or number < 0:
+                raise bad_request(f"{name}: {raw!r} is not a non-negative 64-bit integer")
             if canonical == "_limit" and number > config.max_limit:
                 raise bad_request(f"{name}: {raw!r} is above the maximum of {config.max_limit}")
             setattr(query, canonical[1:], number)
@@ -1047,7 +1058,6 @@ STAT_CLIENT_FIELDS = ("uuid", "organization", "anr", "type", "day", "week", "mon
 STAT_READ_ONLY = ("id", "created_at", "updated_at", "link", "links")
 PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
 MAX_DATA_DEPTH = 64
-INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def _is_int(value) -> bool:
