@@ -1134,24 +1134,34 @@ CALLER_KEY = web.RequestKey("caller", Caller)
 
 
 def client_address(request: web.Request) -> str:
-    """The client's address; X-Forwarded-For is believed only from a trusted proxy."""
+    """The client's address; X-Forwarded-For is believed only from a trusted proxy.
+
+    Walks the forwarded chain from the nearest hop outwards for as long as the
+    hop that handed the request on is a trusted proxy.
+    """
     peer = request.transport.get_extra_info("peername") if request.transport else None
     address = peer[0] if isinstance(peer, tuple) else (request.remote or "unknown")
     proxies = request.app[TRUSTED_PROXIES_KEY]
-    if not proxies or "X-Forwarded-For" not in request.headers:
+    if not proxies:
         return address
-    hops = [address]
-    for header in request.headers.getall("X-Forwarded-For"):
-        hops[:0] = [h.strip() for h in header.split(",")]
-    # walk from the nearest hop outwards while the hop is a trusted proxy
-    for hop in reversed(hops):
+    forwarded = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
+                 for hop in header.split(",")]
+    for hop in reversed(forwarded):
+        if not _is_trusted(address, proxies):
+            break
         try:
-            ip = ipaddress.ip_address(hop)
+            address = str(ipaddress.ip_address(hop))
         except ValueError:
-            return address if hop is hops[-1] else hop[:64]
-        if not any(ip in net for net in proxies):
-            return str(ip)
-    return hops[0][:64]
+            break
+    return address
+
+
+def _is_trusted(address: str, proxies: list) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in proxies)
 
 
 def endpoint_of(request: web.Request) -> str:
@@ -1191,7 +1201,7 @@ async def rate_limit_middleware(request: web.Request, handler):
     headers = {"X-Rate-Limit-Limit": str(item.amount), "X-Rate-Limit-Remaining": str(stats.remaining),
                "X-Rate-Limit-Reset": str(reset)}
     if not allowed:
-        headers["Retry-After"] = str(max(1, reset - math.floor(time.time())))
+        headers["Retry-After"] = str(max(1, math.ceil(stats.reset_time - time.time())))
         return error_response(request, 429, f"Too Many Requests: at most {item} per client"
                               " and endpoint; see Retry-After", headers=headers)
     response = await handler(request)

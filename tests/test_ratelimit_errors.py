@@ -313,3 +313,23 @@ async def test_500_is_the_error_object_without_a_traceback_and_is_logged(aiohttp
     assert body["exception_cls"] == "InternalServerError"
     assert any("secret internals" in (r.exc_text or "") or (r.exc_info and "secret internals" in str(r.exc_info[1]))
                for r in caplog.records), "the failure is logged on the server"
+
+
+async def test_forwarded_chain_is_walked_only_through_trusted_proxies(make_client):
+    """The client is the first untrusted hop from the right, however the chain is split."""
+    client = await make_client(rate_limit="2/minute", trusted_proxies=["127.0.0.1", "10.0.0.0/8"],
+                               api_key_authentication=False)
+
+    async def remaining(*forwarded):
+        headers = [("X-Forwarded-For", value) for value in forwarded]
+        resp = await client.get("/api/v2/stats/", headers=headers)
+        return int(resp.headers["X-Rate-Limit-Remaining"])
+
+    # 1.1.1.1 reached us through the trusted 10.0.0.5: the chain in one header or in two
+    assert await remaining("1.1.1.1, 10.0.0.5") == 1
+    assert await remaining("1.1.1.1", "10.0.0.5") == 0
+    # a spoofed left-most entry does not make 2.2.2.2 someone else
+    assert await remaining("9.9.9.9, 2.2.2.2") == 1
+    assert await remaining("8.8.8.8, 2.2.2.2") == 0
+    # an untrusted hop stops the walk: 3.3.3.3 is the client, not what it claims
+    assert await remaining("1.1.1.1, 3.3.3.3, 10.0.0.5") == 1
