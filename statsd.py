@@ -457,6 +457,7 @@ class Store:
             _fsync_folder(folder)
         self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._journal_size = 0
+        self._checkpoint_at = max(self.MIN_CHECKPOINT_BYTES, os.path.getsize(self.path))
 
     def _load(self) -> int:
         """Fill memory from the checkpoint and the journal; the number of journal lines."""

@@ -86,10 +86,21 @@ class ServerProcess:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()}")
             try:
                 urllib.request.urlopen(self.url + "/", timeout=1).read()
-                return self
             except OSError:
                 time.sleep(0.05)
+                continue
+            if self._holds_lock():
+                return self
+            raise RuntimeError(f"another process answers on port {self.port}")
         raise RuntimeError("server did not answer in time")
+
+    def _holds_lock(self):
+        """Whether the answering server is this process (its pid is in DATABASE.lock)."""
+        try:
+            with open(self.database + ".lock") as f:
+                return f.read().strip() == str(self.proc.pid)
+        except OSError:
+            return False
 
     def kill(self, sig=signal.SIGKILL, timeout=20):
         if self.proc and self.proc.poll() is None:
