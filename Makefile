@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench binary clean
+.PHONY: run test bench binary binary-test clean
 
 $(BIN)/statsd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ run: $(BIN)/statsd
 
 test: $(VENV)/.test-deps
 	$(BIN)/pytest -q
+
+binary: $(BIN)/statsd
+	packaging/build.sh
+
+binary-test: binary $(VENV)/.test-deps
+	STATSD_BINARY=dist/statsd $(BIN)/pytest -q tests/test_binary.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
