@@ -531,7 +531,8 @@ class Store:
             self._flusher = None
         if self._journal_fd is not None:
             try:
-                self._write_checkpoint()
+                if self._journal_size:  # else the file already holds everything
+                    self._write_checkpoint()
                 os.ftruncate(self._journal_fd, 0)
                 os.close(self._journal_fd)
                 os.unlink(self.journal_path)
@@ -1792,10 +1793,12 @@ def cmd_serve(config: Config, args) -> int:
     store = Store(config.database)
     store.lock()
     app = create_app(config, store)
-    log.info("statsd %s serving %s on http://%s:%s%s/ (authentication %s, rate limit %s)",
-             __version__, config.database, config.host, config.port, API_PREFIX,
-             "on" if config.api_key_authentication else "OFF", config.rate_limit or "off")
-    web.run_app(app, host=config.host, port=config.port, print=None,
+
+    def announce(_aiohttp_banner: str) -> None:  # called once the database is loaded and the port open
+        log.info("statsd %s serving %s (%d stats) on http://%s:%s%s/ (authentication %s, rate limit %s)",
+                 __version__, config.database, len(store.stats.docs), config.host, config.port, API_PREFIX,
+                 "on" if config.api_key_authentication else "OFF", config.rate_limit or "off")
+    web.run_app(app, host=config.host, port=config.port, print=announce,
                 access_log=logging.getLogger("statsd.access") if args.access_log else None)
     return 0
 
