@@ -21,6 +21,9 @@ run: $(BIN)/statsd
 test: $(VENV)/.test-deps
 	$(BIN)/pytest -q
 
+bench: $(BIN)/statsd
+	PYTHON=$(abspath $(BIN)/python) bash bench/run.sh
+
 binary: $(BIN)/statsd
 	packaging/build.sh
 
