@@ -417,6 +417,8 @@ class Store:
         self._writable: asyncio.Event | None = None
         self._flusher: asyncio.Task | None = None
         self._extra_tables: dict = {}
+        self._closing = False
+        self._broken: str | None = None
         self._new_tables()
 
     def _new_tables(self) -> None:
@@ -517,17 +519,15 @@ class Store:
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._closing = False
         self._flusher = asyncio.create_task(self._flush_forever())
 
     async def close(self) -> None:
         """Write what is pending, fold the journal into the file, release the lock."""
         if self._flusher is not None:
-            await self._flush_pending()
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
+            self._closing = True  # the flusher finishes what it does, drains, and ends
+            self._wake.set()
+            await self._flusher
             self._flusher = None
         if self._journal_fd is not None:
             try:
@@ -556,6 +556,9 @@ class Store:
 
         Call it with no await between the checks that justify the ops and this call.
         """
+        if self._broken is not None:
+            raise StorageError(f"the database cannot be written since an earlier failure"
+                               f" ({self._broken}); restart statsd")
         line = _encode_journal_line(ops)
         for table, doc_id, doc in ops:
             self.tables[table].apply(doc_id, doc)
@@ -569,12 +572,14 @@ class Store:
         await self.apply(ops)
 
     async def _flush_forever(self) -> None:
-        while True:
+        """The only writer of the journal and the file: one flush or checkpoint at a time."""
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             await self._flush_pending()
-            if self._journal_size >= self._checkpoint_at:
+            if self._journal_size >= self._checkpoint_at and not self._closing:
                 await self._checkpoint()
+        await self._flush_pending()
 
     async def _flush_pending(self) -> None:
         loop = asyncio.get_running_loop()
@@ -583,7 +588,7 @@ class Store:
             data = b"".join(line for line, _ in batch)
             try:
                 await loop.run_in_executor(None, self._append, data)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - whatever it was, these writes are not on disk
                 self._recover(batch, e)
                 continue
             for _, future in batch:
@@ -599,15 +604,20 @@ class Store:
             raise
         self._journal_size += len(data)
 
-    def _recover(self, batch, error: OSError) -> None:
+    def _recover(self, batch, error: Exception) -> None:
         """A journal write failed: fail every write not on disk and reload what is."""
         failed = batch + self._pending
         self._pending = []
         log.error("journal write failed (%s); %d write(s) refused, reloading from disk",
                   error, len(failed))
-        self._load()
-        exc = StorageError(f"the database could not be written ({error.strerror or error});"
-                           " nothing of this request was stored", error.errno)
+        try:
+            self._load()
+        except Exception as e:  # noqa: BLE001 - memory may now be ahead of the disk
+            log.critical("reloading %s failed (%s): refusing every write until restart", self.path, e)
+            self._broken = str(e)
+        reason = getattr(error, "strerror", None) or error
+        exc = StorageError(f"the database could not be written ({reason});"
+                           " nothing of this request was stored", getattr(error, "errno", None))
         for _, future in failed:
             if not future.done():
                 future.set_exception(exc)
@@ -623,7 +633,7 @@ class Store:
             os.fsync(self._journal_fd)
             self._journal_size = 0
             self._checkpoint_at = max(self.MIN_CHECKPOINT_BYTES, size)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - the journal still holds every write
             log.error("checkpoint of %s failed (%s); the journal is kept", self.path, e)
             self._checkpoint_at = self._journal_size + self.MIN_CHECKPOINT_BYTES
         finally:
