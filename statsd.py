@@ -35,12 +35,13 @@ import tomllib
 import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Callable, Iterable
 from urllib.parse import quote, urlsplit
 
 import limits
 import orjson
+import aiohttp
 from aiohttp import web
 from aiohttplimiter import Limiter
 from tinydb.storages import Storage
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 log = logging.getLogger("statsd")
 
 API_PREFIX = "/api/v2"
+V1_PREFIX = "/api/v1"  # the upstream API that the MONARC front office speaks
 MISSING = object()  # a field a record does not have
 
 
@@ -682,7 +684,8 @@ class ApiError(Exception):
 
     NAMES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
              405: "MethodNotAllowed", 409: "Conflict", 413: "RequestEntityTooLarge",
-             415: "UnsupportedMediaType", 429: "TooManyRequests", 500: "InternalServerError",
+             415: "UnsupportedMediaType", 426: "UpgradeRequired", 429: "TooManyRequests",
+             500: "InternalServerError",
              503: "ServiceUnavailable", 507: "InsufficientStorage"}
 
     def __init__(self, status: int, message: str, errors=None, headers=None):
@@ -745,6 +748,20 @@ def parse_datetime(value: str) -> str | None:
     return moment.isoformat(timespec="microseconds")
 
 
+DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_date(value) -> str | None:
+    """A calendar date written YYYY-MM-DD, or None."""
+    if not isinstance(value, str) or not DATE_RE.fullmatch(value):
+        return None
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
+
+
 def parse_json_scalar(raw: str):
     """A query value inside `data`: a JSON number, true, false or null, else the string."""
     if raw in ("true", "false", "null") or re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", raw):
@@ -789,6 +806,13 @@ def _convert_datetime(raw: str, name: str):
     return value
 
 
+def _convert_date(raw: str, name: str):
+    value = parse_date(raw)
+    if value is None:
+        raise bad_request(f"{name}: {raw!r} is not a date written YYYY-MM-DD (2020-05-12)")
+    return value
+
+
 def _convert_bool(raw: str, name: str):
     if raw not in ("true", "false"):
         raise bad_request(f"{name}: {raw!r} is not true or false")
@@ -802,6 +826,7 @@ STAT_FIELDS = {
     "organization": (lambda raw, name: raw, True),
     "anr": (_convert_anr, True),
     "type": (lambda raw, name: raw, True),
+    "date": (_convert_date, True),
     "day": (_convert_int, False),
     "week": (_convert_int, False),
     "month": (_convert_int, False),
@@ -1067,7 +1092,8 @@ def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
 
 # ------------------------------------------------------ validation of bodies ---
 
-STAT_CLIENT_FIELDS = ("uuid", "organization", "anr", "type", "day", "week", "month", "quarter", "year", "data")
+STAT_CLIENT_FIELDS = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
+                      "data")
 STAT_READ_ONLY = ("id", "created_at", "updated_at", "link", "links")
 PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
 MAX_DATA_DEPTH = 64
@@ -1091,6 +1117,8 @@ def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
 
 def check_stat_value(name: str, value) -> tuple[Any, str | None]:
     """(normalized value, None) or (None, what is wrong) for one client field."""
+    if value.__class__ is float and value.is_integer() and (name in PERIODS or name in ("anr", "year")):
+        value = int(value)  # JSON does not tell 1.0 from 1 (nor does the OpenAPI description)
     if name == "uuid":
         parsed = parse_uuid(value)
         return (parsed, None) if parsed else (None, "must be a UUID string")
@@ -1103,6 +1131,9 @@ def check_stat_value(name: str, value) -> tuple[Any, str | None]:
         if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
             return None, "must be a string of 1 to 120 characters, not only white space"
         return value, None
+    if name == "date":
+        parsed = parse_date(value)
+        return (parsed, None) if parsed else (None, "must be a date written YYYY-MM-DD")
     if name in PERIODS:
         low, high = PERIODS[name]
         if not _is_int(value) or not low <= value <= high:
@@ -1115,6 +1146,22 @@ def check_stat_value(name: str, value) -> tuple[Any, str | None]:
     if name == "organization":
         return (value, None) if isinstance(value, str) else (None, "must be an organization name")
     raise AssertionError(name)
+
+
+PERIOD_FIELDS = ("day", "week", "month", "quarter", "year")
+
+
+def periods_of(day: str) -> dict:
+    """The periods of a YYYY-MM-DD date: day of year, ISO week, month, quarter, year."""
+    moment = date.fromisoformat(day)
+    return {"day": moment.timetuple().tm_yday, "week": moment.isocalendar().week, "month": moment.month,
+            "quarter": (moment.month - 1) // 3 + 1, "year": moment.year}
+
+
+def derive_periods(clean: dict, body: dict) -> None:
+    """A write that sets `date` and no period field gets the periods of that date."""
+    if "date" in clean and not any(name in body for name in PERIOD_FIELDS):
+        clean.update(periods_of(clean["date"]))
 
 
 def _link_path_matches(value, path: str) -> bool:
@@ -1189,15 +1236,21 @@ def endpoint_of(request: web.Request) -> str:
 def error_response(request: web.Request, status: int, message: str, errors=None, headers=None) -> web.Response:
     """The JSON error object of both specs."""
     path = request.path
-    target = "stats" if path.startswith(API_PREFIX + "/stats") else \
-        "organizations" if path.startswith(API_PREFIX + "/organizations") else path
+    prefix = V1_PREFIX if path.startswith(V1_PREFIX + "/") else API_PREFIX
+    target = "stats" if path.startswith(prefix + "/stats") else \
+        "organizations" if path.startswith(prefix + "/organizations") else path
     body = {"error": message, "status": "failed", "action": request.method, "target": target,
             "exception_msg": message, "status_code": status,
             "exception_cls": ApiError.NAMES.get(status, "HTTPException")}
+    if prefix == V1_PREFIX:
+        body["Error"] = message  # the key the upstream stats service answers with
     if errors:
         body["errors"] = errors
     return web.Response(body=orjson.dumps(body), status=status, headers=headers,
                         content_type="application/json")
+
+
+RATE_LIMIT_MAX_COUNTERS = 10000  # bounds the rate-limit memory: at most this many (client, endpoint) counters
 
 
 @web.middleware
@@ -1208,6 +1261,9 @@ async def rate_limit_middleware(request: web.Request, handler):
         return await handler(request)
     limiter: Limiter = request.app[LIMITER_KEY]
     key = (client_address(request), endpoint_of(request))
+    counters = limiter.db.events  # limits' MemoryStorage frees a counter only when its window has passed
+    if len(counters) >= RATE_LIMIT_MAX_COUNTERS and item.key_for(*key) not in counters:
+        key = ("<too many clients>", key[1])  # new clients share one counter until old ones expire
     allowed = await limiter.moving_window.hit(item, *key)
     stats = await limiter.moving_window.get_window_stats(item, *key)
     reset = math.ceil(stats.reset_time)
@@ -1258,8 +1314,9 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     """Resolve the API key (X-API-KEY header or api_key argument) to a Caller."""
-    if not request.path.startswith("/api/"):
-        return await handler(request)
+    if not request.path.startswith("/api/") or request.path.startswith(V1_PREFIX + "/") \
+            or request.path in PUBLIC_PATHS:
+        return await handler(request)  # /api/v1/ handlers authenticate as the upstream does
     if not request.app[CONFIG_KEY].api_key_authentication:
         request[CALLER_KEY] = Caller(None, True)
         return await handler(request)
@@ -1361,13 +1418,13 @@ def _fail(errors: dict, what: str) -> ApiError:
     return bad_request(f"invalid {what}: " + "; ".join(f"{k}: {v}" for k, v in errors.items()), errors)
 
 
-def stat_client_fields(body: dict, errors: dict) -> dict:
-    """The validated, normalized client fields of a body (uuid and organization aside)."""
+def validated_fields(body: dict, allowed: Iterable[str], errors: dict, skip: Iterable[str] = ()) -> dict:
+    """The normalized values of the `allowed` fields of a body; other fields (but `skip`) are errors."""
     clean = {}
     for name, value in body.items():
-        if name in ("uuid", "organization") or name in STAT_READ_ONLY:
+        if name in skip:
             continue
-        if name not in STAT_CLIENT_FIELDS:
+        if name not in allowed:
             errors[name] = "unknown field"
             continue
         value, problem = check_stat_value(name, value)
@@ -1378,9 +1435,14 @@ def stat_client_fields(body: dict, errors: dict) -> dict:
     return clean
 
 
+def stat_client_fields(body: dict, errors: dict) -> dict:
+    """The validated, normalized client fields of a body (uuid and organization aside)."""
+    return validated_fields(body, STAT_CLIENT_FIELDS, errors, skip=("uuid", "organization", *STAT_READ_ONLY))
+
+
 def ordered_stat(values: dict) -> dict:
     """A stat record with its fields in one stable order."""
-    order = ("uuid", "organization", "anr", "type", "day", "week", "month", "quarter", "year",
+    order = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
              "data", "created_at", "updated_at", "id")
     return {name: values[name] for name in order if name in values}
 
@@ -1394,6 +1456,7 @@ def new_stat(request: web.Request, body, now: str) -> dict:
         if name in body:
             errors[name] = "is set by the server"
     clean = stat_client_fields(body, errors)
+    derive_periods(clean, body)
     for name in ("type", "data"):
         if name not in body:
             errors[name] = "is required"
@@ -1541,6 +1604,7 @@ async def update_stat(request: web.Request) -> web.Response:
                                                    "updated_at", "link", "links"),
                               stat_path(old["id"]), parents)
     clean = stat_client_fields(body, errors)
+    derive_periods(clean, body)
     if request.method == "PUT":
         for name in ("type", "data"):
             if name not in body:
@@ -1727,11 +1791,867 @@ async def index(request: web.Request) -> web.Response:
                           "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"]})
 
 
+# ------------------------------------------------------------ OpenAPI ---
+# GET /api/v2/openapi.json: an OpenAPI 3.1 description built from the app's own
+# routes and from the tables the code runs on (STAT_FIELDS, ORG_FIELDS,
+# OPERATORS, PERIODS, ApiError.NAMES, the v1 processors), so it cannot drift.
+# It is public (no key), and counted by the rate limit like every /api/ request.
+
+OPENAPI_PATH = API_PREFIX + "/openapi.json"
+PUBLIC_PATHS = {OPENAPI_PATH}  # /api/ paths that need no key (v1 routes authenticate themselves)
+UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real date
+
+
+def _oa_ref(name: str, kind: str = "schemas") -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _oa_query_values(convert) -> tuple[dict, str]:
+    """(schema of one query value, pattern of one item of an in/nin list) for a field's converter."""
+    if convert is _convert_int:
+        return _oa_int(), "[+-]?[0-9]{1,18}"
+    if convert is _convert_uuid:
+        return {"type": "string", "pattern": UUID_PATTERN}, UUID_PATTERN[1:-1]
+    if convert is _convert_anr:
+        return {"anyOf": [_oa_int(), {"type": "string", "pattern": UUID_PATTERN}]}, \
+            f"([+-]?[0-9]{{1,18}}|{UUID_PATTERN[1:-1]})"
+    if convert is _convert_date:
+        return {"type": "string", "format": "date"}, SAFE_DATE
+    if convert is _convert_datetime:
+        return {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": f"^{SAFE_DATE}$"},
+                          {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                                                        r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
+    if convert is _convert_bool:
+        return {"type": "string", "enum": ["true", "false"]}, "(true|false)"
+    return {"type": "string"}, "[^,]*"
+
+
+def _oa_filters(schema: dict) -> dict:
+    """The filter parameters of a list route, from its field table and OPERATORS."""
+    properties = {}
+    for name, (convert, strings_ok) in schema.items():
+        value, item = _oa_query_values(convert)
+        properties[name] = value
+        for op in OPERATORS:
+            if op in STRING_OPS and not strings_ok:
+                continue
+            if op == "exists":
+                properties[f"{name}__{op}"] = {"type": "string", "enum": ["true", "false"]}
+            elif op in ("in", "nin"):
+                properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
+            elif op in STRING_OPS:
+                properties[f"{name}__{op}"] = {"type": "string"}
+            else:
+                properties[f"{name}__{op}"] = value
+    filters = {"type": "object", "properties": properties, "additionalProperties": False}
+    if "data" in schema:
+        ops = "|".join(op for op in OPERATORS if op != "exists")
+        filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
+                                        "^data(__[A-Za-z0-9]+)*__exists$": {"type": "string", "enum": ["true", "false"]}}
+    return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
+            "description": "Filters, combined with AND: `field=value` (exact) or `field__OPERATOR=value`;"
+                           f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
+                           " string operators apply to string fields only"
+                           + ("; any path inside `data` is written with double underscores,"
+                              " e.g. data__total__current__operational__gt=5" if "data" in schema else "")}
+
+
+def _oa_list_params(schema: dict, config: Config) -> list:
+    names = ", ".join(schema)
+    params = [{"name": name, "in": "query", "schema": _oa_int(0) if "limit" not in name
+               else _oa_int(0, config.max_limit), "description": text}
+              for name, text in (("_skip", "records to skip (alias: offset)"),
+                                 ("_limit", f"page size, default {config.default_limit}, at most"
+                                            f" {config.max_limit} (alias: limit)"))]
+    order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
+    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
+    params.append({"name": "_order_by", "in": "query", "schema": {"type": "string", "pattern": f"^{order}(,{order})*$"},
+                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id)"})
+    params.append({"name": "_fields", "in": "query", "schema": {"type": "string", "pattern": f"^{shown}(,{shown})*$"},
+                   "description": f"comma-separated fields to return (plus id): {names}, link, links"})
+    return params + [_oa_filters(schema)]
+
+
+def _oa_body(schema: dict, required: bool = True) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _oa_ok(status: int, description: str, schema: dict | None = None, headers=None) -> dict:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": schema}}
+    if headers:
+        out["headers"] = headers
+    return {str(status): out}
+
+
+def _oa_errors(*statuses: int) -> dict:
+    return {str(status): _oa_ref(ApiError.NAMES[status], "responses") for status in statuses}
+
+
+def _oa_stat_schemas(config: Config) -> dict:
+    """The Stat schemas, from the validation rules of check_stat_value and PERIODS."""
+    uuid_s = {"type": "string", "format": "uuid"}
+    client = {"uuid": uuid_s,
+              "organization": {"type": "string", "description": "taken from the API key; with"
+                               " authentication off, an existing organization's name"},
+              "anr": {"anyOf": [_oa_int(), uuid_s]},
+              "type": {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"},
+              "date": {"type": "string", "format": "date", "description": "sets the period fields"
+                       " that are not given"},
+              **{name: _oa_int(low, high) for name, (low, high) in PERIODS.items()},
+              "year": _oa_int(),
+              "data": {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"}}
+    stamp = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
+    server = {"id": {"type": "string", "pattern": "^[0-9a-f]{24}$"}, "created_at": stamp, "updated_at": stamp,
+              "link": {"type": "string"}, "links": {"type": "array", "items": {"type": "string"}}}
+    stat = {"type": "object", "properties": {**client, **server}, "additionalProperties": False}
+    no_org = {k: v for k, v in client.items() if k != "organization"}
+    writable = {"type": "object", "properties": no_org, "additionalProperties": False}
+    changeable = {**writable, "properties": {k: v for k, v in no_org.items() if k != "uuid"}}
+    return {
+        "Stat": {**stat, "required": ["id", "uuid", "type", "data", "created_at", "updated_at", "link"]},
+        "StatFields": {**stat, "required": ["id"], "description": "a stat, with only the _fields asked for"},
+        "NewStat": {**writable, "required": ["type", "data"]},
+        "StatPut": {**changeable, "required": ["type", "data"],
+                    "description": "replaces the client fields; read-only fields (id, uuid, organization,"
+                                   " created_at, updated_at, link, links) may be sent back unchanged"},
+        "StatPatch": {**changeable, "description": "merges the given fields; read-only fields may be sent"
+                                                   " back unchanged"},
+        "NewStats": {"type": "array", "minItems": 1, "maxItems": config.max_limit,
+                     "items": _oa_ref("NewStat"), "description": "created all-or-nothing"},
+    }
+
+
+def _oa_org_schemas() -> dict:
+    stamp = {"type": "string"}
+    token = {"type": "string", "pattern": TOKEN_RE.pattern.join("^$")}
+    name = {"type": "string", "minLength": 1, "maxLength": ORG_NAME_MAX,
+            "pattern": "^[^/\\s\\x00-\\x1f\\x7f]([^/\\x00-\\x1f\\x7f]*[^/\\s\\x00-\\x1f\\x7f])?$"}
+    org = {"type": "object", "additionalProperties": False,
+           "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "is_admin": {"type": "boolean"},
+                          "created_at": stamp, "updated_at": stamp, "link": {"type": "string"},
+                          "token": {"type": "string", "description": "only in the answer that set it"}}}
+    return {
+        "Organization": {**org, "required": ["id", "name", "is_admin", "created_at", "updated_at", "link"]},
+        "OrganizationFields": {**org, "required": ["id"]},
+        "NewOrganization": {"type": "object", "additionalProperties": False, "required": ["name"],
+                            "properties": {"name": name, "token": token, "is_admin": {"type": "boolean"}}},
+        "OrganizationPut": {"type": "object", "additionalProperties": False, "required": ["is_admin"],
+                            "properties": {"token": token, "is_admin": {"type": "boolean"}}},
+        "OrganizationPatch": {"type": "object", "additionalProperties": False,
+                              "properties": {"token": token, "is_admin": {"type": "boolean"}}},
+    }
+
+
+def _oa_v1_params(schema: dict) -> dict:
+    """A v1 parameters object: a null optional parameter counts as absent (as upstream)."""
+    props = {name: value if name in schema["required"] else {"anyOf": [value, {"type": "null"}]}
+             for name, value in schema["properties"].items()}
+    return {**schema, "properties": props}
+
+
+def _oa_v1_schemas(config: Config) -> dict:
+    uuid_s = {"type": "string", "format": "uuid"}
+    day = {"type": "string", "format": "date"}
+    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]}
+    zero_one = {"enum": [0, 1]}
+    processed = []
+    for name, func in V1_PROCESSORS.items():
+        params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
+        if name == "risk_averages_on_date":
+            params["properties"] = {name: {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(({0})(,({0}))*)?$"
+                                                                       .format("|".join(choices))}]}
+                                    for name, choices in (("risks_type", RISK_KINDS), ("risks_state", RISK_STATES))}
+        processed.append(_oa_v1_params({
+            "type": "object", "additionalProperties": False, "required": ["type", "processor"],
+            "description": " ".join(func.__doc__.split()),
+            "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
+                           "processor_params": params, "date_from": day, "date_to": day,
+                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one}}))
+    v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
+               "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
+                              "date": day, "data": {}}}
+    page = {"type": "object", "required": ["metadata", "data"],
+            "properties": {"metadata": {"type": "object", "required": ["count", "offset", "limit"],
+                                        "properties": {k: {"type": "string", "pattern": "^[0-9]+$"}
+                                                       for k in ("count", "offset", "limit")}},
+                           "data": {"type": "array", "items": _oa_ref("V1Stat")}}}
+    return {
+        "V1Stat": v1_stat,
+        "V1Page": page,
+        "V1Query": _oa_v1_params({
+            "type": "object", "additionalProperties": False, "required": ["type"],
+            "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
+                           "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
+                           "offset": _oa_int(0), "limit": _oa_int(0), "group_by_anr": zero_one}}),
+        "V1Processed": {"oneOf": processed},
+        "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
+            "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
+            "properties": {"uuid": uuid_s, "anr": uuid_s, "type": {"enum": list(V1_TYPES)}, "date": day,
+                           "data": {"description": f"any JSON value nested at most {MAX_DATA_DEPTH} levels"}}}},
+        "V1Created": {**page, "required": ["metadata", "data", "results"], "properties": {
+            **page["properties"], "results": {"type": "array", "items": {
+                "type": "object", "required": ["index", "status"],
+                "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
+        "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
+                     "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
+                                    "role": {"enum": ["admin", "user"]}, "is_sharing_enabled": {"type": "boolean"}}},
+        "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
+                          "properties": {"is_sharing_enabled": {"type": "boolean"}}},
+    }
+
+
+def _oa_operations(config: Config) -> dict:
+    """(method, path) -> operation, for every route create_app registers (paths as documented)."""
+    stat_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+               "description": "the stat's id (24 hex characters)"}
+    org_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                "description": "the organization's name (its id)"}
+    cascade = {"name": "cascade", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]},
+               "description": "true: delete the organization's stats with it"}
+    anr = {"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    location = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
+    read, write, item = (400, 401, 429, 500), (400, 401, 409, 413, 415, 429, 500, 503, 507), (404,)
+    admin = (403,)
+    v1 = (400, 401, 403, 426, 429, 500)
+    v1_write = v1 + (413, 415, 503, 507)
+    stats_page = {"type": "object", "required": ["data", "has_more"], "properties": {
+        "data": {"type": "array", "items": _oa_ref("StatFields")}, "has_more": {"type": "boolean"}}}
+    orgs_page = {"type": "object", "required": ["data", "has_more"], "properties": {
+        "data": {"type": "array", "items": _oa_ref("OrganizationFields")}, "has_more": {"type": "boolean"}}}
+    s, o, v = API_PREFIX + "/stats/", API_PREFIX + "/organizations/", V1_PREFIX
+    ops = {
+        ("GET", "/"): {"summary": "Service index", "security": [],
+                       "responses": _oa_ok(200, "name, version and entry points", {"type": "object"})},
+        ("GET", OPENAPI_PATH): {"summary": "This OpenAPI description", "security": [],
+                                "responses": {**_oa_ok(200, "OpenAPI 3.1 document", {"type": "object"}),
+                                              **_oa_errors(400, 429, 500)}},
+        ("GET", s): {"summary": "List stats", "parameters": _oa_list_params(STAT_FIELDS, config),
+                     "responses": {**_oa_ok(200, "a page of stats", stats_page), **_oa_errors(*read)}},
+        ("POST", s): {"summary": "Create one stat (object) or 1 to max_limit stats (list, all-or-nothing)",
+                      "requestBody": _oa_body({"oneOf": [_oa_ref("NewStat"), _oa_ref("NewStats")]}),
+                      "responses": {"201": {"description": "created", "headers": location, "content": {
+                          "application/json": {"schema": {"oneOf": [_oa_ref("Stat"), {
+                              "type": "object", "required": ["data"], "additionalProperties": False, "properties": {
+                                  "data": {"type": "array", "items": _oa_ref("Stat")}}}]}}}},
+                                    **_oa_errors(*write)}},
+        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id],
+                               "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*read, *item)}},
+        ("PUT", s + "{id}/"): {"summary": "Replace a stat's client fields", "parameters": [stat_id],
+                               "requestBody": _oa_body(_oa_ref("StatPut")),
+                               "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*write, *item)}},
+        ("PATCH", s + "{id}/"): {"summary": "Change some of a stat's fields", "parameters": [stat_id],
+                                 "requestBody": _oa_body(_oa_ref("StatPatch")),
+                                 "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")),
+                                               **_oa_errors(*write, *item)}},
+        ("DELETE", s + "{id}/"): {"summary": "Delete a stat", "parameters": [stat_id],
+                                  "responses": {**_oa_ok(204, "deleted"), **_oa_errors(400, 401, 404, 429, 500, 503, 507)}},
+        ("GET", o): {"summary": "List organizations (admin)", "parameters": _oa_list_params(ORG_FIELDS, config),
+                     "responses": {**_oa_ok(200, "a page of organizations", orgs_page), **_oa_errors(*read, *admin)}},
+        ("POST", o): {"summary": "Create an organization (admin); its token is answered only now",
+                      "requestBody": _oa_body(_oa_ref("NewOrganization")),
+                      "responses": {**_oa_ok(201, "created", _oa_ref("Organization"), location),
+                                    **_oa_errors(*write, *admin)}},
+        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)", "parameters": [org_name],
+                                 "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
+                                               **_oa_errors(*read, *admin, *item)}},
+        ("PUT", o + "{name}/"): {"summary": "Set is_admin and maybe a new token (admin)", "parameters": [org_name],
+                                 "requestBody": _oa_body(_oa_ref("OrganizationPut")),
+                                 "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
+                                               **_oa_errors(*write, *admin, *item)}},
+        ("PATCH", o + "{name}/"): {"summary": "Set is_admin or a new token (key rotation) (admin)",
+                                   "parameters": [org_name], "requestBody": _oa_body(_oa_ref("OrganizationPatch")),
+                                   "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
+                                                 **_oa_errors(*write, *admin, *item)}},
+        ("DELETE", o + "{name}/"): {"summary": "Delete an organization (admin); 409 if it has stats, unless"
+                                               " cascade=true", "parameters": [org_name, cascade],
+                                    "responses": {**_oa_ok(204, "deleted"),
+                                                  **_oa_errors(400, 401, 409, 429, 500, 503, 507, *admin, *item)}},
+        ("GET", v + "/stats/"): {"summary": "MONARC: stats of one type (parameters in a JSON body or the query"
+                                            " string)", "requestBody": _oa_body(_oa_ref("V1Query")),
+                                 "responses": {**_oa_ok(200, "stats", _oa_ref("V1Page")), **_oa_errors(*v1, 413, 415)}},
+        ("POST", v + "/stats/"): {"summary": "MONARC: send stats, each stored on its own",
+                                  "requestBody": _oa_body(_oa_ref("V1NewStats")),
+                                  "responses": {**_oa_ok(201, "all stored", _oa_ref("V1Created")),
+                                                **_oa_ok(207, "some items failed", _oa_ref("V1Created")),
+                                                **_oa_errors(*v1_write)}},
+        ("DELETE", v + "/stats/{anr}/"): {"summary": "MONARC: delete the caller's stats of an analysis",
+                                          "parameters": [anr],
+                                          "responses": {**_oa_ok(204, "deleted (also when there were none)"),
+                                                        **_oa_errors(*v1, 503, 507)}},
+        ("GET", v + "/stats/processed/"): {"summary": "MONARC: a processor over the stats of every organization",
+                                           "requestBody": _oa_body(_oa_ref("V1Processed")),
+                                           "responses": {**_oa_ok(200, "processed", {
+                                               "type": "object", "required": ["type", "processor", "data"]}),
+                                               **_oa_errors(*v1, 413, 415)}},
+        ("GET", v + "/stats/processed/list/"): {"summary": "MONARC: the processors (no key)", "security": [],
+                                                "responses": {**_oa_ok(200, "processors", {
+                                                    "type": "array", "items": {
+                                                        "type": "object", "required": ["name", "description"]}}),
+                                                    **_oa_errors(400, 429, 500)}},
+        ("GET", v + "/client/me/"): {"summary": "MONARC: the caller's organization",
+                                     "responses": {**_oa_ok(200, "the client", _oa_ref("V1Client")),
+                                                   **_oa_errors(*v1)}},
+        ("PATCH", v + "/client/me/"): {"summary": "MONARC: turn sharing on or off",
+                                       "requestBody": _oa_body(_oa_ref("V1ClientPatch")),
+                                       "responses": {**_oa_ok(200, "the client", _oa_ref("V1Client")),
+                                                     **_oa_errors(*v1_write)}},
+    }
+    return ops
+
+
+def openapi_path(canonical: str) -> str:
+    """The documented form of a route's path: with one trailing slash (both forms answer)."""
+    return canonical if canonical == "/" or canonical.endswith(".json") else canonical.rstrip("/") + "/"
+
+
+def app_routes(app: web.Application) -> set[tuple[str, str]]:
+    """(method, documented path) of every route of the app (HEAD, added by aiohttp with GET, aside)."""
+    return {(r.method, openapi_path(r.resource.canonical)) for r in app.router.routes()
+            if r.method != "HEAD" and r.resource is not None}
+
+
+def openapi_document(app: web.Application, server: str = "") -> dict:
+    """The OpenAPI 3.1 description of `app`: every route, with its parameters, bodies and answers."""
+    config: Config = app[CONFIG_KEY]
+    known = _oa_operations(config)
+    rate_headers = {name: {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": text}
+                    for name, text in (("X-Rate-Limit-Limit", "requests allowed per window"),
+                                       ("X-Rate-Limit-Remaining", "requests left in the window"),
+                                       ("X-Rate-Limit-Reset", "UTC epoch second at which the window"
+                                                              " frees a request"))}
+    paths: dict[str, dict] = {}
+    for method, path in sorted(app_routes(app), key=lambda pair: (pair[1], pair[0])):
+        op = dict(known.get((method, path)) or {"summary": "UNDOCUMENTED", "responses": _oa_errors(500)})
+        op["operationId"] = f"{method.lower()} {path}"
+        if path.startswith("/api/") and config.rate_limit:
+            op["responses"] = {status: ({**answer, "headers": {**answer.get("headers", {}), **rate_headers}}
+                                        if "$ref" not in answer else answer)
+                               for status, answer in op["responses"].items()}
+        if not config.api_key_authentication:
+            op["security"] = []
+        paths.setdefault(path, {})[method.lower()] = op
+    error = {"type": "object", "required": ["error", "status", "action", "target", "exception_msg",
+                                            "status_code", "exception_cls"],
+             "properties": {"error": {"type": "string"}, "status": {"const": "failed"},
+                            "action": {"type": "string"}, "target": {"type": "string"},
+                            "exception_msg": {"type": "string"}, "status_code": {"type": "integer"},
+                            "exception_cls": {"enum": sorted(set(ApiError.NAMES.values()) | {"HTTPException"})},
+                            "errors": {"type": "object", "description": "what is wrong, per field or item index"},
+                            "Error": {"type": "string", "description": "/api/v1/ only: the upstream's key"}}}
+    responses = {}
+    for status, name in ApiError.NAMES.items():
+        responses[name] = {"description": f"{status} {name}: the JSON error object",
+                           "content": {"application/json": {"schema": _oa_ref("Error")}}}
+        if config.rate_limit:
+            responses[name]["headers"] = {**rate_headers, **({"Retry-After": {"schema": {"type": "string"}}}
+                                                             if status == 429 else {})}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "statsd", "version": __version__,
+                 "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
+                                " front office speaks). Every path also answers without its trailing slash."},
+        "servers": [{"url": server or "/"}],
+        "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"}},
+            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config)},
+            "responses": responses,
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    only_params(request)
+    return json_response(openapi_document(request.app, base_url(request)))
+
+
+# ------------------------------------------------- MONARC /api/v1 handlers ---
+# The upstream stats service's API, as today's MONARC front office calls it,
+# on the same store as /api/v2/: the v1 view of a stat is {uuid, anr, type, date, data}.
+
+V1_TYPES = ("risk", "vulnerability", "threat", "cartography", "compliance")
+V1_LIST_PARAMS = ("type", "anrs", "anr", "date_from", "date_to", "get_last", "offset", "limit", "group_by_anr")
+V1_PROCESSED_PARAMS = ("type", "processor", "processor_params", "date_from", "date_to", "anrs",
+                       "local_stats_only")
+V1_UNAUTHORIZED = "Unauthorized - Authentication required."
+V1_FORBIDDEN = "Forbidden - Authentication failed."
+MONARC_MIN_VERSION = (2, 10, 2)
+MONARC_AGENT_RE = re.compile(r"MONARC/([0-9]+(?:\.[0-9]+)*)")
+V1_DEFAULT_MONTHS = 3
+
+
+def check_monarc_version(request: web.Request) -> None:
+    """A MONARC older than 2.10.2 (by its User-Agent) gets 426, as upstream."""
+    found = MONARC_AGENT_RE.search(request.headers.get("User-Agent", ""))
+    if found and tuple(int(part) for part in found.group(1).split(".")) < MONARC_MIN_VERSION:
+        raise ApiError(426, "Upgrade Required - This service requires use of MONARC version >= 2.10.2.")
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The one non-empty API key sent (X-API-KEY header or api_key argument), else None."""
+    keys = [k for k in request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", []) if k]
+    return keys[0] if len(keys) == 1 else None
+
+
+def v1_caller(request: web.Request) -> Caller:
+    """The caller of a v1 route: 426 for an old MONARC, then 401 without a key, 403 with a wrong one.
+
+    With api_key_authentication off everything is open; a known key still
+    names the organization that new stats and client/me belong to.
+    """
+    check_monarc_version(request)
+    store: Store = request.app[STORE_KEY]
+    key = presented_key(request)
+    known = _caller_for(store, key) if key is not None else None
+    if not request.app[CONFIG_KEY].api_key_authentication:
+        return Caller(known.organization if known else None, True)
+    if key is None and not any(request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])):
+        raise ApiError(401, V1_UNAUTHORIZED)
+    if known is None:
+        raise ApiError(403, V1_FORBIDDEN)
+    return known
+
+
+async def v1_params(request: web.Request, allowed: tuple) -> dict:
+    """The parameters of a v1 GET: a JSON object body and/or the query string (not both for one name)."""
+    params: dict[str, Any] = {}
+    if (await request.read()).strip():
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object of parameters, e.g. {\"type\": \"risk\"}")
+        params.update({name: int(value) if value.__class__ is float and value.is_integer() else value
+                       for name, value in body.items() if value is not None})  # 1.0 is 1 in JSON
+    seen = set()
+    for name, raw in request.query.items():
+        if name in seen:
+            raise bad_request(f"query parameter {name!r} is given more than once")
+        seen.add(name)
+        if name == "api_key":
+            continue
+        if name in params:
+            raise bad_request(f"parameter {name!r} is given both in the body and in the query string")
+        params[name] = _v1_query_value(name, raw)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise bad_request(f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(allowed)})")
+    return params
+
+
+def _v1_query_value(name: str, raw: str):
+    """A query-string value in the type its JSON form would have."""
+    if name == "anrs":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if name in ("offset", "limit", "group_by_anr", "local_stats_only"):
+        number = parse_int(raw)
+        return raw if number is None else number
+    if name == "get_last":
+        return {"true": True, "1": True, "false": False, "0": False}.get(raw.lower(), raw)
+    if name == "processor_params":
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise bad_request(f"processor_params: {raw!r} is not a JSON object") from None
+    return raw
+
+
+def v1_type(params: dict) -> str:
+    value = params.get("type", MISSING)
+    if value is MISSING:
+        raise bad_request(f"type is required (one of {', '.join(V1_TYPES)})")
+    if value not in V1_TYPES:
+        raise bad_request(f"type: {value!r} is not one of {', '.join(V1_TYPES)}")
+    return value
+
+
+def v1_date(params: dict, name: str) -> str | None:
+    value = params.get(name)
+    if value is not None and parse_date(value) is None:
+        raise bad_request(f"{name}: {value!r} is not a date written YYYY-MM-DD")
+    return value
+
+
+def v1_anrs(params: dict) -> set | None:
+    """The anrs asked for (`anrs` list and/or `anr`), or None for every anr."""
+    wanted = params.get("anrs", [])
+    if not isinstance(wanted, list):
+        raise bad_request("anrs must be a list of analysis UUIDs")
+    if "anr" in params:
+        wanted = [*wanted, params["anr"]]
+    anrs = set()
+    for value in wanted:
+        parsed = parse_uuid(value)
+        if parsed is None:
+            raise bad_request(f"anrs: {value!r} is not a UUID")
+        anrs.add(parsed)
+    return anrs or None
+
+
+def v1_count(params: dict, name: str, choices=None) -> int:
+    value = params.get(name, 0)
+    if not _is_int(value) or value < 0 or (choices and value not in choices):
+        allowed = " or ".join(map(str, choices)) if choices else "a non-negative integer"
+        raise bad_request(f"{name}: {value!r} is not {allowed}")
+    return value
+
+
+def v1_flag(params: dict, name: str) -> bool:
+    value = params.get(name, False)
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    raise bad_request(f"{name}: {value!r} is not true or false")
+
+
+def stat_date(doc: dict) -> str:
+    """A stat's date for v1: its `date`, else its year and day, else the day it was created (UTC)."""
+    if "date" in doc:
+        return doc["date"]
+    if "year" in doc and "day" in doc:
+        try:
+            return date.fromordinal(date(doc["year"], 1, 1).toordinal() + doc["day"] - 1).isoformat()
+        except (ValueError, OverflowError):
+            pass
+    return doc["created_at"][:10]
+
+
+def months_before(day: date, months: int) -> date:
+    """The same day `months` months earlier (the last day of a shorter month)."""
+    index = day.year * 12 + day.month - 1 - months
+    year, month = divmod(index, 12)
+    for last in (31, 30, 29, 28):
+        try:
+            return date(year, month + 1, min(day.day, last))
+        except ValueError:
+            continue
+    raise AssertionError(day)
+
+
+def v1_stats_of_type(request: web.Request, kind: str, anrs: set | None, organization: str | None) -> list[dict]:
+    """The stats of one type (of one organization when given, of the anrs when given), in creation order."""
+    stats: Table = request.app[STORE_KEY].stats
+    docs = (stats.docs[i] for i in stats.indexes["type"].lookup(kind))
+    return [d for d in docs if (organization is None or d.get("organization") == organization)
+            and (anrs is None or d.get("anr") in anrs)]
+
+
+def present_v1_stat(doc: dict) -> dict:
+    return {"uuid": doc["uuid"], "anr": str(doc["anr"]) if "anr" in doc else None, "type": doc["type"],
+            "date": stat_date(doc), "data": doc["data"]}
+
+
+def v1_page(items: list, count: int, offset: int = 0, limit: int = 0) -> dict:
+    """The v1 list body; its metadata values are strings, as upstream."""
+    return {"metadata": {"count": str(count), "offset": str(offset), "limit": str(limit)},
+            "data": items}
+
+
+async def v1_list_stats(request: web.Request) -> web.Response:
+    """GET stats/: one type, by anrs, by date (default: the last 3 months) or only the latest per anr."""
+    caller = v1_caller(request)
+    params = await v1_params(request, V1_LIST_PARAMS)
+    kind, anrs = v1_type(params), v1_anrs(params)
+    date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
+    offset, limit = v1_count(params, "offset"), v1_count(params, "limit")
+    v1_count(params, "group_by_anr", (0, 1))  # accepted and, as upstream, without effect
+    docs = v1_stats_of_type(request, kind, anrs, None if caller.sees_all else caller.organization)
+    if v1_flag(params, "get_last"):
+        latest: dict = {}
+        for doc in docs:
+            latest[doc.get("anr")] = max(latest.get(doc.get("anr"), ""), stat_date(doc))
+        found = [present_v1_stat(d) for d in docs if stat_date(d) == latest[d.get("anr")]]
+        return json_response(v1_page(found, len(found)))
+    today = date.today()
+    date_from = date_from or months_before(today, V1_DEFAULT_MONTHS).isoformat()
+    date_to = date_to or today.isoformat()
+    matching = [d for d in docs if date_from <= stat_date(d) <= date_to]
+    page = matching[offset:offset + limit] if limit else matching[offset:]
+    return json_response(v1_page([present_v1_stat(d) for d in page], len(page), offset, limit))
+
+
+def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
+    """A stat record from one item of a v1 batch, or ApiError(400) naming what is wrong."""
+    if not isinstance(item, dict):
+        raise bad_request("a stat must be a JSON object {\"anr\", \"type\", \"date\", \"data\"}")
+    errors: dict[str, str] = {}
+    clean = validated_fields(item, ("uuid", "anr", "type", "date", "data"), errors)
+    for name in ("anr", "type", "date", "data"):
+        if name not in item:
+            errors[name] = "is required"
+    if "anr" in clean and not isinstance(clean["anr"], str):
+        errors["anr"] = "must be a UUID string"
+    if "type" in clean and clean["type"] not in V1_TYPES:
+        errors["type"] = f"must be one of {', '.join(V1_TYPES)}"
+    if errors:
+        raise _fail(errors, "stat")
+    clean.setdefault("uuid", str(uuidlib.uuid4()))
+    derive_periods(clean, item)
+    if caller.organization is not None:
+        clean["organization"] = caller.organization
+    stats: Table = request.app[STORE_KEY].stats
+    new_id = request.app[IDS_KEY]()
+    while stats.doc_id(new_id) is not None:
+        new_id = request.app[IDS_KEY]()
+    return ordered_stat({**clean, "id": new_id, "created_at": now, "updated_at": now})
+
+
+async def v1_create_stats(request: web.Request) -> web.Response:
+    """POST stats/ with a list: each item stored on its own; 201 if all went in, else 207 with per-item results."""
+    caller = v1_caller(request)
+    only_params(request)
+    body = await read_json(request)
+    config: Config = request.app[CONFIG_KEY]
+    if not isinstance(body, list) or len(body) > config.max_limit:
+        raise bad_request(f"the body must be a JSON list of at most {config.max_limit} stats"
+                          " [{\"anr\", \"type\", \"date\", \"data\"}, ...]")
+    store: Store = request.app[STORE_KEY]
+    await store.writable()
+    if caller.organization is not None and store.orgs.get(caller.organization) is None:
+        raise ApiError(403, V1_FORBIDDEN)
+    now = utcnow()
+    docs, results, seen = [], [], set()
+    for i, item in enumerate(body):
+        try:
+            doc = v1_new_stat(request, caller, item, now)
+        except ApiError as e:
+            results.append({"index": i, "status": 400, "error": e.message, "errors": e.errors})
+            continue
+        if doc["uuid"] in seen or store.stats.find_unique("uuid", doc["uuid"]) is not None:
+            results.append({"index": i, "status": 409, "uuid": doc["uuid"],
+                            "error": f"Conflict: uuid {doc['uuid']} already exists"})
+            continue
+        seen.add(doc["uuid"])
+        docs.append(doc)
+        results.append({"index": i, "status": 201, "uuid": doc["uuid"]})
+    if docs:
+        await store.commit([("stats", store.stats.new_doc_id(), doc) for doc in docs])
+    answer = {**v1_page([present_v1_stat(d) for d in docs], len(docs)), "results": results}
+    return json_response(answer, 201 if len(docs) == len(body) else 207)
+
+
+async def v1_delete_stats(request: web.Request) -> web.Response:
+    """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
+    caller = v1_caller(request)
+    only_params(request)
+    anr = parse_uuid(request.match_info["anr"])
+    if anr is None:
+        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
+    store: Store = request.app[STORE_KEY]
+    await store.writable()
+    owned = [i for i in store.stats.indexes["anr"].lookup(anr)
+             if caller.organization is None or store.stats.docs[i].get("organization") == caller.organization]
+    if owned:
+        await store.commit([("stats", i, None) for i in owned])
+    return web.Response(status=204)
+
+
+def client_me_body(org: dict | None, key: str | None) -> dict:
+    """client/me as upstream answers it; the token is the key presented (only its hash is stored)."""
+    if org is None:
+        return {"name": None, "token": key, "role": "admin", "is_sharing_enabled": True}
+    return {"name": org["name"], "token": key, "role": "admin" if org.get("is_admin") else "user",
+            "is_sharing_enabled": org.get("is_sharing_enabled", True)}
+
+
+async def v1_client_me(request: web.Request) -> web.Response:
+    """GET client/me; PATCH client/me sets is_sharing_enabled."""
+    caller = v1_caller(request)
+    only_params(request)
+    store: Store = request.app[STORE_KEY]
+    key = presented_key(request)
+    org = store.orgs.get(caller.organization) if caller.organization is not None else None
+    if request.method == "GET":
+        return json_response(client_me_body(org, key))
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object {\"is_sharing_enabled\": true|false}")
+    current = client_me_body(org, key)
+    errors = {name: "is read-only (only is_sharing_enabled may be changed)" for name in body
+              if name != "is_sharing_enabled" and (name not in current or body[name] != current[name])}
+    if not isinstance(body.get("is_sharing_enabled"), bool):
+        errors["is_sharing_enabled"] = "is required, true or false"
+    if errors:
+        raise _fail(errors, "client")
+    if org is None:
+        raise bad_request("no organization to change: with api_key_authentication off, send the key"
+                          " of an existing organization")
+    await store.writable()
+    doc_id = store.orgs.doc_id(org["name"])
+    if doc_id is None:
+        raise ApiError(403, V1_FORBIDDEN)
+    new = {**store.orgs.docs[doc_id], "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}
+    await store.commit([("organizations", doc_id, new)])
+    return json_response(client_me_body(new, key))
+
+
+# processors: (stats, processor_params) -> data; they aggregate over every organization
+
+STAT_MEASURES = ("count", "maxRisk", "averageRate")
+RISK_STATES = ("current", "residual")
+RISK_KINDS = ("informational", "operational")
+RISK_LEVELS = ("Low risks", "Medium risks", "High risks")
+
+
+def _no_params(params: dict, processor: str) -> None:
+    if params:
+        raise bad_request(f"processor_params: {processor} takes no parameter, not {', '.join(params)}")
+
+
+def _number(value) -> float | None:
+    """A finite number, from a number or a numeric string (averageRate is sent as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _means(rows: list[dict]) -> dict:
+    return {name: sum(row[name] for row in rows) / len(rows) for name in STAT_MEASURES}
+
+
+def threat_average_on_date(stats: list[dict], params: dict) -> list:
+    """Averages of count, maxRisk and averageRate of each threat, per date and overall, across all analyses."""
+    _no_params(params, "threat_average_on_date")
+    objects: dict[str, dict] = {}
+    for doc in stats:
+        day = stat_date(doc)
+        for item in doc["data"] if isinstance(doc["data"], list) else ():
+            if not isinstance(item, dict) or "uuid" not in item:
+                continue
+            measures = {name: _number(item.get(name)) for name in STAT_MEASURES}
+            if None in measures.values():
+                continue
+            entry = objects.setdefault(str(item["uuid"]), {
+                "labels": {f"label{i}": item.get(f"label{i}", "") for i in range(1, 5)}, "dates": {}, "all": []})
+            entry["dates"].setdefault(day, []).append(measures)
+            entry["all"].append(measures)
+    return [{"object": uuid, "labels": entry["labels"],
+             "values": [{**_means(rows), "date": day} for day, rows in sorted(entry["dates"].items())],
+             "averages": _means(entry["all"])} for uuid, entry in objects.items()]
+
+
+def vulnerability_average_on_date(stats: list[dict], params: dict) -> list:
+    """Averages of count, maxRisk and averageRate of each vulnerability, per date and overall, across all analyses."""
+    _no_params(params, "vulnerability_average_on_date")
+    return threat_average_on_date(stats, {})
+
+
+def _risk_values(doc: dict):
+    """(state, kind, level, value) of each level count in a risk stat's data.risks."""
+    risks = doc["data"].get("risks") if isinstance(doc["data"], dict) else None
+    for state in RISK_STATES:
+        by_kind = risks.get(state) if isinstance(risks, dict) else None
+        for kind in RISK_KINDS:
+            levels = by_kind.get(kind) if isinstance(by_kind, dict) else None
+            for level in levels if isinstance(levels, list) else ():
+                value = _number(level.get("value")) if isinstance(level, dict) else None
+                if value is not None and isinstance(level.get("level"), str):
+                    yield state, kind, level["level"], value
+
+
+def risk_averages(stats: list[dict], params: dict) -> dict:
+    """Averages of the number of risks per level (current/residual, informational/operational, low/medium/high)."""
+    _no_params(params, "risk_averages")
+    sums: dict[tuple, list] = {}
+    for doc in stats:
+        for state, kind, level, value in _risk_values(doc):
+            total = sums.setdefault((state, kind, level), [0.0, 0])
+            total[0] += value
+            total[1] += 1
+    result = {state: {kind: dict.fromkeys(RISK_LEVELS, 0) for kind in RISK_KINDS} for state in RISK_STATES}
+    for (state, kind, level), (total, count) in sums.items():
+        result[state][kind][level] = total / count
+    return result
+
+
+def _risk_selection(params: dict, name: str, choices: tuple) -> tuple:
+    """The comma-separated choices of a risk processor parameter (all when absent or empty)."""
+    value = params.get(name)
+    value = ",".join(choices) if value is None or value == "" else value
+    parts = [part.strip() for part in value.split(",")] if isinstance(value, str) else None
+    if not parts or not set(parts) <= set(choices):
+        raise bad_request(f"processor_params: {name} must be {' or '.join(choices)} (or both, comma-separated),"
+                          f" not {value!r}")
+    return tuple(choice for choice in choices if choice in parts)
+
+
+def risk_averages_on_date(stats: list[dict], params: dict) -> dict:
+    """Averages of the number of risks per level and date. Parameters: risks_type (informational or
+    operational), risks_state (current or residual)."""
+    unknown = sorted(set(params) - {"risks_type", "risks_state"})
+    if unknown:
+        raise bad_request(f"processor_params: unknown parameter(s) {', '.join(unknown)}"
+                          " (known: risks_type, risks_state)")
+    kinds = _risk_selection(params, "risks_type", RISK_KINDS)
+    states = _risk_selection(params, "risks_state", RISK_STATES)
+    sums: dict[tuple, dict] = {}
+    for doc in stats:
+        day = stat_date(doc)
+        for state, kind, level, value in _risk_values(doc):
+            total = sums.setdefault((state, kind, level), {}).setdefault(day, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+    result = {state: {kind: {level: [] for level in RISK_LEVELS} for kind in kinds} for state in states}
+    for (state, kind, level), by_day in sums.items():
+        if state in result and kind in result[state]:
+            result[state][kind][level] = [{"date": day, "value": total / count}
+                                          for day, (total, count) in sorted(by_day.items())]
+    return result
+
+
+V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulnerability_average_on_date,
+                                                  risk_averages, risk_averages_on_date)}
+
+
+async def v1_processed(request: web.Request) -> web.Response:
+    """GET stats/processed/: a processor applied to the stats of one type, over every organization."""
+    v1_caller(request)
+    params = await v1_params(request, V1_PROCESSED_PARAMS)
+    kind, anrs = v1_type(params), v1_anrs(params)
+    processor = params.get("processor", MISSING)
+    if processor is MISSING:
+        raise bad_request(f"processor is required (one of {', '.join(V1_PROCESSORS)})")
+    if processor not in V1_PROCESSORS:
+        raise bad_request(f"processor: {processor!r} is not one of {', '.join(V1_PROCESSORS)}")
+    if not processor.startswith(kind + "_"):
+        raise bad_request(f"Processor '{processor}' can not be used with type '{kind}'.")
+    processor_params = params.get("processor_params", {})
+    if not isinstance(processor_params, dict):
+        raise bad_request("processor_params must be a JSON object")
+    date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
+    v1_count(params, "local_stats_only", (0, 1))  # every stat here is local
+    docs = [d for d in v1_stats_of_type(request, kind, anrs, None)
+            if (date_from is None or stat_date(d) >= date_from) and (date_to is None or stat_date(d) <= date_to)]
+    data = V1_PROCESSORS[processor](docs, processor_params)
+    return json_response({"type": kind, "processor": processor, "data": data if docs else []})
+
+
+async def v1_processors(request: web.Request) -> web.Response:
+    """GET stats/processed/list (no key): the processors and what they compute."""
+    return json_response([{"name": name, "description": " ".join(func.__doc__.split())}
+                          for name, func in V1_PROCESSORS.items()])
+
+
 # ----------------------------------------------------------- app factory ---
+
+# aiohttp refuses a longer request line or header with a plain-text 400 before the app runs;
+# 256 KiB lets a query of 10,000 parameters reach the app, which answers it as JSON.
+HTTP_LIMITS = {"max_line_size": 256 * 1024, "max_field_size": 16 * 1024}
+
 
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """The aiohttp application; the store opens on startup and folds its journal on cleanup."""
-    app = web.Application(client_max_size=config.max_body_size,
+    app = web.Application(client_max_size=config.max_body_size, handler_args=HTTP_LIMITS,
                           middlewares=[rate_limit_middleware, error_middleware, auth_middleware])
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or Store(config.database)
@@ -1749,7 +2669,17 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     for method, path, handler in routes:
         for variant in (API_PREFIX + path, API_PREFIX + path + "/"):
             app.router.add_route(method, variant, handler)
+    v1_routes = [
+        ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
+        ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
+        ("DELETE", "/stats/{anr}", v1_delete_stats),
+        ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
+    ]
+    for method, path, handler in v1_routes:
+        for variant in (V1_PREFIX + path, V1_PREFIX + path + "/"):
+            app.router.add_route(method, variant, handler)
     app.router.add_get("/", index)
+    app.router.add_route("GET", OPENAPI_PATH, openapi_json)
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
@@ -1796,6 +2726,20 @@ def build_parser() -> argparse.ArgumentParser:
     delete = command("delete-organization", cmd_delete_org, "Delete an organization.")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--cascade", action="store_true", help="also delete its stats")
+    export = command("export", cmd_export, "Write every organization (token hashes only) and stat as JSON.")
+    export.add_argument("--output", metavar="FILE", help="file to write (default: stdout)")
+    load = command("import", cmd_import, "Load an export file; organizations (by name) and stats (by uuid)"
+                   " already there are kept, so importing twice changes nothing.")
+    load.add_argument("file", metavar="FILE")
+    push = command("push", cmd_push, "Send the stats to an upstream stats service through its /api/v1/ batch"
+                   " POST, in chunks; a new run sends what the last one did not.")
+    push.add_argument("--url", required=True, help="base URL of the remote service, e.g. https://dashboard.monarc.lu")
+    push.add_argument("--token", required=True, help="the API key of this site on the remote service")
+    push.add_argument("--date-from", metavar="YYYY-MM-DD", help="only stats dated from this day")
+    push.add_argument("--date-to", metavar="YYYY-MM-DD", help="only stats dated up to this day")
+    push.add_argument("--chunk-size", type=int, default=100, help="stats per request (default: 100)")
+    push.add_argument("--all", action="store_true", help="send every stat again, not only those not yet sent"
+                      " (the remote skips the ones it has)")
     return parser
 
 
@@ -1864,6 +2808,315 @@ def cmd_delete_org(config: Config, args) -> int:
     deleted = _offline(config, work)
     print(f"Deleted organization {args.name!r}" + (f" and its {deleted} stat(s)." if deleted else "."))
     return 0
+
+
+EXPORT_FORMAT = "statsd-export"
+IMPORT_CHUNK = 1000  # stats per journal transaction
+IMPORT_PROGRESS_MIN = 5000  # stats from which a terminal gets a progress bar
+ORG_RECORD_FIELDS = ("name", "token_sha256", "is_admin", "is_sharing_enabled", "created_at", "updated_at")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
+
+
+def export_document(store: Store) -> dict:
+    """Every organization (token hashes only) and every stat, as stored."""
+    return {"format": EXPORT_FORMAT, "version": 1, "statsd": __version__, "exported_at": utcnow(),
+            "organizations": list(store.orgs.docs.values()), "stats": list(store.stats.docs.values())}
+
+
+def cmd_export(config: Config, args) -> int:
+    async def work(store: Store):
+        return orjson.dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
+            len(store.orgs.docs), len(store.stats.docs)
+    data, orgs, stats = _offline(config, work)
+    if args.output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        try:
+            write_atomically(args.output, data)
+        except OSError as e:
+            raise ConfigError(f"cannot write {args.output}: {e.strerror}") from None
+        print(f"Exported {orgs} organization(s) and {stats} stat(s) from {config.database} to {args.output}.")
+    return 0
+
+
+def read_export(path: str) -> tuple[list[dict], list[dict]]:
+    """The organizations and stats of an export file, checked; ConfigError names what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            document = orjson.loads(f.read())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except orjson.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT \
+            or not isinstance(document.get("organizations"), list) or not isinstance(document.get("stats"), list):
+        raise ConfigError(f"{path} is not a statsd export (made by `statsd export`)")
+    problems: list[str] = []
+    orgs = [_checked_org_record(doc, i, problems) for i, doc in enumerate(document["organizations"])]
+    stats = [_checked_stat_record(doc, i, problems) for i, doc in enumerate(document["stats"])]
+    uuids: dict[str, int] = {}
+    for i, doc in enumerate(stats):
+        if doc.get("uuid") in uuids:
+            problems.append(f"stats[{i}]: uuid {doc['uuid']} repeats stats[{uuids[doc['uuid']]}]")
+        uuids.setdefault(doc.get("uuid"), i)
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ConfigError(f"{path} was not imported, nothing was changed: " + "; ".join(problems[:10]) + more)
+    return orgs, stats
+
+
+def _checked_org_record(doc, i: int, problems: list) -> dict:
+    where = f"organizations[{i}]"
+    if not isinstance(doc, dict):
+        problems.append(f"{where} is not an object")
+        return {}
+    for name in doc:
+        if name not in ORG_RECORD_FIELDS:
+            problems.append(f"{where}: unknown field {name!r}")
+    problem = check_org_name(doc.get("name"))
+    if problem:
+        problems.append(f"{where}: name {problem}")
+    if not isinstance(doc.get("token_sha256"), str) or not SHA256_RE.fullmatch(doc["token_sha256"]):
+        problems.append(f"{where}: token_sha256 must be a SHA-256 hex digest")
+    for name in ("is_admin", "is_sharing_enabled"):
+        if name in doc and not isinstance(doc[name], bool):
+            problems.append(f"{where}: {name} must be true or false")
+    return _with_times(doc, where, problems)
+
+
+def _checked_stat_record(doc, i: int, problems: list) -> dict:
+    where = f"stats[{i}]"
+    if not isinstance(doc, dict):
+        problems.append(f"{where} is not an object")
+        return {}
+    clean = {}
+    for name, value in doc.items():
+        if name in ("id", "created_at", "updated_at"):
+            continue
+        if name not in STAT_CLIENT_FIELDS:
+            problems.append(f"{where}: unknown field {name!r}")
+            continue
+        value, problem = check_stat_value(name, value)
+        if problem:
+            problems.append(f"{where}: {name} {problem}")
+        clean[name] = value
+    for name in ("uuid", "type", "data"):
+        if name not in doc:
+            problems.append(f"{where}: {name} is required")
+    if "id" in doc and not (isinstance(doc["id"], str) and STAT_ID_RE.fullmatch(doc["id"])):
+        problems.append(f"{where}: id must be 24 lowercase hex characters")
+    return _with_times({**clean, **({"id": doc["id"]} if "id" in doc else {}),
+                        **{k: doc[k] for k in ("created_at", "updated_at") if k in doc}}, where, problems)
+
+
+def _with_times(doc: dict, where: str, problems: list) -> dict:
+    """The record with valid created_at/updated_at (now when absent)."""
+    now = utcnow()
+    out = dict(doc)
+    for name in ("created_at", "updated_at"):
+        value = doc.get(name, now)
+        parsed = parse_datetime(value) if isinstance(value, str) else None
+        if parsed is None:
+            problems.append(f"{where}: {name} {value!r} is not an ISO 8601 date-time")
+        out[name] = parsed
+    return out
+
+
+async def import_records(store: Store, orgs: list[dict], stats: list[dict], progress) -> dict:
+    """Add what is new (organizations by name, stats by uuid); what exists is kept as it is."""
+    counts = {"orgs": 0, "orgs_kept": 0, "stats": 0, "stats_kept": 0}
+    new_orgs = []
+    for doc in orgs:
+        if store.orgs.get(doc["name"]) is not None:
+            counts["orgs_kept"] += 1
+            continue
+        holder = store.orgs.find_unique("token_sha256", doc["token_sha256"])
+        if holder is not None or any(o["token_sha256"] == doc["token_sha256"] for o in new_orgs):
+            raise ConfigError(f"organization {doc['name']!r} has the same API key as another one; nothing"
+                              " was imported")
+        new_orgs.append({"is_admin": False, **doc})  # no is_sharing_enabled means true
+    known = set(store.orgs.by_key) | {o["name"] for o in new_orgs}
+    orphans = sorted({d["organization"] for d in stats if "organization" in d and d["organization"] not in known})
+    if orphans:
+        raise ConfigError(f"stats belong to organization(s) that are neither in the file nor in the database:"
+                          f" {', '.join(map(repr, orphans))}; nothing was imported")
+    if new_orgs:
+        await store.commit([("organizations", store.orgs.new_doc_id(), doc) for doc in new_orgs])
+    counts["orgs"] = len(new_orgs)
+    ids = IdGenerator()
+    for start in range(0, len(stats), IMPORT_CHUNK):
+        ops, taken = [], set()
+        for doc in stats[start:start + IMPORT_CHUNK]:
+            if store.stats.find_unique("uuid", doc["uuid"]) is not None:
+                counts["stats_kept"] += 1
+                continue
+            stat_id = doc.get("id")
+            while stat_id is None or stat_id in taken or store.stats.doc_id(stat_id) is not None:
+                stat_id = ids()
+            taken.add(stat_id)
+            ops.append(("stats", store.stats.new_doc_id(), ordered_stat({**doc, "id": stat_id})))
+        if ops:
+            await store.commit(ops)
+        counts["stats"] += len(ops)
+        progress(min(start + IMPORT_CHUNK, len(stats)), len(stats))
+    return counts
+
+
+def progress_bar(done: int, total: int, width: int = 40) -> None:
+    """A one-line progress bar on stderr, ended with a newline when done."""
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\rimporting [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def cmd_import(config: Config, args) -> int:
+    orgs, stats = read_export(args.file)
+    show = sys.stderr.isatty() and len(stats) >= IMPORT_PROGRESS_MIN
+    progress = progress_bar if show else (lambda done, total: None)
+
+    async def work(store: Store):
+        return await import_records(store, orgs, stats, progress)
+    counts = _offline(config, work)
+    print(f"Imported {counts['orgs']} organization(s) and {counts['stats']} stat(s) from {args.file} into"
+          f" {config.database}; kept {counts['orgs_kept']} organization(s) and {counts['stats_kept']} stat(s)"
+          " already there (same name, same uuid).")
+    return 0
+
+
+class PushFailed(Exception):
+    """The remote service refused or did not answer a chunk."""
+
+
+def push_endpoint(url: str) -> str:
+    """The v1 batch POST address of a stats service given by its base URL (or by that address)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"--url {url!r} must be an http:// or https:// address")
+    base = url.rstrip("/")
+    for suffix in ("/api/v1/stats", "/api/v1"):
+        base = base.removesuffix(suffix)
+    return base + V1_PREFIX + "/stats/"
+
+
+def push_state_key(args) -> str:
+    return f"{push_endpoint(args.url)} {args.date_from or ''} {args.date_to or ''}"
+
+
+def read_push_state(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            state = orjson.loads(f.read())
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise ConfigError(f"the push state file {path} cannot be read ({e}); move it away to push"
+                          " everything again (the remote skips stats it already has)") from None
+    return state if isinstance(state, dict) else {}
+
+
+def push_selection(store: Store, args, after: int, counts: dict) -> list[tuple[int, dict]]:
+    """(doc_id, v1 item) of the stats to send: created after `after`, shared, in the dates, expressible in v1."""
+    selected = []
+    for doc_id, doc in store.stats.docs.items():
+        if doc_id <= after:
+            continue
+        org = store.orgs.get(doc["organization"]) if "organization" in doc else None
+        day = stat_date(doc)
+        if org is not None and not org.get("is_sharing_enabled", True):
+            counts["not_shared"] += 1
+        elif (args.date_from and day < args.date_from) or (args.date_to and day > args.date_to):
+            counts["outside_dates"] += 1
+        elif not isinstance(doc.get("anr"), str) or doc["type"] not in V1_TYPES:
+            counts["not_v1"] += 1
+        else:
+            selected.append((doc_id, {"uuid": doc["uuid"], "anr": doc["anr"], "type": doc["type"],
+                                      "date": day, "data": doc["data"]}))
+    return selected
+
+
+async def post_chunk(session, endpoint: str, items: list[dict]) -> tuple[int, int, list[str]]:
+    """Send one chunk: (created, already there, refusals); PushFailed when the chunk was not taken."""
+    try:
+        async with session.post(endpoint, data=orjson.dumps(items)) as resp:
+            text = await resp.text()
+            status = resp.status
+    except (OSError, TimeoutError, aiohttp.ClientError) as e:
+        raise PushFailed(f"{endpoint} did not answer ({e or type(e).__name__})") from None
+    if status in (200, 201, 204):
+        return len(items), 0, []
+    if status != 207:
+        raise PushFailed(f"{endpoint} answered {status}: {text[:300]}")
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        body = {}
+    created = len(body.get("data", [])) if isinstance(body, dict) else 0
+    results = body.get("results") if isinstance(body, dict) else None
+    refused = [f"{items[r['index']]['uuid']}: {r.get('error')}" for r in results or []
+               if isinstance(r, dict) and r.get("status") == 400]
+    return created, len(items) - created - len(refused), refused
+
+
+async def push_stats(store: Store, args, state_path: str) -> dict:
+    """Send the selected stats in chunks; after each chunk taken, remember the last one sent."""
+    endpoint, key = push_endpoint(args.url), push_state_key(args)
+    state = {} if args.all else read_push_state(state_path)
+    counts = {"sent": 0, "already": 0, "chunks": 0, "not_shared": 0, "outside_dates": 0, "not_v1": 0,
+              "refused": []}
+    selected = push_selection(store, args, int(state.get(key, 0)), counts)
+    headers = {"X-API-KEY": args.token, "Content-Type": "application/json",
+               "User-Agent": f"statsd/{__version__}"}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        for start in range(0, len(selected), args.chunk_size):
+            chunk = selected[start:start + args.chunk_size]
+            try:
+                created, already, refused = await post_chunk(session, endpoint, [item for _, item in chunk])
+            except PushFailed as e:
+                counts["failure"] = str(e)
+                break
+            counts["sent"] += created
+            counts["already"] += already
+            counts["refused"] += refused
+            counts["chunks"] += 1
+            state = {**read_push_state(state_path), key: chunk[-1][0]}
+            write_atomically(state_path, orjson.dumps(state))
+    counts["left"] = len(selected) - counts["sent"] - counts["already"] - len(counts["refused"])
+    return counts
+
+
+def cmd_push(config: Config, args) -> int:
+    for name in ("date_from", "date_to"):
+        value = getattr(args, name)
+        if value is not None and parse_date(value) is None:
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not a date written YYYY-MM-DD")
+    if args.date_from and args.date_to and args.date_from > args.date_to:
+        raise ConfigError("--date-from must not be after --date-to")
+    if args.chunk_size < 1:
+        raise ConfigError("--chunk-size must be at least 1")
+    if not args.token:
+        raise ConfigError("--token must be the API key of this site on the remote service")
+    push_endpoint(args.url)
+    state_path = config.database + ".push.json"
+
+    async def work(store: Store):
+        return await push_stats(store, args, state_path)
+    counts = _offline(config, work)
+    print(f"Pushed to {push_endpoint(args.url)}: {counts['sent']} stat(s) stored in {counts['chunks']}"
+          f" chunk(s), {counts['already']} already there; not sent: {counts['not_shared']} of organizations"
+          f" with sharing disabled, {counts['outside_dates']} outside the dates, {counts['not_v1']} that v1"
+          " cannot carry (integer anr or a type other than " + "/".join(V1_TYPES) + ").")
+    for refusal in counts["refused"][:10]:
+        print(f"statsd: refused by the remote: {refusal}", file=sys.stderr)
+    if "failure" in counts:
+        print(f"statsd: error: push stopped, {counts['left']} stat(s) not sent: {counts['failure']}."
+              " Run the same command again to resume where it stopped.", file=sys.stderr)
+        return 1
+    return 1 if counts["refused"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,252 @@
+"""Hostile clients (issue 5): every abuse gets a 4xx JSON error object or a correct answer,
+never a crash, never a change of data. Plus key handling: a copied database gives away no key."""
+
+import hashlib
+import json
+import shutil
+import socket
+import time
+
+import pytest
+import requests
+from conftest import ServerProcess, assert_error_object, key, new_org
+
+import statsd
+
+STATS = "/api/v2/stats/"
+ORGS = "/api/v2/organizations/"
+ABUSE_CASES = []  # every abuse tried, counted in the report
+
+
+async def snapshot(client):
+    """Everything a client could change: the stats and organizations, as the store holds them."""
+    store = client.app[statsd.STORE_KEY]
+    return json.dumps([store.stats.dump(), store.orgs.dump()], sort_keys=True)
+
+
+@pytest.fixture
+async def seeded(api):
+    resp = await api.post(STATS, json=[{"type": "risk", "anr": i, "data": {"i": i}} for i in range(3)],
+                          headers=key(api.cases))
+    assert resp.status == 201
+    api.before = await snapshot(api)
+    return api
+
+
+async def refused(client, resp, status, target):
+    ABUSE_CASES.append(resp.url.path)
+    body = await assert_error_object(resp, status, target)
+    assert await snapshot(client) == client.before
+    return body
+
+
+# ------------------------------------------------------------- bodies ---
+
+async def test_bodies_over_max_body_size_are_413_with_or_without_content_length(make_client):
+    client = await make_client(max_body_size=4096, api_key_authentication=False)
+    client.before = await snapshot(client)
+    big = json.dumps({"type": "risk", "data": "x" * 5000}).encode()
+
+    async def chunks():
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+    for method, path in (("POST", STATS), ("POST", "/api/v1/stats/")):
+        await refused(client, await client.request(method, path, data=big,
+                                                   headers={"Content-Type": "application/json"}), 413,
+                      "stats" if path == STATS else "stats")
+        await refused(client, await client.request(method, path, data=chunks(),
+                                                   headers={"Content-Type": "application/json"}), 413, "stats")
+
+
+@pytest.mark.parametrize("depth", [65, 2000, 200_000])
+async def test_deeply_nested_json_is_refused(seeded, depth):
+    body = '{"type": "risk", "data": ' + "[" * depth + "]" * depth + "}"
+    await refused(seeded, await seeded.post(STATS, data=body, headers={**key(seeded.cases),
+                                                                       "Content-Type": "application/json"}),
+                  400, "stats")
+
+
+async def test_invalid_utf8_in_a_body_is_refused(seeded):
+    for raw in (b'{"type": "ri\xffsk", "data": 1}', b'\xfe\xff{}', b'{"type": "\xed\xa0\x80", "data": 1}'):
+        await refused(seeded, await seeded.post(STATS, data=raw, headers={**key(seeded.cases),
+                                                                          "Content-Type": "application/json"}),
+                      400, "stats")
+
+
+# ------------------------------------------------------------ queries ---
+
+async def test_huge_in_lists_and_very_long_filter_values_are_served(seeded):
+    for params in ({"anr__in": ",".join(str(i) for i in range(20_000))},
+                   {"type__in": ",".join(["risk"] * 20_000)},
+                   {"type__contains": "r" * 100_000}, {"data__i__nin": ",".join(["1"] * 20_000)}):
+        resp = await seeded.get(STATS, params=params, headers=key(seeded.cases))
+        ABUSE_CASES.append("query")
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        expected = {"anr__in": 3, "type__in": 3, "type__contains": 0, "data__i__nin": 2}[next(iter(params))]
+        assert len(body["data"]) == expected
+
+
+async def test_a_huge_in_list_of_invalid_values_is_a_400(seeded):
+    resp = await seeded.get(STATS, params={"anr__in": ",".join(["x"] * 20_000)}, headers=key(seeded.cases))
+    await refused(seeded, resp, 400, "stats")
+
+
+async def test_invalid_utf8_in_the_query_string_is_handled(seeded):
+    for query in ("type=%ff%fe", "%ff=1", "data__%c3=1", "_order_by=%ff"):
+        resp = await seeded.get(STATS + "?" + query, headers=key(seeded.cases))
+        ABUSE_CASES.append(query)
+        assert resp.status in (200, 400), await resp.text()
+        if resp.status == 400:
+            await refused(seeded, resp, 400, "stats")
+
+
+# ----------------------------------------------------------------- keys ---
+
+@pytest.mark.parametrize("value", ["", " ", "x" * 10_000, "é" * 20, "key\twith\ttabs", "' OR 1=1 --",
+                                   "%00", "${jndi:ldap://x}", "\u00ff" * 40])
+async def test_keys_with_odd_characters_are_401(seeded, value):
+    resp = await seeded.get(STATS, headers={"X-API-KEY": value.encode("utf-8").decode("latin-1")})
+    await refused(seeded, resp, 401, "stats")
+    resp = await seeded.post(STATS, params={"api_key": value}, json={"type": "t", "data": 1})
+    await refused(seeded, resp, 401, "stats")
+
+
+async def test_two_keys_at_once_are_401_even_when_one_is_valid(seeded):
+    resp = await seeded.get(STATS, params={"api_key": "wrong-key-wrong-key"}, headers=key(seeded.admin))
+    await refused(seeded, resp, 401, "stats")
+
+
+# ------------------------------------------------------------------ URLs ---
+
+@pytest.mark.parametrize("path", ["/api/v2/stats/..%2Forganizations/", "/api/v2/stats/%2e%2e/%2e%2e/etc/passwd",
+                                  "/api/v2/organizations/..%2F..%2Fetc%2Fpasswd/", "/api/v2/stats/%00/",
+                                  "/api/v2/stats/" + "a" * 5000 + "/", "/api/v2/organizations/%ff%fe/",
+                                  "/api/v2/stats/{id}/", "/api/v2/organizations/*/", "/api/v2/stats/1;DROP/"])
+async def test_path_traversal_and_odd_ids_are_404_and_touch_nothing(seeded, path, tmp_path):
+    for method in ("GET", "DELETE", "PATCH"):
+        resp = await seeded.request(method, path, json={"data": 2}, headers=key(seeded.admin))
+        ABUSE_CASES.append(path)
+        assert resp.status in (400, 404), (method, path, resp.status)
+        body = await resp.json()
+        assert body["status"] == "failed" and body["status_code"] == resp.status
+        assert await snapshot(seeded) == seeded.before
+
+
+# ------------------------------------------------------------ rate limit ---
+
+async def test_forwarded_for_from_a_peer_outside_trusted_proxies_cannot_escape_the_limit(make_client):
+    client = await make_client(rate_limit="3/minute", trusted_proxies=["10.0.0.0/8"], api_key_authentication=False)
+    statuses = []
+    for i in range(6):
+        headers = {"X-Forwarded-For": f"203.0.113.{i}, 10.0.0.{i}", "X-Real-IP": f"198.51.100.{i}",
+                   "Forwarded": f"for=192.0.2.{i}"}
+        resp = await client.get(STATS, headers=headers)
+        statuses.append(resp.status)
+        ABUSE_CASES.append("xff")
+    assert statuses == [200, 200, 200, 429, 429, 429]
+
+
+@pytest.mark.parametrize("header", ["unknown", "", ",,,", "not-an-ip, 203.0.113.9", "1.2.3.4" * 1000,
+                                    ", ".join(f"10.1.{i // 250}.{i % 250}" for i in range(1000))])
+async def test_garbage_forwarded_for_from_a_trusted_proxy_is_served(make_client, header):
+    client = await make_client(rate_limit="100/minute", trusted_proxies=["127.0.0.1"],
+                               api_key_authentication=False)
+    resp = await client.get(STATS, headers={"X-Forwarded-For": header})
+    ABUSE_CASES.append("xff")
+    assert resp.status == 200
+
+
+async def test_many_client_addresses_keep_the_rate_limit_memory_bounded(make_client, monkeypatch):
+    monkeypatch.setattr(statsd, "RATE_LIMIT_MAX_COUNTERS", 50)
+    client = await make_client(rate_limit="5/minute", trusted_proxies=["127.0.0.1"], api_key_authentication=False)
+    counters = client.app[statsd.LIMITER_KEY].db.events
+    statuses = []
+    for i in range(400):
+        resp = await client.get(STATS, headers={"X-Forwarded-For": f"2001:db8::{i:x}"})
+        statuses.append(resp.status)
+        ABUSE_CASES.append("address")
+        assert len(counters) <= 51  # the cap, plus the one counter that newcomers share
+    assert statuses[:50] == [200] * 50  # the first clients each had their own counter
+    assert statuses.count(429) >= 400 - 50 - 5  # the rest share one, and cannot run up memory
+    # a client known before the table filled up keeps its own counter
+    assert (await client.get(STATS, headers={"X-Forwarded-For": "2001:db8::1"})).status == 200
+
+
+# ------------------------------------------------------------ slow client ---
+
+def test_a_slow_client_does_not_stop_the_server_answering_others(tmp_path):
+    srv = ServerProcess(tmp_path / "statsd.json", env={"STATSD_API_KEY_AUTHENTICATION": "false"}).start()
+    try:
+        slow = []
+        for i in range(20):  # twenty connections that never finish their request
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"POST /api/v2/stats/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b'{"type": "risk", "data": "' if i % 2 else b"GET /api/v2/sta")
+            slow.append(sock)
+        for i in range(20):
+            resp = requests.post(srv.url + STATS, json={"type": "risk", "data": i}, timeout=5)
+            assert resp.status_code == 201
+            time.sleep(0.01)
+        for sock in slow:
+            sock.close()
+        stats = requests.get(srv.url + STATS, timeout=5).json()["data"]
+        assert [s["data"] for s in stats] == list(range(20))  # the unfinished posts stored nothing
+        ABUSE_CASES.extend(["slow"] * 20)
+    finally:
+        srv.kill()
+
+
+def test_ten_thousand_query_parameters_get_a_json_error(tmp_path):
+    srv = ServerProcess(tmp_path / "statsd.json", env={"STATSD_API_KEY_AUTHENTICATION": "false"}).start()
+    try:
+        for query in ("&".join(f"p{i}=1" for i in range(10_000)), "&".join(["type=risk"] * 10_000),
+                      "&".join(f"data__k{i}=1" for i in range(10_000))):
+            resp = requests.get(srv.url + STATS + "?" + query, timeout=30)
+            ABUSE_CASES.append("10k")
+            if query.startswith("data"):  # ten thousand valid filters: served
+                assert resp.status_code == 200 and resp.json() == {"data": [], "has_more": False}
+            else:
+                assert resp.status_code == 400 and resp.json()["status_code"] == 400, resp.text[:200]
+        assert requests.get(srv.url + "/", timeout=5).status_code == 200
+    finally:
+        srv.kill()
+
+
+# --------------------------------------------------------- key handling ---
+
+async def test_a_copied_database_file_gives_away_no_token(make_client, db_path, tmp_path):
+    client = await make_client()
+    tokens = [await new_org(client, f"ORG{i}", admin=i == 0) for i in range(3)]
+    resp = await client.post(ORGS, json={"name": "CHOSEN", "token": "my-chosen-token-0123456789"},
+                             headers=key(tokens[0]))
+    tokens.append((await resp.json())["token"])
+    resp = await client.patch(ORGS + "ORG1", json={"token": "rotated-token-abcdefghijkl"}, headers=key(tokens[0]))
+    assert resp.status == 200
+    tokens.append("rotated-token-abcdefghijkl")
+    copy = tmp_path / "copy.json"
+    shutil.copyfile(db_path, copy)  # the checkpoint ...
+    shutil.copyfile(db_path + ".journal", str(copy) + ".journal")  # ... and the journal a thief would take
+    await client.close()  # and what a clean stop leaves
+    for path in (copy, str(copy) + ".journal", db_path):
+        raw = open(path, "rb").read()
+        for token in tokens:
+            assert token.encode() not in raw
+            assert token[8:24].encode() not in raw  # not even a slice of it
+        if path == db_path:
+            orgs = json.loads(raw)["organizations"].values()
+            assert {o["token_sha256"] for o in orgs} <= {hashlib.sha256(t.encode()).hexdigest() for t in tokens}
+            assert all(set(o) == {"name", "token_sha256", "is_admin", "created_at", "updated_at"} for o in orgs)
+
+
+async def test_keys_are_compared_in_constant_time(monkeypatch, api):
+    """The stored hash is looked up, then compared with hmac.compare_digest (no early exit)."""
+    calls = []
+    real = statsd.hmac.compare_digest
+    monkeypatch.setattr(statsd.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    assert (await api.get(STATS, headers=key(api.cases))).status == 200
+    assert calls == [(hashlib.sha256(api.cases.encode()).hexdigest(),) * 2]
+
+
+def test_report_abuse_cases_tried():
+    print(f"\nabuse cases tried in this module: {len(ABUSE_CASES)}")
