@@ -68,6 +68,26 @@ class Server:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def cpu_ticks(self) -> int:
+        """User + system CPU time used so far, in clock ticks (0 once it has exited)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    def wait_idle(self, quiet: float = 0.5, timeout: float = 60) -> None:
+        """Wait until it has used no CPU for `quiet` seconds (a backlog wrk left behind is done)."""
+        deadline = time.monotonic() + timeout
+        last = self.cpu_ticks()
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.cpu_ticks()
+            if now == last:
+                return
+            last = now
+
     def rss_mb(self):
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
@@ -299,6 +319,9 @@ def bench_size(size: int, args, key: str, ceiling: Server, rows: list, extras: d
         if method == "POST":  # reads are done: measure memory, then one POST at a time
             ex["rss"] = statsd.rss_mb()
             ex["rss_js"] = js.rss_mb() if js else None
+            for server in (statsd, js):  # json-server may still be working off wrk's last requests
+                if server:
+                    server.wait_idle()
             ex["post_seq"] = sequential(statsd.port, "POST", s_path, one_body, key, args.seq_posts)
         row = {"scenario": name, "size": size, "ceiling": ceil[method]["rps"]}
         body = one if method == "POST" else None
