@@ -1538,7 +1538,7 @@ def _check_read_only(request: web.Request, body: dict, old: dict, names, path: s
         elif name == "links":
             ok = isinstance(value, list) and len(value) == len(parents) and \
                 all(_link_path_matches(v, p) for v, p in zip(value, parents))
-        elif name in ("uuid", "anr"):
+        elif name == "uuid":
             ok = parse_uuid(value) == old.get(name)
         else:
             ok = value == old.get(name, MISSING)
