@@ -424,15 +424,27 @@ class Store:
         self._new_tables()
 
     def _new_tables(self) -> None:
-        self.orgs = Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",))
-        self.stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED)
-        self.tables = {"organizations": self.orgs, "stats": self.stats}
+        self._use_tables(self._empty_tables())
+
+    @staticmethod
+    def _empty_tables() -> dict[str, Table]:
+        return {"organizations": Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
+                "stats": Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED)}
+
+    def _use_tables(self, tables: dict[str, Table]) -> None:
+        self.tables = tables
+        self.orgs, self.stats = tables["organizations"], tables["stats"]
 
     # opening and closing
 
     def lock(self) -> None:
         """Take the database for this process, or raise DatabaseLocked at once."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
+            raise StorageError(f"the folder of the database {self.path} does not exist")
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StorageError(f"cannot create the lock file {self.lock_path}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -451,8 +463,6 @@ class Store:
         if self._lock_fd is None:
             self.lock()
         folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise StorageError(f"the folder of the database {self.path} does not exist")
         replayed = self._load()
         if replayed or not os.path.exists(self.path):
             self._write_checkpoint()
@@ -460,17 +470,21 @@ class Store:
             os.unlink(self.journal_path)
             _fsync_folder(folder)
         self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _fsync_folder(folder)  # the journal's entry must survive a power cut too
         self._journal_size = 0
         self._checkpoint_at = max(self.MIN_CHECKPOINT_BYTES, os.path.getsize(self.path))
 
     def _load(self) -> int:
-        """Fill memory from the checkpoint and the journal; the number of journal lines."""
-        self._new_tables()
+        """Fill memory from the checkpoint and the journal; the number of journal lines.
+
+        The tables in use are replaced only once everything was read.
+        """
+        tables = self._empty_tables()
         gc.disable()  # millions of new objects: collecting meanwhile triples the load time
         try:
             data = AtomicJSONStorage(self.path).read() or {}
-            self._extra_tables = {k: v for k, v in data.items() if k not in self.tables}
-            for name, table in self.tables.items():
+            extra_tables = {k: v for k, v in data.items() if k not in tables}
+            for name, table in tables.items():
                 pairs = []
                 for doc_id, doc in data.get(name, {}).items():
                     if not (doc_id.isdigit() and isinstance(doc, dict) and isinstance(doc.get(table.key), str)):
@@ -478,12 +492,15 @@ class Store:
                                            f" statsd record; the file was left untouched")
                     pairs.append((int(doc_id), doc))
                 table.load(pairs)
-            return self._replay()
+            replayed = self._replay(tables)
+            self._extra_tables = extra_tables
+            self._use_tables(tables)
+            return replayed
         finally:
             gc.enable()
             gc.freeze()  # the records live long: keep them out of every later collection
 
-    def _replay(self) -> int:
+    def _replay(self, tables: dict[str, Table]) -> int:
         """Apply the journal's transactions; cut a torn last line, refuse a corrupt middle."""
         try:
             with open(self.journal_path, "rb") as f:
@@ -504,7 +521,7 @@ class Store:
                                    " statsd refuses to guess: restore a backup, or move the journal"
                                    " away to start from the last checkpoint")
             for table, doc_id, doc in ops:
-                self.tables[table].apply(doc_id, doc)
+                tables[table].apply(doc_id, doc)
             count += 1
             offset = end + 1
         return count
@@ -531,6 +548,11 @@ class Store:
             self._wake.set()
             await self._flusher
             self._flusher = None
+        if self._journal_fd is not None and self._broken is not None:
+            log.error("not folding the journal into %s: memory may be behind the disk since"
+                      " %s; the journal is kept and replayed at the next start", self.path, self._broken)
+            os.close(self._journal_fd)
+            self._journal_fd = None
         if self._journal_fd is not None:
             try:
                 if self._journal_size:  # else the file already holds everything
@@ -601,9 +623,12 @@ class Store:
         try:
             _write_all(self._journal_fd, data)
             os.fdatasync(self._journal_fd)
-        except OSError:
-            os.ftruncate(self._journal_fd, self._journal_size)
-            raise
+        except OSError as error:
+            try:
+                os.ftruncate(self._journal_fd, self._journal_size)  # drop the partial line
+            except OSError as e:
+                self._broken = f"the journal could not be cut back after a failed write ({e})"
+            raise error
         self._journal_size += len(data)
 
     def _recover(self, batch, error: Exception) -> None:

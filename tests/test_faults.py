@@ -6,6 +6,7 @@ the kill at random moments for many rounds, fills a real (tmpfs) disk, and exten
 cases to the command line and to a journal lying beside the file.
 """
 
+import errno
 import os
 import random
 import shutil
@@ -131,3 +132,34 @@ def test_invalid_database_file_is_a_clear_error_for_every_command_and_never_over
     assert read_bytes(db) == content
     assert read_bytes(journal_of(db)) == journal
     assert sorted(os.listdir(tmp_path)) == sorted(["statsd.json", "statsd.json.journal", "statsd.json.lock"])
+
+
+async def test_a_disk_that_fails_to_write_and_then_to_read_loses_nothing_acknowledged(
+        make_client, db_path, monkeypatch):
+    """Write fails, the reload fails too: writes are refused, and the stop keeps the file and journal."""
+    import tinydb
+
+    import statsd
+    client = await make_client(api_key_authentication=False)
+    acked = []
+    for n in range(5):
+        resp = await client.post("/api/v2/stats/", json={"type": "risk", "data": n})
+        assert resp.status == 201
+        acked.append((await resp.json())["uuid"])
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(statsd.Store, "_append", eio)
+    monkeypatch.setattr(statsd.AtomicJSONStorage, "read", lambda self: eio())
+    resp = await client.post("/api/v2/stats/", json={"type": "risk", "data": "lost"})
+    assert resp.status == 503 and (await resp.json())["exception_cls"] == "ServiceUnavailable"
+    resp = await client.post("/api/v2/stats/", json={"type": "risk", "data": "refused"})
+    assert resp.status == 503 and "restart" in (await resp.json())["error"]
+    monkeypatch.undo()
+    await client.close()  # a broken store must not fold its (possibly partial) memory into the file
+
+    restarted = await make_client(api_key_authentication=False)
+    resp = await restarted.get("/api/v2/stats/")
+    assert sorted(s["uuid"] for s in (await resp.json())["data"]) == sorted(acked)
+    await restarted.close()
+    assert sorted(d["uuid"] for d in tinydb.TinyDB(db_path).table("stats").all()) == sorted(acked)
