@@ -1216,6 +1216,7 @@ class Caller:
 
     organization: str | None
     is_admin: bool
+    token_sha256: str | None = None  # to look the key up again after an await
 
     @property
     def sees_all(self) -> bool:
@@ -1372,7 +1373,7 @@ def _caller_for(store: Store, token: str) -> Caller | None:
     org = store.orgs.find_unique("token_sha256", digest)
     if org is None or not hmac.compare_digest(org["token_sha256"], digest):
         return None
-    return Caller(org["name"], bool(org.get("is_admin")))
+    return Caller(org["name"], bool(org.get("is_admin")), digest)
 
 
 # -------------------------------------------------------------- handlers ---
@@ -1591,8 +1592,7 @@ async def create_stats(request: web.Request) -> web.Response:
         raise bad_request(f"the body must be a JSON object (one stat) or a list of 1 to"
                           f" {config.max_limit} stats")
     store: Store = request.app[STORE_KEY]
-    await store.writable()
-    _caller_still_exists(request)
+    await ready_to_write(request)
     now = utcnow()
     items = [body] if single else body
     docs, errors = [], {}
@@ -1624,10 +1624,22 @@ async def create_stats(request: web.Request) -> web.Response:
     return json_response({"data": [present_stat(base, d) for d in docs]}, 201)
 
 
-def _caller_still_exists(request: web.Request) -> None:
+async def ready_to_write(request: web.Request) -> Caller:
+    """Wait out a checkpoint, then take the caller as its key stands now.
+
+    Authentication ran before the body was read: meanwhile the key may have
+    been rotated, its organization demoted or deleted. Call this after the
+    handler's last await and before the checks that justify its write.
+    """
+    store: Store = request.app[STORE_KEY]
+    await store.writable()
     caller: Caller = request[CALLER_KEY]
-    if caller.organization is not None and request.app[STORE_KEY].orgs.get(caller.organization) is None:
-        raise ApiError(401, "Unauthorized")
+    if caller.token_sha256 is not None:
+        org = store.orgs.find_unique("token_sha256", caller.token_sha256)
+        if org is None:
+            raise ApiError(401, "Unauthorized")
+        caller = request[CALLER_KEY] = Caller(org["name"], bool(org.get("is_admin")), caller.token_sha256)
+    return caller
 
 
 async def get_stat(request: web.Request) -> web.Response:
@@ -1643,7 +1655,7 @@ async def update_stat(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
     store: Store = request.app[STORE_KEY]
-    await store.writable()
+    await ready_to_write(request)
     doc_id, old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
     errors = _check_read_only(request, body, old, ("id", "uuid", "organization", "created_at",
@@ -1667,7 +1679,7 @@ async def update_stat(request: web.Request) -> web.Response:
 async def delete_stat(request: web.Request) -> web.Response:
     only_params(request)
     store: Store = request.app[STORE_KEY]
-    await store.writable()
+    await ready_to_write(request)
     doc_id, _ = visible_stat(request)
     await store.commit([("stats", doc_id, None)])
     return web.Response(status=204)
@@ -1759,7 +1771,8 @@ async def create_org(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object: {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
     store: Store = request.app[STORE_KEY]
-    await store.writable()
+    await ready_to_write(request)
+    require_admin(request)
     errors: dict[str, str] = {}
     clean, token = org_body(body, errors, creating=True)
     if errors:
@@ -1795,7 +1808,7 @@ async def update_org(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
     store: Store = request.app[STORE_KEY]
-    await store.writable()
+    await ready_to_write(request)
     doc_id, old = visible_org(request)
     errors = _check_read_only(request, body, {**old, "id": old["name"]},
                               ("id", "name", "created_at", "updated_at", "link"), org_path(old["name"]))
@@ -1815,7 +1828,7 @@ async def delete_org(request: web.Request) -> web.Response:
     only_params(request, "cascade")
     cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
     store: Store = request.app[STORE_KEY]
-    await store.writable()
+    await ready_to_write(request)
     doc_id, doc = visible_org(request)
     ops = delete_organization_ops(store, doc_id, doc, cascade)
     await store.commit(ops)
@@ -2459,8 +2472,7 @@ async def v1_create_stats(request: web.Request) -> web.Response:
                           " [{\"anr\", \"type\", \"date\", \"data\"}, ...]")
     store: Store = request.app[STORE_KEY]
     await store.writable()
-    if caller.organization is not None and store.orgs.get(caller.organization) is None:
-        raise ApiError(403, V1_FORBIDDEN)
+    caller = v1_caller(request)  # the key as it stands after the body was read
     now = utcnow()
     docs, results, seen = [], [], set()
     for i, item in enumerate(body):
@@ -2491,6 +2503,7 @@ async def v1_delete_stats(request: web.Request) -> web.Response:
         raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
     store: Store = request.app[STORE_KEY]
     await store.writable()
+    caller = v1_caller(request)
     owned = [i for i in store.stats.indexes["anr"].lookup(anr)
              if caller.organization is None or store.stats.docs[i].get("organization") == caller.organization]
     if owned:
@@ -2529,7 +2542,8 @@ async def v1_client_me(request: web.Request) -> web.Response:
         raise bad_request("no organization to change: with api_key_authentication off, send the key"
                           " of an existing organization")
     await store.writable()
-    doc_id = store.orgs.doc_id(org["name"])
+    caller = v1_caller(request)
+    doc_id = store.orgs.doc_id(caller.organization) if caller.organization is not None else None
     if doc_id is None:
         raise ApiError(403, V1_FORBIDDEN)
     new = {**store.orgs.docs[doc_id], "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}

@@ -521,3 +521,25 @@ async def test_keys_still_work_after_a_restart_from_the_hashed_file(make_client,
     assert resp.status == 200
     resp = await again.get(ORGS, headers=key(admin))
     assert [o["name"] for o in (await resp.json())["data"]] == ["admin", "LATER"]
+
+
+async def test_an_admin_demoted_while_its_body_is_on_the_way_cannot_use_admin_rights(api):
+    """Authentication runs before the body arrives; the write must see the key as it stands after."""
+    import asyncio
+    import json as jsonlib
+    adm2 = await new_org(api, "ADM2", admin=True)
+    body = jsonlib.dumps({"is_admin": True}).encode()
+    reader, writer = await asyncio.open_connection(api.server.host, api.server.port)
+    writer.write(f"PATCH /api/v2/organizations/OTHER/ HTTP/1.1\r\nHost: test\r\nX-API-KEY: {adm2}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)  # ADM2's request is authenticated and waits for its body
+    resp = await api.patch(ORGS + "ADM2/", json={"is_admin": False}, headers=key(api.admin))
+    assert resp.status == 200
+    writer.write(body)
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert b" 403 " in status_line, status_line
+    resp = await api.get(ORGS + "OTHER/", headers=key(api.admin))
+    assert (await resp.json())["is_admin"] is False
