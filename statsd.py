@@ -983,8 +983,14 @@ PAGE_ALIASES = {"_skip": "_skip", "offset": "_skip", "_limit": "_limit", "limit"
 CONTROL_PARAMS = {"_order_by", "_fields", "api_key"}
 
 
-def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = ()) -> Query:
-    """Turn query parameters into a Query; anything unknown or malformed is a 400."""
+def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
+                stored_as: dict[str, str] | None = None) -> Query:
+    """Turn query parameters into a Query; anything unknown or malformed is a 400.
+
+    `stored_as` maps a field that answers carry to the record field holding it
+    (an organization's `id` is its `name`).
+    """
+    stored_as = stored_as or {}
     query = Query(limit=config.default_limit)
     seen: dict[str, str] = {}
     for name, raw in params.items():
@@ -1001,7 +1007,7 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = ())
                 raise bad_request(f"{name}: {raw!r} is above the maximum of {config.max_limit}")
             setattr(query, canonical[1:], number)
         elif name == "_order_by":
-            query.order_by = [_parse_order(part, schema) for part in raw.split(",")]
+            query.order_by = [_parse_order(part, schema, stored_as) for part in raw.split(",")]
         elif name == "_fields":
             query.fields = _parse_fields(raw, schema)
         elif name == "api_key" or name in extra:
@@ -1009,21 +1015,22 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = ())
         elif name.startswith("_"):
             raise bad_request(f"unknown query parameter {name!r}")
         else:
-            _parse_filter(name, raw, schema, query)
+            _parse_filter(name, raw, schema, query, stored_as)
     return query
 
 
-def _split_field(name: str, schema: dict, what: str) -> tuple[str, ...]:
+def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) -> tuple[str, ...]:
+    """The path of a field (or of a place inside `data`) in the stored records."""
     path = tuple(name.split("__"))
     if path[0] not in schema or (len(path) > 1 and path[0] != "data") or "" in path:
         raise bad_request(f"unknown field {name!r} in {what}")
-    return path
+    return (stored_as.get(path[0], path[0]),) + path[1:]
 
 
-def _parse_order(part: str, schema: dict):
+def _parse_order(part: str, schema: dict, stored_as: dict[str, str]):
     descending = part.startswith("-")
     name = part[1:] if descending else part
-    return _getter(_split_field(name, schema, "_order_by")), descending
+    return _getter(_split_field(name, schema, "_order_by", stored_as)), descending
 
 
 def _parse_fields(raw: str, schema: dict) -> list[str]:
@@ -1034,7 +1041,7 @@ def _parse_fields(raw: str, schema: dict) -> list[str]:
     return names
 
 
-def _parse_filter(name: str, raw: str, schema: dict, query: Query) -> None:
+def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: dict[str, str]) -> None:
     path = name.split("__")
     op = "exact"
     if len(path) > 1 and path[-1] in OPERATORS:
@@ -1042,7 +1049,7 @@ def _parse_filter(name: str, raw: str, schema: dict, query: Query) -> None:
     elif path[0] != "data" and len(path) > 1:
         raise bad_request(f"unknown operator {path[-1]!r} in {name!r}"
                           f" (operators: {', '.join(OPERATORS)})")
-    path = _split_field("__".join(path), schema, f"filter {name!r}")
+    path = _split_field("__".join(path), schema, f"filter {name!r}", stored_as)
     convert, strings_ok = schema[path[0]]
     if op == "exists":
         value = _convert_bool(raw, name)
@@ -1758,7 +1765,7 @@ def _unused_token_hash(store: Store, token: str) -> str:
 
 async def list_orgs(request: web.Request) -> web.Response:
     require_admin(request)
-    query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY])
+    query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY], stored_as={"id": "name"})
     page, more = run_query(request.app[STORE_KEY].orgs, query)
     base = base_url(request)
     return json_response({"data": [present_org(base, d, query.fields) for d in page], "has_more": more})

@@ -543,3 +543,16 @@ async def test_an_admin_demoted_while_its_body_is_on_the_way_cannot_use_admin_ri
     assert b" 403 " in status_line, status_line
     resp = await api.get(ORGS + "OTHER/", headers=key(api.admin))
     assert (await resp.json())["is_admin"] is False
+
+
+async def test_organizations_filter_and_order_on_id_as_on_name(api):
+    """An organization's id is its name: filters and ordering on id behave as on name."""
+    async def names(**params):
+        resp = await api.get(ORGS, params=params, headers=key(api.admin))
+        assert resp.status == 200, await resp.text()
+        return [o["id"] for o in (await resp.json())["data"]]
+    everyone = await names()
+    assert await names(id="CASES") == ["CASES"]
+    assert await names(id__ne="CASES") == [n for n in everyone if n != "CASES"]
+    assert await names(id__in="CASES,OTHER") == ["CASES", "OTHER"]
+    assert await names(_order_by="-id") == sorted(everyone, reverse=True)
