@@ -1245,8 +1245,7 @@ def client_address(request: web.Request) -> str:
     Walks the forwarded chain from the nearest hop outwards for as long as the
     hop that handed the request on is a trusted proxy.
     """
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    address = peer[0] if isinstance(peer, tuple) else (request.remote or "unknown")
+    address = peer_address(request)
     proxies = request.app[TRUSTED_PROXIES_KEY]
     if not proxies:
         return address
@@ -1260,6 +1259,12 @@ def client_address(request: web.Request) -> str:
         except ValueError:
             break
     return address
+
+
+def peer_address(request: web.Request) -> str:
+    """The address of the other end of the connection."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return peer[0] if isinstance(peer, tuple) else (request.remote or "unknown")
 
 
 def _is_trusted(address: str, proxies: list) -> bool:
@@ -1435,7 +1440,15 @@ def present_org(base: str, doc: dict, only: list | None = None, token: str | Non
 
 
 def base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
+    """scheme://host as the client sees it; X-Forwarded-Proto/-Host only from a trusted proxy."""
+    scheme, host = request.scheme, request.host
+    headers = request.headers
+    if ("X-Forwarded-Proto" in headers or "X-Forwarded-Host" in headers) \
+            and _is_trusted(peer_address(request), request.app[TRUSTED_PROXIES_KEY]):
+        proto = headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip().lower()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+    return f"{scheme}://{host}"
 
 
 def only_params(request: web.Request, *allowed: str) -> None:
@@ -1702,6 +1715,8 @@ def check_org_name(name) -> str | None:
         return f"must be a string of 1 to {ORG_NAME_MAX} characters"
     if name != name.strip() or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "must not contain '/', control characters, or leading or trailing white space"
+    if name in (".", ".."):
+        return "must not be '.' or '..' (its URL would point elsewhere)"
     return None
 
 
@@ -2688,7 +2703,7 @@ async def v1_processed(request: web.Request) -> web.Response:
     processor = params.get("processor", MISSING)
     if processor is MISSING:
         raise bad_request(f"processor is required (one of {', '.join(V1_PROCESSORS)})")
-    if processor not in V1_PROCESSORS:
+    if not isinstance(processor, str) or processor not in V1_PROCESSORS:
         raise bad_request(f"processor: {processor!r} is not one of {', '.join(V1_PROCESSORS)}")
     if not processor.startswith(kind + "_"):
         raise bad_request(f"Processor '{processor}' can not be used with type '{kind}'.")
@@ -3195,6 +3210,9 @@ def main(argv: list[str] | None = None) -> int:
         config = Config.load(args.config, overrides=overrides)
         return args.func(config, args)
     except (ConfigError, StorageError) as e:
+        print(f"statsd: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the port is taken, or the disk refuses the start-up fold
         print(f"statsd: error: {e}", file=sys.stderr)
         return 1
     except ApiError as e:

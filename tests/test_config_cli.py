@@ -470,3 +470,18 @@ async def test_the_default_max_body_size_takes_a_batch_of_max_limit_monarc_stats
     body = await (await api.get(f"/api/v2/stats/?_limit={config.max_limit}&_fields=uuid",
                                 headers=key(api.cases))).json()
     assert len(body["data"]) == config.max_limit and body["has_more"] is False
+
+
+def test_serve_on_a_taken_port_or_a_missing_folder_is_a_clear_error(tmp_path):
+    """No traceback: a one-line error and exit status 1."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", "--database", str(tmp_path / "db.json"), "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 1 and "statsd: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+    for args in (["serve"], ["create-organization", "X"]):
+        result = cli(*args, "--database", str(tmp_path / "missing" / "db.json"), cwd=tmp_path)
+        assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr

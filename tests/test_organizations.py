@@ -556,3 +556,9 @@ async def test_organizations_filter_and_order_on_id_as_on_name(api):
     assert await names(id__ne="CASES") == [n for n in everyone if n != "CASES"]
     assert await names(id__in="CASES,OTHER") == ["CASES", "OTHER"]
     assert await names(_order_by="-id") == sorted(everyone, reverse=True)
+
+
+async def test_dot_names_are_refused_since_their_url_would_point_elsewhere(api):
+    for name in (".", ".."):
+        resp = await api.post(ORGS, json={"name": name}, headers=key(api.admin))
+        await error(resp, 400)

@@ -333,3 +333,14 @@ async def test_forwarded_chain_is_walked_only_through_trusted_proxies(make_clien
     assert await remaining("8.8.8.8, 2.2.2.2") == 0
     # an untrusted hop stops the walk: 3.3.3.3 is the client, not what it claims
     assert await remaining("1.1.1.1, 3.3.3.3, 10.0.0.5") == 1
+
+
+async def test_links_follow_forwarded_proto_and_host_only_from_a_trusted_proxy(make_client):
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "stats.example.org"}
+    for proxies, expected in (([], "http://127.0.0.1:"), (["127.0.0.1"], "https://stats.example.org/")):
+        client = await make_client(api_key_authentication=False, trusted_proxies=proxies)
+        resp = await client.post("/api/v2/stats/", json={"type": "risk", "data": 1}, headers=forwarded)
+        assert resp.status == 201
+        assert resp.headers["Location"].startswith(expected)
+        assert f"href='{expected}" in (await resp.json())["link"]
+        await client.close()

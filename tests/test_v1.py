@@ -541,3 +541,10 @@ async def test_the_processors_list_needs_no_key(api):
     assert [p["name"] for p in body] == ["threat_average_on_date", "vulnerability_average_on_date",
                                          "risk_averages", "risk_averages_on_date"]
     assert all(isinstance(p["description"], str) and p["description"] for p in body)
+
+
+async def test_a_processor_that_is_not_a_name_is_a_400(api):
+    for processor in (["risk_averages"], {"a": 1}, 7, None):
+        resp = await api.get("/api/v1/stats/processed/", json={"type": "risk", "processor": processor},
+                             headers=monarc(api.admin))
+        assert resp.status == 400, (processor, resp.status)
