@@ -980,7 +980,6 @@ class Query:
 
 
 PAGE_ALIASES = {"_skip": "_skip", "offset": "_skip", "_limit": "_limit", "limit": "_limit"}
-CONTROL_PARAMS = {"_order_by", "_fields", "api_key"}
 
 
 def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
