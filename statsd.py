@@ -1370,12 +1370,17 @@ async def auth_middleware(request: web.Request, handler):
     if not request.app[CONFIG_KEY].api_key_authentication:
         request[CALLER_KEY] = Caller(None, True)
         return await handler(request)
-    keys = request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])
+    keys = sent_keys(request)
     caller = _caller_for(request.app[STORE_KEY], keys[0]) if len(keys) == 1 else None
     if caller is None:
         raise ApiError(401, "Unauthorized")
     request[CALLER_KEY] = caller
     return await handler(request)
+
+
+def sent_keys(request: web.Request) -> list[str]:
+    """Every API key the request carries: X-API-KEY headers, then api_key arguments."""
+    return request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])
 
 
 def _caller_for(store: Store, token: str) -> Caller | None:
@@ -1450,13 +1455,19 @@ def base_url(request: web.Request) -> str:
     return f"{scheme}://{host}"
 
 
+def single_query(request: web.Request) -> dict[str, str]:
+    """The query parameters, each given once (a repeated one is a 400)."""
+    params: dict[str, str] = {}
+    for name, raw in request.query.items():
+        if name in params:
+            raise bad_request(f"query parameter {name!r} is given more than once")
+        params[name] = raw
+    return params
+
+
 def only_params(request: web.Request, *allowed: str) -> None:
     """Refuse query parameters a route does not take (the API key is always allowed)."""
-    seen = set()
-    for name in request.query:
-        if name in seen:
-            raise bad_request(f"query parameter {name!r} is given more than once")
-        seen.add(name)
+    for name in single_query(request):
         if name != "api_key" and name not in allowed:
             raise bad_request(f"unknown query parameter {name!r}")
 
@@ -1537,11 +1548,16 @@ def new_stat(request: web.Request, body, now: str) -> dict:
         clean["organization"] = organization
     if errors:
         raise _fail(errors, "stat")
+    return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
+
+
+def new_stat_id(request: web.Request) -> str:
+    """A fresh id no stored stat holds."""
     stats: Table = request.app[STORE_KEY].stats
     new_id = request.app[IDS_KEY]()
     while stats.doc_id(new_id) is not None:
         new_id = request.app[IDS_KEY]()
-    return ordered_stat({**clean, "id": new_id, "created_at": now, "updated_at": now})
+    return new_id
 
 
 def _stat_organization(request: web.Request, body: dict, errors: dict) -> str | None:
@@ -2278,7 +2294,7 @@ def check_monarc_version(request: web.Request) -> None:
 
 def presented_key(request: web.Request) -> str | None:
     """The one non-empty API key sent (X-API-KEY header or api_key argument), else None."""
-    keys = [k for k in request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", []) if k]
+    keys = [k for k in sent_keys(request) if k]
     return keys[0] if len(keys) == 1 else None
 
 
@@ -2294,7 +2310,7 @@ def v1_caller(request: web.Request) -> Caller:
     known = _caller_for(store, key) if key is not None else None
     if not request.app[CONFIG_KEY].api_key_authentication:
         return Caller(known.organization if known else None, True)
-    if key is None and not any(request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])):
+    if key is None and not any(sent_keys(request)):
         raise ApiError(401, V1_UNAUTHORIZED)
     if known is None:
         raise ApiError(403, V1_FORBIDDEN)
@@ -2310,11 +2326,7 @@ async def v1_params(request: web.Request, allowed: tuple) -> dict:
             raise bad_request("the body must be a JSON object of parameters, e.g. {\"type\": \"risk\"}")
         params.update({name: int(value) if value.__class__ is float and value.is_integer() else value
                        for name, value in body.items() if value is not None})  # 1.0 is 1 in JSON
-    seen = set()
-    for name, raw in request.query.items():
-        if name in seen:
-            raise bad_request(f"query parameter {name!r} is given more than once")
-        seen.add(name)
+    for name, raw in single_query(request).items():
         if name == "api_key":
             continue
         if name in params:
@@ -2475,11 +2487,7 @@ def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
     derive_periods(clean, item)
     if caller.organization is not None:
         clean["organization"] = caller.organization
-    stats: Table = request.app[STORE_KEY].stats
-    new_id = request.app[IDS_KEY]()
-    while stats.doc_id(new_id) is not None:
-        new_id = request.app[IDS_KEY]()
-    return ordered_stat({**clean, "id": new_id, "created_at": now, "updated_at": now})
+    return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
 
 
 async def v1_create_stats(request: web.Request) -> web.Response:
