@@ -34,7 +34,7 @@ import time
 import tomllib
 import uuid as uuidlib
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
 from typing import Any, Callable, Iterable
 from urllib.parse import quote, urlsplit
@@ -303,8 +303,10 @@ class Table:
         self.unique = {f: {} for f in unique}
         self.indexes = {f: Index(f) for f in indexed}
         self.columns: dict[tuple, tuple[Callable, dict[int, Any]]] = {}
+        self.intersections: dict[tuple, tuple[int, ...]] = {}
 
     MAX_COLUMNS = 8
+    MAX_INTERSECTIONS = 256
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
         """Fill this empty table with (doc_id, doc) pairs, faster than apply one by one."""
@@ -345,6 +347,24 @@ class Table:
         self.columns[path] = entry
         return entry[1]
 
+    def intersection(self, key: tuple, id_sets: list) -> tuple[int, ...]:
+        """The ids found in every one of `id_sets`, in creation order.
+
+        `key` names the sets (the equality filters they answer); the result is
+        kept until the next write, so a repeated combination costs one lookup.
+        """
+        ids = self.intersections.get(key)
+        if ids is None:
+            smallest, *others = sorted(id_sets, key=len)
+            found = iter(smallest)
+            for other in others:
+                found = filter(other.__contains__, found)  # at C speed
+            ids = tuple(found)
+            if len(self.intersections) >= self.MAX_INTERSECTIONS:
+                self.intersections.clear()
+            self.intersections[key] = ids
+        return ids
+
     def get(self, key) -> dict | None:
         doc_id = self.by_key.get(key)
         return None if doc_id is None else self.docs[doc_id]
@@ -362,6 +382,8 @@ class Table:
 
     def apply(self, doc_id: int, doc: dict | None) -> None:
         """Put `doc` under `doc_id` (None deletes it), keeping every index true."""
+        if self.intersections:
+            self.intersections.clear()
         old = self.docs.get(doc_id)
         if old is not None:
             self.by_key.pop(old.get(self.key), None)
@@ -953,14 +975,17 @@ class Filter:
     op: str
     value: Any
 
+    @functools.cached_property
     def test(self) -> Callable[[Any], bool]:
+        """The test of a stored value."""
         return _value_test(self.op, self.value)
 
+    @functools.cached_property
     def predicate(self) -> Callable[[dict], bool]:
         """The test applied to a whole record."""
         if len(self.path) == 1 and self.op in COMPARE and self.value.__class__ in NUMBER:
             return _number_comparison(self.path[0], self.op, self.value)
-        test = self.test()
+        test = self.test
         if len(self.path) == 1:
             name = self.path[0]
             return lambda doc: test(doc.get(name, MISSING))
@@ -1099,16 +1124,15 @@ def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[dict], li
     for f in filters:
         ids = _index_ids(table, f)
         (rest if ids is None else indexed).append((f, ids))
+    if len(indexed) == 1:
+        return map(docs.__getitem__, indexed[0][1]), [f for f, _ in rest]
     if indexed:
-        sets = sorted((ids for _, ids in indexed), key=len)
-        smallest, others = sets[0], sets[1:]
-        ids = iter(smallest)
-        for other in others:
-            ids = filter(other.__contains__, ids)  # lazy, and at C speed
+        key = tuple(sorted((f.path[0], f.value.__class__.__name__, f.value) for f, _ in indexed))
+        ids = table.intersection(key, [ids for _, ids in indexed])
         return map(docs.__getitem__, ids), [f for f, _ in rest]
     for position, (f, _) in enumerate(rest):
         if f.path[0] == "data":
-            test, column = f.test(), table.column(f.path)
+            test, column = f.test, table.column(f.path)
             remaining = [g for g, _ in rest[:position] + rest[position + 1:]]
             return (docs[i] for i, value in column.items() if test(value)), remaining
     return docs.values(), [f for f, _ in rest]
@@ -1117,7 +1141,7 @@ def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[dict], li
 def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
     """The page of matching records and whether more follow it."""
     records, remaining = _candidates(table, query.filters)
-    predicates = [f.predicate() for f in remaining]
+    predicates = [f.predicate for f in remaining]
     if len(predicates) == 1:
         matches = filter(predicates[0], records)
     elif predicates:
@@ -1236,6 +1260,8 @@ RATE_LIMIT_KEY = web.AppKey("rate_limit", object)
 TRUSTED_PROXIES_KEY = web.AppKey("trusted_proxies", list)
 LIMITER_KEY = web.AppKey("limiter", Limiter)
 CALLER_KEY = web.RequestKey("caller", Caller)
+STAT_VIEWS_KEY = web.AppKey("stat_views", object)
+STAT_QUERIES_KEY = web.AppKey("stat_queries", object)
 
 
 def client_address(request: web.Request) -> str:
@@ -1304,11 +1330,42 @@ RATE_LIMIT_MAX_COUNTERS = 10000  # bounds the rate-limit memory: at most this ma
 
 
 @web.middleware
-async def rate_limit_middleware(request: web.Request, handler):
-    """Count every /api/ request per client and endpoint; answer 429 over the limit."""
+async def api_middleware(request: web.Request, handler):
+    """Every request, in order: the rate limit, the caller, and errors as the JSON error object.
+
+    One middleware rather than three, since every request pays for each one.
+    """
+    limit_headers = None
+    if request.app[RATE_LIMIT_KEY] is not None and request.path.startswith("/api/"):
+        limit_headers, refusal = await count_request(request)
+        if refusal is not None:
+            return refusal
+    try:
+        authenticate(request)
+        response = await handler(request)
+    except ApiError as e:
+        response = error_response(request, e.status, e.message, e.errors, e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
+        response = error_response(request, e.status, _http_message(request, e), headers=headers)
+    except StorageError as e:
+        status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 503
+        response = error_response(request, status, str(e))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        response = error_response(request, 500, "Internal Server Error: the failure was logged on the server")
+    if limit_headers is not None:
+        response.headers.update(limit_headers)
+    return response
+
+
+async def count_request(request: web.Request) -> tuple[dict, web.Response | None]:
+    """Count an /api/ request per client and endpoint: its X-Rate-Limit-* headers, and a 429 if over."""
     item = request.app[RATE_LIMIT_KEY]
-    if item is None or not request.path.startswith("/api/"):
-        return await handler(request)
     limiter: Limiter = request.app[LIMITER_KEY]
     key = (client_address(request), endpoint_of(request))
     counters = limiter.db.events  # limits' MemoryStorage frees a counter only when its window has passed
@@ -1316,38 +1373,13 @@ async def rate_limit_middleware(request: web.Request, handler):
         key = ("<too many clients>", key[1])  # new clients share one counter until old ones expire
     allowed = await limiter.moving_window.hit(item, *key)
     stats = await limiter.moving_window.get_window_stats(item, *key)
-    reset = math.ceil(stats.reset_time)
     headers = {"X-Rate-Limit-Limit": str(item.amount), "X-Rate-Limit-Remaining": str(stats.remaining),
-               "X-Rate-Limit-Reset": str(reset)}
-    if not allowed:
-        headers["Retry-After"] = str(max(1, math.ceil(stats.reset_time - time.time())))
-        return error_response(request, 429, f"Too Many Requests: at most {item} per client"
-                              " and endpoint; see Retry-After", headers=headers)
-    response = await handler(request)
-    response.headers.update(headers)
-    return response
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    """Every failure becomes the JSON error object; no traceback reaches a client."""
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return error_response(request, e.status, e.message, e.errors, e.headers)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
-        return error_response(request, e.status, _http_message(request, e), headers=headers)
-    except StorageError as e:
-        status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 503
-        return error_response(request, status, str(e))
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return error_response(request, 500, "Internal Server Error: the failure was logged on the server")
+               "X-Rate-Limit-Reset": str(math.ceil(stats.reset_time))}
+    if allowed:
+        return headers, None
+    headers["Retry-After"] = str(max(1, math.ceil(stats.reset_time - time.time())))
+    return headers, error_response(request, 429, f"Too Many Requests: at most {item} per client"
+                                   " and endpoint; see Retry-After", headers=headers)
 
 
 def _http_message(request: web.Request, e: web.HTTPException) -> str:
@@ -1361,21 +1393,19 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
     return e.reason or str(e)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler):
-    """Resolve the API key (X-API-KEY header or api_key argument) to a Caller."""
-    if not request.path.startswith("/api/") or request.path.startswith(V1_PREFIX + "/") \
-            or request.path in PUBLIC_PATHS:
-        return await handler(request)  # /api/v1/ handlers authenticate as the upstream does
+def authenticate(request: web.Request) -> None:
+    """Resolve the API key (X-API-KEY header or api_key argument) to the request's Caller."""
+    path = request.path
+    if not path.startswith("/api/") or path.startswith(V1_PREFIX + "/") or path in PUBLIC_PATHS:
+        return  # /api/v1/ handlers authenticate as the upstream does
     if not request.app[CONFIG_KEY].api_key_authentication:
         request[CALLER_KEY] = Caller(None, True)
-        return await handler(request)
+        return
     keys = sent_keys(request)
     caller = _caller_for(request.app[STORE_KEY], keys[0]) if len(keys) == 1 else None
     if caller is None:
         raise ApiError(401, "Unauthorized")
     request[CALLER_KEY] = caller
-    return await handler(request)
 
 
 def sent_keys(request: web.Request) -> list[str]:
@@ -1429,6 +1459,56 @@ def present_stat(base: str, doc: dict, only: list | None = None) -> dict:
     if only is not None:
         out = {name: out[name] for name in ("id", *only) if name in out}
     return out
+
+
+class StatViews:
+    """Each stat's answer, serialized once and reused while the stat is unchanged.
+
+    Pages and single stats are then built from bytes. An entry keeps the record
+    it was made from, so a changed or deleted stat never answers from it (stored
+    records are replaced on write, never changed in place). At most MAX answers
+    are kept; when full, it starts over.
+    """
+
+    MAX = 20000
+
+    def __init__(self):
+        self.entries: dict[str, tuple[dict, str, orjson.Fragment]] = {}
+
+    def of(self, base: str, doc: dict) -> orjson.Fragment:
+        entry = self.entries.get(doc["id"])
+        if entry is not None and entry[0] is doc and entry[1] == base:
+            return entry[2]
+        view = orjson.Fragment(orjson.dumps(present_stat(base, doc)))
+        if len(self.entries) >= self.MAX:
+            self.entries.clear()
+        self.entries[doc["id"]] = (doc, base, view)
+        return view
+
+
+class ParsedQueries:
+    """Parsed list queries by their raw query string: a repeated query is parsed once.
+
+    A query that carries an API key is not kept (no key outlives its request).
+    At most MAX queries are kept; when full, it starts over.
+    """
+
+    MAX = 512
+
+    def __init__(self, schema: dict, **options):
+        self.schema, self.options = schema, options
+        self.parsed: dict[str, Query] = {}
+
+    def of(self, request: web.Request) -> Query:
+        raw = request.rel_url.raw_query_string
+        query = self.parsed.get(raw)
+        if query is None:
+            query = parse_query(request.query, self.schema, request.app[CONFIG_KEY], **self.options)
+            if "api_key" not in request.query:
+                if len(self.parsed) >= self.MAX:
+                    self.parsed.clear()
+                self.parsed[raw] = query
+        return query
 
 
 def present_org(base: str, doc: dict, only: list | None = None, token: str | None = None) -> dict:
@@ -1609,13 +1689,18 @@ def _check_read_only(request: web.Request, body: dict, old: dict, names, path: s
 
 
 async def list_stats(request: web.Request) -> web.Response:
-    query = parse_query(request.query, STAT_FIELDS, request.app[CONFIG_KEY])
+    query = request.app[STAT_QUERIES_KEY].of(request)  # shared: never changed here
     caller: Caller = request[CALLER_KEY]
     if not caller.sees_all:
-        query.filters.insert(0, Filter(("organization",), "exact", caller.organization))
+        query = replace(query, filters=[Filter(("organization",), "exact", caller.organization), *query.filters])
     page, more = run_query(request.app[STORE_KEY].stats, query)
     base = base_url(request)
-    return json_response({"data": [present_stat(base, d, query.fields) for d in page], "has_more": more})
+    if query.fields is None:
+        views = request.app[STAT_VIEWS_KEY]
+        data = [views.of(base, d) for d in page]
+    else:
+        data = [present_stat(base, d, query.fields) for d in page]
+    return json_response({"data": data, "has_more": more})
 
 
 async def create_stats(request: web.Request) -> web.Response:
@@ -1680,7 +1765,7 @@ async def ready_to_write(request: web.Request) -> Caller:
 async def get_stat(request: web.Request) -> web.Response:
     only_params(request)
     _, doc = visible_stat(request)
-    return json_response(present_stat(base_url(request), doc))
+    return json_response(request.app[STAT_VIEWS_KEY].of(base_url(request), doc))
 
 
 async def update_stat(request: web.Request) -> web.Response:
@@ -2741,10 +2826,12 @@ HTTP_LIMITS = {"max_line_size": 256 * 1024, "max_field_size": 16 * 1024}
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """The aiohttp application; the store opens on startup and folds its journal on cleanup."""
     app = web.Application(client_max_size=config.max_body_size, handler_args=HTTP_LIMITS,
-                          middlewares=[rate_limit_middleware, error_middleware, auth_middleware])
+                          middlewares=[api_middleware])
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or Store(config.database)
     app[IDS_KEY] = IdGenerator()
+    app[STAT_VIEWS_KEY] = StatViews()
+    app[STAT_QUERIES_KEY] = ParsedQueries(STAT_FIELDS)
     app[RATE_LIMIT_KEY] = config.rate_limit_item()
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
     routes = [
@@ -2755,23 +2842,31 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
         ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
     ]
-    for method, path, handler in routes:
-        for variant in (API_PREFIX + path, API_PREFIX + path + "/"):
-            app.router.add_route(method, variant, handler)
+    add_routes(app, API_PREFIX, routes)
     v1_routes = [
         ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
         ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
         ("DELETE", "/stats/{anr}", v1_delete_stats),
         ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
     ]
-    for method, path, handler in v1_routes:
-        for variant in (V1_PREFIX + path, V1_PREFIX + path + "/"):
-            app.router.add_route(method, variant, handler)
+    add_routes(app, V1_PREFIX, v1_routes)
     app.router.add_get("/", index)
     app.router.add_route("GET", OPENAPI_PATH, openapi_json)
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
+
+
+def add_routes(app: web.Application, prefix: str, routes: list) -> None:
+    """Each path with and without its trailing slash, as one resource holding all its methods
+    (the router then tries one resource per path, and a wrong method is a 405).
+    The slash form comes first: it is the one links and clients use."""
+    resources: dict[str, web.Resource] = {}
+    for method, path, handler in routes:
+        for variant in (prefix + path + "/", prefix + path):
+            if variant not in resources:
+                resources[variant] = app.router.add_resource(variant)
+            resources[variant].add_route(method, handler)
 
 
 async def _start_store(app: web.Application) -> None:
