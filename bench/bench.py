@@ -310,10 +310,7 @@ def bench_size(size: int, args, key: str, ceiling: Server, rows: list, extras: d
         print(f"  {notes[-1]}", flush=True)
         js = None
 
-    ceil = {"GET": wrk(ceiling.port, "GET", ["/api/v2/stats/"], None, None, args),
-            "POST": wrk(ceiling.port, "POST", ["/api/v2/stats/"], one, None, args)}
-    ex["ceiling"] = {m: r["rps"] for m, r in ceil.items()}
-    print(f"  ceiling: GET {ceil['GET']['rps']:,.0f} req/s, POST {ceil['POST']['rps']:,.0f} req/s", flush=True)
+    ex["ceiling"] = {"GET": [], "POST": []}
 
     for name, method, s_path, j_path in SCENARIOS:
         if method == "POST":  # reads are done: measure memory, then one POST at a time
@@ -323,8 +320,11 @@ def bench_size(size: int, args, key: str, ceiling: Server, rows: list, extras: d
                 if server:
                     server.wait_idle()
             ex["post_seq"] = sequential(statsd.port, "POST", s_path, one_body, key, args.seq_posts)
-        row = {"scenario": name, "size": size, "ceiling": ceil[method]["rps"]}
         body = one if method == "POST" else None
+        # The ceiling runs right before statsd's row, so that both see the machine in the same state.
+        ceiling_rps = wrk(ceiling.port, method, ["/api/v2/stats/"], body, None, args)["rps"]
+        ex["ceiling"][method].append(ceiling_rps)
+        row = {"scenario": name, "size": size, "ceiling": ceiling_rps}
         for target, server, path, k in (("statsd", statsd, s_path, key), ("js", js, j_path, None)):
             if server is None:
                 row[target] = None
@@ -366,6 +366,13 @@ def rate(r) -> str:
         return "fails"
     v = r["rps"]
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def spread(values: list) -> str:
+    if not values:
+        return "n/a"
+    low, high = min(values), max(values)
+    return f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}-{high:,.0f}"
 
 
 def ms(v) -> str:
@@ -440,10 +447,11 @@ def report(rows, extras, notes, args) -> str:
            f"`wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency` per row, one row after"
            f" another on 127.0.0.1; statsd with API keys on and rate limiting off"
            f" (`STATSD_RATE_LIMIT=\"\"`); json-server on the same records. \"vs ceiling\" is statsd's"
-           f" req/s over a bare aiohttp app's (bench/ceiling.py) in the same run.", "",
+           f" req/s over a bare aiohttp app's (bench/ceiling.py), run with the same method just before"
+           f" statsd's row.", "",
            table(lines, markdown=True), ""]
-    out += ["Ceiling (bench/ceiling.py) req/s: " + "; ".join(
-        f"{s:,} run: GET {extras[s]['ceiling']['GET']:,.0f}, POST {extras[s]['ceiling']['POST']:,.0f}"
+    out += ["Ceiling (bench/ceiling.py) req/s, range over the rows: " + "; ".join(
+        f"{s:,} run: GET {spread(extras[s]['ceiling']['GET'])}, POST {spread(extras[s]['ceiling']['POST'])}"
         for s in sizes if "ceiling" in extras[s]) + ".", ""]
     if any(r[0].endswith(" *") for r in lines):
         out += ["\\* wrk saw non-2xx answers or socket errors in this row.", ""]
