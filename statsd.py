@@ -263,10 +263,13 @@ class Index:
 
     def add(self, doc_id: int, doc: dict) -> None:
         value = doc.get(self.name, MISSING)
-        if value is MISSING or not _hashable(value):
+        if value.__class__ not in INDEXABLE:
             return
-        bucket = self.ids.setdefault(value, {})
-        if bucket and doc_id < next(reversed(bucket)):
+        bucket = self.ids.get(value)
+        if bucket is None:
+            self.ids[value] = {doc_id: None}
+            return
+        if doc_id < next(reversed(bucket)):
             self.unsorted.add(value)
         bucket[doc_id] = None
 
@@ -287,8 +290,11 @@ class Index:
         return self.ids.get(value, {})
 
 
+INDEXABLE = (str, int, float)  # JSON values that an index holds (not bool: True == 1)
+
+
 def _hashable(value) -> bool:
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return value.__class__ in INDEXABLE
 
 
 class Table:
@@ -303,10 +309,11 @@ class Table:
         self.unique = {f: {} for f in unique}
         self.indexes = {f: Index(f) for f in indexed}
         self.columns: dict[tuple, tuple[Callable, dict[int, Any]]] = {}
-        self.intersections: dict[tuple, tuple[int, ...]] = {}
+        self.intersections: dict[tuple, tuple[int, ...] | None] = {}
+        self.intersection_ids = 0  # how many ids self.intersections holds
 
     MAX_COLUMNS = 8
-    MAX_INTERSECTIONS = 256
+    MAX_INTERSECTION_IDS = 1_000_000  # about 8 MB of references, at most
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
         """Fill this empty table with (doc_id, doc) pairs, faster than apply one by one."""
@@ -347,22 +354,30 @@ class Table:
         self.columns[path] = entry
         return entry[1]
 
-    def intersection(self, key: tuple, id_sets: list) -> tuple[int, ...]:
+    def intersection(self, key: tuple, id_sets: list) -> Iterable[int]:
         """The ids found in every one of `id_sets`, in creation order.
 
-        `key` names the sets (the equality filters they answer); the result is
-        kept until the next write, so a repeated combination costs one lookup.
+        `key` names the sets (the equality filters they answer). The first use
+        since the last write runs lazily (a page stops early); the second keeps
+        the whole result until the next write, so a repeated combination then
+        costs one lookup.
         """
-        ids = self.intersections.get(key)
-        if ids is None:
-            smallest, *others = sorted(id_sets, key=len)
-            found = iter(smallest)
-            for other in others:
-                found = filter(other.__contains__, found)  # at C speed
-            ids = tuple(found)
-            if len(self.intersections) >= self.MAX_INTERSECTIONS:
-                self.intersections.clear()
-            self.intersections[key] = ids
+        ids = self.intersections.get(key, MISSING)
+        if ids.__class__ is tuple:
+            return ids
+        smallest, *others = sorted(id_sets, key=len)
+        found = iter(smallest)
+        for other in others:
+            found = filter(other.__contains__, found)  # at C speed
+        if ids is MISSING:
+            self.intersections[key] = None  # seen once
+            return found
+        ids = tuple(found)
+        if self.intersection_ids + len(ids) > self.MAX_INTERSECTION_IDS:
+            self.intersections.clear()
+            self.intersection_ids = 0
+        self.intersections[key] = ids
+        self.intersection_ids += len(ids)
         return ids
 
     def get(self, key) -> dict | None:
@@ -384,6 +399,7 @@ class Table:
         """Put `doc` under `doc_id` (None deletes it), keeping every index true."""
         if self.intersections:
             self.intersections.clear()
+            self.intersection_ids = 0
         old = self.docs.get(doc_id)
         if old is not None:
             self.by_key.pop(old.get(self.key), None)
@@ -1171,16 +1187,24 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
 
 
+CONTAINERS = (dict, list)
+
+
 def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return False
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    """Whether objects and arrays nest at most `limit` deep in `value` (parsed JSON)."""
+    if value.__class__ is dict:
+        children = value.values()
+    elif value.__class__ is list:
+        children = value
+    else:
+        return True
+    if limit < 1:
+        return False
+    for child in children:
+        if child.__class__ in CONTAINERS and not _depth_ok(child, limit - 1):
+            return False
     return True
+
 
 
 def check_stat_value(name: str, value) -> tuple[Any, str | None]:
@@ -1467,19 +1491,24 @@ class StatViews:
     Pages and single stats are then built from bytes. An entry keeps the record
     it was made from, so a changed or deleted stat never answers from it (stored
     records are replaced on write, never changed in place). At most MAX answers
-    are kept; when full, it starts over.
+    are kept; when full, it starts over. Answers for an unusually long host
+    name are not kept.
     """
 
     MAX = 20000
+    MAX_BASE = 256
 
     def __init__(self):
-        self.entries: dict[str, tuple[dict, str, orjson.Fragment]] = {}
+        self.entries: dict[str, tuple[dict, str, bytes]] = {}
 
-    def of(self, base: str, doc: dict) -> orjson.Fragment:
+    def of(self, base: str, doc: dict) -> bytes:
+        """The JSON answer for `doc` (splice it into a page with orjson.Fragment)."""
         entry = self.entries.get(doc["id"])
         if entry is not None and entry[0] is doc and entry[1] == base:
             return entry[2]
-        view = orjson.Fragment(orjson.dumps(present_stat(base, doc)))
+        view = orjson.dumps(present_stat(base, doc))
+        if len(base) > self.MAX_BASE:
+            return view
         if len(self.entries) >= self.MAX:
             self.entries.clear()
         self.entries[doc["id"]] = (doc, base, view)
@@ -1489,11 +1518,13 @@ class StatViews:
 class ParsedQueries:
     """Parsed list queries by their raw query string: a repeated query is parsed once.
 
-    A query that carries an API key is not kept (no key outlives its request).
-    At most MAX queries are kept; when full, it starts over.
+    A query that carries an API key is not kept (no key outlives its request),
+    nor one longer than MAX_LENGTH. At most MAX queries are kept; when full, it
+    starts over.
     """
 
     MAX = 512
+    MAX_LENGTH = 2048
 
     def __init__(self, schema: dict, **options):
         self.schema, self.options = schema, options
@@ -1504,7 +1535,7 @@ class ParsedQueries:
         query = self.parsed.get(raw)
         if query is None:
             query = parse_query(request.query, self.schema, request.app[CONFIG_KEY], **self.options)
-            if "api_key" not in request.query:
+            if len(raw) <= self.MAX_LENGTH and "api_key" not in request.query:
                 if len(self.parsed) >= self.MAX:
                     self.parsed.clear()
                 self.parsed[raw] = query
@@ -1526,9 +1557,9 @@ def present_org(base: str, doc: dict, only: list | None = None, token: str | Non
 def base_url(request: web.Request) -> str:
     """scheme://host as the client sees it; X-Forwarded-Proto/-Host only from a trusted proxy."""
     scheme, host = request.scheme, request.host
-    headers = request.headers
-    if ("X-Forwarded-Proto" in headers or "X-Forwarded-Host" in headers) \
-            and _is_trusted(peer_address(request), request.app[TRUSTED_PROXIES_KEY]):
+    headers, proxies = request.headers, request.app[TRUSTED_PROXIES_KEY]
+    if proxies and ("X-Forwarded-Proto" in headers or "X-Forwarded-Host" in headers) \
+            and _is_trusted(peer_address(request), proxies):
         proto = headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip().lower()
         scheme = proto if proto in ("http", "https") else scheme
         host = headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
@@ -1547,6 +1578,8 @@ def single_query(request: web.Request) -> dict[str, str]:
 
 def only_params(request: web.Request, *allowed: str) -> None:
     """Refuse query parameters a route does not take (the API key is always allowed)."""
+    if not request.rel_url.raw_query_string:
+        return
     for name in single_query(request):
         if name != "api_key" and name not in allowed:
             raise bad_request(f"unknown query parameter {name!r}")
@@ -1697,7 +1730,7 @@ async def list_stats(request: web.Request) -> web.Response:
     base = base_url(request)
     if query.fields is None:
         views = request.app[STAT_VIEWS_KEY]
-        data = [views.of(base, d) for d in page]
+        data = [orjson.Fragment(views.of(base, d)) for d in page]
     else:
         data = [present_stat(base, d, query.fields) for d in page]
     return json_response({"data": data, "has_more": more})
@@ -1765,7 +1798,7 @@ async def ready_to_write(request: web.Request) -> Caller:
 async def get_stat(request: web.Request) -> web.Response:
     only_params(request)
     _, doc = visible_stat(request)
-    return json_response(request.app[STAT_VIEWS_KEY].of(base_url(request), doc))
+    return web.Response(body=request.app[STAT_VIEWS_KEY].of(base_url(request), doc), headers=JSON_HEADERS)
 
 
 async def update_stat(request: web.Request) -> web.Response:

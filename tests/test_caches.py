@@ -39,7 +39,7 @@ def shrink_caches(client):
     """Caches so small that they start over all the time."""
     client.app[statsd.STAT_VIEWS_KEY].MAX = 3
     client.app[statsd.STAT_QUERIES_KEY].MAX = 2
-    client.app[statsd.STORE_KEY].stats.MAX_INTERSECTIONS = 2
+    client.app[statsd.STORE_KEY].stats.MAX_INTERSECTION_IDS = 5
 
 
 async def check_queries(client, model, gone, rnd):
@@ -57,6 +57,13 @@ async def check_queries(client, model, gone, rnd):
         resp = await client.get(STATS + stat_id + "/")
         assert resp.status == 200
         assert client_fields(await resp.json()) == model.stats[stat_id]
+        stat = model.stats[stat_id]
+        for params in ({"uuid": stat["uuid"], "type": stat["type"]}, {"id": stat_id, "type": stat["type"]},
+                       {"uuid": stat["uuid"], "type": "never"}):
+            for _ in range(2):  # a unique field in an intersection, first lazily, then kept
+                resp = await client.get(STATS, params=params)
+                got = [s["id"] for s in (await resp.json())["data"]]
+                assert got == ([] if params["type"] == "never" else [stat_id]), params
     for stat_id in rnd.sample(sorted(gone), min(3, len(gone))):
         resp = await client.get(STATS + stat_id + "/")
         assert resp.status == 404, f"deleted stat {stat_id} still answered"
@@ -128,6 +135,26 @@ async def test_fields_and_order_still_shape_a_page_of_cached_stats(api):
         assert [sorted(s) for s in (await resp.json())["data"]] == [["anr", "id"]] * 3
         resp = await api.get(STATS, params={"type": "risk", "_order_by": "-anr"}, headers=key(api.cases))
         assert [s["anr"] for s in (await resp.json())["data"]] == [3, 2, 1]
+
+
+async def test_long_queries_and_host_names_are_not_kept(api):
+    """What a client sends cannot make the caches hold much memory."""
+    resp = await api.post(STATS, json={"type": "risk", "data": {}}, headers=key(api.cases))
+    stat_id = (await resp.json())["id"]
+    queries, views = api.app[statsd.STAT_QUERIES_KEY].parsed, api.app[statsd.STAT_VIEWS_KEY].entries
+    long_in = ",".join(f"{n:024x}" for n in range(200)) + "," + stat_id
+    resp = await api.get(STATS, params={"id__in": long_in}, headers=key(api.cases))
+    assert [s["id"] for s in (await resp.json())["data"]] == [stat_id]
+    assert queries == {}, "a 5 KB query string is not kept"
+    views.clear()
+    host = "h" * 300 + ".example"
+    for url in (STATS + stat_id + "/", STATS):
+        resp = await api.get(url, headers={**key(api.cases), "Host": host})
+        assert host in await resp.text()
+    assert views == {}, "an answer for a 300-character host name is not kept"
+    resp = await api.get(STATS, headers=key(api.cases))
+    assert (await resp.json())["data"][0]["id"] == stat_id
+    assert list(views) == [stat_id] and list(queries) == [""]
 
 
 async def test_a_query_carrying_an_api_key_is_not_kept(api):
