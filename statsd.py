@@ -354,31 +354,35 @@ class Table:
         self.columns[path] = entry
         return entry[1]
 
-    def intersection(self, key: tuple, id_sets: list) -> Iterable[int]:
-        """The ids found in every one of `id_sets`, in creation order.
+    def matching(self, key: tuple, id_sets: list, tests: list) -> tuple[Iterable[int], bool]:
+        """The ids found in every one of `id_sets`, in creation order, and whether `tests` ran.
 
-        `key` names the sets (the equality filters they answer). The first use
-        since the last write runs lazily (a page stops early); the second keeps
-        the whole result until the next write, so a repeated combination then
-        costs one lookup.
+        `key` names the sets and the tests (the filters they answer; `tests` are
+        record predicates). The first use since the last write runs lazily,
+        leaving the tests to the caller, so a page stops early; the second keeps
+        the ids that pass every test until the next write, so a repeated query
+        then costs one lookup.
         """
         ids = self.intersections.get(key, MISSING)
         if ids.__class__ is tuple:
-            return ids
+            return ids, True
         smallest, *others = sorted(id_sets, key=len)
         found = iter(smallest)
         for other in others:
             found = filter(other.__contains__, found)  # at C speed
         if ids is MISSING:
             self.intersections[key] = None  # seen once
-            return found
+            return found, False
+        docs = self.docs
+        for test in tests:
+            found = filter(lambda doc_id, test=test: test(docs[doc_id]), found)
         ids = tuple(found)
         if self.intersection_ids + len(ids) > self.MAX_INTERSECTION_IDS:
             self.intersections.clear()
             self.intersection_ids = 0
         self.intersections[key] = ids
         self.intersection_ids += len(ids)
-        return ids
+        return ids, True
 
     def get(self, key) -> dict | None:
         doc_id = self.by_key.get(key)
@@ -992,6 +996,11 @@ class Filter:
     value: Any
 
     @functools.cached_property
+    def key(self) -> tuple:
+        """This filter as a dictionary key."""
+        return self.path, self.op, tuple(self.value) if self.value.__class__ is list else self.value
+
+    @functools.cached_property
     def test(self) -> Callable[[Any], bool]:
         """The test of a stored value."""
         return _value_test(self.op, self.value)
@@ -1132,26 +1141,32 @@ def _index_ids(table: Table, f: Filter) -> dict | None:
 def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[dict], list[Filter]]:
     """Records worth testing, in creation order, and the filters still to apply to them.
 
-    Equality filters on indexed fields become an intersection of id sets; else
-    a filter inside `data` is run over that path's value column; else every record.
+    Equality filters on indexed fields become an intersection of id sets (with
+    the other filters on indexed fields, kept by Table.matching); else a filter
+    inside `data` is run over that path's value column; else every record.
     """
     docs = table.docs
-    indexed, rest = [], []
+    indexed, narrowing, rest = [], [], []
     for f in filters:
         ids = _index_ids(table, f)
-        (rest if ids is None else indexed).append((f, ids))
-    if len(indexed) == 1:
-        return map(docs.__getitem__, indexed[0][1]), [f for f, _ in rest]
+        if ids is not None:
+            indexed.append((f, ids))
+        elif len(f.path) == 1 and f.path[0] in table.indexes:
+            narrowing.append(f)  # a cheap test of an indexed field, such as month__gte=6
+        else:
+            rest.append(f)
+    if len(indexed) == 1 and not narrowing:
+        return map(docs.__getitem__, indexed[0][1]), rest
     if indexed:
-        key = tuple(sorted((f.path[0], f.value.__class__.__name__, f.value) for f, _ in indexed))
-        ids = table.intersection(key, [ids for _, ids in indexed])
-        return map(docs.__getitem__, ids), [f for f, _ in rest]
-    for position, (f, _) in enumerate(rest):
+        key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
+        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.predicate for f in narrowing])
+        return map(docs.__getitem__, ids), rest if tested else narrowing + rest
+    rest = narrowing + rest
+    for position, f in enumerate(rest):
         if f.path[0] == "data":
             test, column = f.test, table.column(f.path)
-            remaining = [g for g, _ in rest[:position] + rest[position + 1:]]
-            return (docs[i] for i, value in column.items() if test(value)), remaining
-    return docs.values(), [f for f, _ in rest]
+            return (docs[i] for i, value in column.items() if test(value)), rest[:position] + rest[position + 1:]
+    return docs.values(), rest
 
 
 def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:

@@ -26,11 +26,21 @@ QUERIES = [
      lambda s: s.get("organization") == "BETA" and s["type"] == "threat" and s.get("year") == 2020),
     ({"organization": "ALPHA", "month__gte": "6"},
      lambda s: s.get("organization") == "ALPHA" and isinstance(s.get("month"), int) and s["month"] >= 6),
+    ({"organization": "ALPHA", "month__lt": "6"},
+     lambda s: s.get("organization") == "ALPHA" and isinstance(s.get("month"), int) and s["month"] < 6),
+    ({"organization": "ALPHA", "month__exists": "false"}, lambda s: s.get("organization") == "ALPHA" and "month" not in s),
     ({"anr": "1", "year": "2019"}, lambda s: s.get("anr") == 1 and s.get("year") == 2019),
     ({"organization": "GAMMA", "type": "cartography", "quarter": "4", "anr": "2"},
      lambda s: (s.get("organization"), s["type"], s.get("quarter"), s.get("anr")) == ("GAMMA", "cartography", 4, 2)),
     ({"week": "27", "day__lte": "200", "type": "threat"},
      lambda s: s.get("week") == 27 and isinstance(s.get("day"), int) and s["day"] <= 200 and s["type"] == "threat"),
+    ({"organization__in": "ALPHA,BETA", "type": "risk"},
+     lambda s: s.get("organization") in ("ALPHA", "BETA") and s["type"] == "risk"),
+    ({"type": "threat", "organization__ne": "ALPHA"}, lambda s: s["type"] == "threat" and s.get("organization") != "ALPHA"),
+    ({"year": "2020", "anr__exists": "false"}, lambda s: s.get("year") == 2020 and "anr" not in s),
+    ({"organization": "BETA", "type__istartswith": "RI", "month__lt": "12"},
+     lambda s: s.get("organization") == "BETA" and s["type"].lower().startswith("ri")
+     and isinstance(s.get("month"), int) and s["month"] < 12),
     ({"data__n__lt": "50", "type": "risk"}, lambda s: s["type"] == "risk" and s["data"]["n"] < 50),
 ]
 
