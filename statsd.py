@@ -323,17 +323,19 @@ class Table:
         self.docs = dict(pairs)
         self.by_key = {doc[key]: doc_id for doc_id, doc in pairs}
         for name, ids in self.unique.items():
-            ids.update((doc[name], doc_id) for doc_id, doc in pairs if name in doc)
+            ids.update({doc[name]: doc_id for doc_id, doc in pairs if name in doc})
         for name, index in self.indexes.items():
             canonical: dict = {}
             for doc_id, doc in pairs:
                 value = doc.get(name, MISSING)
-                if value.__class__ in (str, int):
+                if value.__class__ is str:
                     doc[name] = value = canonical.setdefault(value, value)  # one string object per value
-                    bucket = index.ids.get(value)
-                    if bucket is None:
-                        index.ids[value] = bucket = {}
-                    bucket[doc_id] = None
+                elif value.__class__ not in INDEXABLE:
+                    continue
+                bucket = index.ids.get(value)
+                if bucket is None:
+                    index.ids[value] = bucket = {}
+                bucket[doc_id] = None
         for doc_id, doc in pairs:
             if doc.get("updated_at") == doc.get("created_at") and "created_at" in doc:
                 doc["updated_at"] = doc["created_at"]
