@@ -475,9 +475,9 @@ def report(rows, extras, notes, args) -> str:
             "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"]
     out += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in ex_rows]
     if len(sizes) > 1 and all(extras[s].get("post_seq") for s in sizes):
-        a, b = sizes[0], sizes[-1]
-        out += ["", f"POST cost at {b:,} vs {a:,} stats: {extras[b]['post_seq'] / extras[a]['post_seq']:.2f}x"
-                    " (ratio of the sequential medians)."]
+        a = sizes[0]
+        out += ["", "POST cost vs " + f"{a:,} stats (ratio of the sequential medians): " + ", ".join(
+            f"{b:,}: {extras[b]['post_seq'] / extras[a]['post_seq']:.2f}x" for b in sizes[1:]) + "."]
     out += ["", "Notes:",
             "- The read rows run before any write; the POST rows after, so they add stats to the file.",
             "- json-server 0.17.4 has no `_gt` and ignores filters it does not know (`data.score_gt=2`"

@@ -61,21 +61,47 @@ def free_port():
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The port picked for a server was taken by another process."""
+
+
 class ServerProcess:
     """`python statsd.py serve` as a real process on loopback."""
 
     def __init__(self, database, env=None, args=()):
         self.database = str(database)
-        self.port = free_port()
+        self._port = free_port()
+        self.port_fixed = False
         self.env = {**os.environ, "STATSD_RATE_LIMIT": "", **(env or {})}
         self.args = list(args)
         self.proc = None
+
+    @property
+    def port(self):
+        return self._port
+
+    @port.setter
+    def port(self, value):
+        """A port set by a test is kept: a retry on another port would miss what it tests."""
+        self._port, self.port_fixed = value, True
 
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout=20):
+        """Start and wait until this process answers; another free port if the one picked was
+        taken meanwhile (free_port cannot reserve it), unless a test chose the port."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                self.kill()
+                if self.port_fixed or attempt == 2:
+                    raise
+                self._port = free_port()
+
+    def _start(self, timeout):
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "statsd.py"), "serve", "--database", self.database,
              "--port", str(self.port), *self.args],
@@ -83,7 +109,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()}")
+                error = self.proc.stderr.read().decode()
+                if "address already in use" in error:
+                    raise PortTaken(error)
+                raise RuntimeError(f"server exited: {error}")
             try:
                 urllib.request.urlopen(self.url + "/", timeout=1).read()
             except OSError:
@@ -91,7 +120,7 @@ class ServerProcess:
                 continue
             if self._holds_lock():
                 return self
-            raise RuntimeError(f"another process answers on port {self.port}")
+            raise PortTaken(f"another process answers on port {self.port}")
         raise RuntimeError("server did not answer in time")
 
     def _holds_lock(self):
