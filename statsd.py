@@ -465,6 +465,7 @@ class Store:
         self._extra_tables: dict = {}
         self._closing = False
         self._broken: str | None = None
+        self.open_seconds = 0.0  # what the last open took
         self._new_tables()
 
     def _new_tables(self) -> None:
@@ -507,6 +508,7 @@ class Store:
         if self._lock_fd is None:
             self.lock()
         folder = os.path.dirname(os.path.abspath(self.path))
+        started = time.perf_counter()
         replayed = self._load()
         if replayed or not os.path.exists(self.path):
             self._write_checkpoint()
@@ -517,6 +519,7 @@ class Store:
         _fsync_folder(folder)  # the journal's entry must survive a power cut too
         self._journal_size = 0
         self._checkpoint_at = max(self.MIN_CHECKPOINT_BYTES, os.path.getsize(self.path))
+        self.open_seconds = time.perf_counter() - started  # load, journal replay and fold
 
     def _load(self) -> int:
         """Fill memory from the checkpoint and the journal; the number of journal lines.
@@ -2983,8 +2986,9 @@ def cmd_serve(config: Config, args) -> int:
     app = create_app(config, store)
 
     def announce(_aiohttp_banner: str) -> None:  # called once the database is loaded and the port open
-        log.info("statsd %s serving %s (%d stats) on http://%s:%s%s/ (authentication %s, rate limit %s)",
-                 __version__, config.database, len(store.stats.docs), config.host, config.port, API_PREFIX,
+        log.info("statsd %s serving %s (%d stats, loaded in %.2f s) on http://%s:%s%s/ (authentication %s,"
+                 " rate limit %s)", __version__, config.database, len(store.stats.docs), store.open_seconds,
+                 config.host, config.port, API_PREFIX,
                  "on" if config.api_key_authentication else "OFF", config.rate_limit or "off")
     web.run_app(app, host=config.host, port=config.port, print=announce,
                 access_log=logging.getLogger("statsd.access") if args.access_log else None)
