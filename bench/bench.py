@@ -352,6 +352,9 @@ def bench_size(size: int, args, key: str, ceiling: Server, rows: list, extras: d
                 and row["statsd_check"] != row["js_check"]:
             notes.append(f"{size:,} {name}: the answers differ ({checks})")
 
+    for server in (statsd, js):  # json-server may still be writing its file for wrk's last POSTs
+        if server:
+            server.wait_idle()
     ex["batch"] = sequential(statsd.port, "POST", "/api/v2/stats/", batch_body, key, args.batch_runs)
     ex["stop"] = statsd.stop()
     if js:
