@@ -314,6 +314,7 @@ class Table:
 
     MAX_COLUMNS = 8
     MAX_INTERSECTION_IDS = 1_000_000  # about 8 MB of references, at most
+    MAX_INTERSECTIONS = 4096  # combinations kept or seen once, at most
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
         """Fill this empty table with (doc_id, doc) pairs, faster than apply one by one."""
@@ -373,6 +374,9 @@ class Table:
         for other in others:
             found = filter(other.__contains__, found)  # at C speed
         if ids is MISSING:
+            if len(self.intersections) >= self.MAX_INTERSECTIONS:
+                self.intersections.clear()
+                self.intersection_ids = 0
             self.intersections[key] = None  # seen once
             return found, False
         docs = self.docs
@@ -1224,7 +1228,6 @@ def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
         if child.__class__ in CONTAINERS and not _depth_ok(child, limit - 1):
             return False
     return True
-
 
 
 def check_stat_value(name: str, value) -> tuple[Any, str | None]:

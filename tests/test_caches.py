@@ -50,6 +50,7 @@ def shrink_caches(client):
     client.app[statsd.STAT_VIEWS_KEY].MAX = 3
     client.app[statsd.STAT_QUERIES_KEY].MAX = 2
     client.app[statsd.STORE_KEY].stats.MAX_INTERSECTION_IDS = 5
+    client.app[statsd.STORE_KEY].stats.MAX_INTERSECTIONS = 2
 
 
 async def check_queries(client, model, gone, rnd):
@@ -165,6 +166,21 @@ async def test_long_queries_and_host_names_are_not_kept(api):
     resp = await api.get(STATS, headers=key(api.cases))
     assert (await resp.json())["data"][0]["id"] == stat_id
     assert list(views) == [stat_id] and list(queries) == [""]
+
+
+async def test_many_different_filters_without_a_write_keep_bounded_memory(make_client):
+    client = await make_client(api_key_authentication=False)
+    await client.post(ORGS, json={"name": "ALPHA"})
+    resp = await client.post(STATS, json={"organization": "ALPHA", "type": "risk", "data": {}})
+    stat_id = (await resp.json())["id"]
+    table = client.app[statsd.STORE_KEY].stats
+    table.MAX_INTERSECTIONS = 10
+    for n in range(40):  # 40 combinations never asked before, and no write between them
+        resp = await client.get(STATS, params={"organization": "ALPHA", "type": f"t{n}"})
+        assert (await resp.json())["data"] == []
+        assert len(table.intersections) <= 10
+    resp = await client.get(STATS, params={"organization": "ALPHA", "type": "risk"})
+    assert [s["id"] for s in (await resp.json())["data"]] == [stat_id]
 
 
 async def test_a_query_carrying_an_api_key_is_not_kept(api):
