@@ -275,7 +275,7 @@ class Index:
 
     def remove(self, doc_id: int, doc: dict) -> None:
         value = doc.get(self.name, MISSING)
-        bucket = self.ids.get(value) if value is not MISSING and _hashable(value) else None
+        bucket = self.ids.get(value) if _hashable(value) else None
         if bucket is not None:
             bucket.pop(doc_id, None)
             if not bucket:
@@ -375,8 +375,7 @@ class Table:
             found = filter(other.__contains__, found)  # at C speed
         if ids is MISSING:
             if len(self.intersections) >= self.MAX_INTERSECTIONS:
-                self.intersections.clear()
-                self.intersection_ids = 0
+                self.forget_intersections()
             self.intersections[key] = None  # seen once
             return found, False
         docs = self.docs
@@ -384,11 +383,14 @@ class Table:
             found = filter(lambda doc_id, test=test: test(docs[doc_id]), found)
         ids = tuple(found)
         if self.intersection_ids + len(ids) > self.MAX_INTERSECTION_IDS:
-            self.intersections.clear()
-            self.intersection_ids = 0
+            self.forget_intersections()
         self.intersections[key] = ids
         self.intersection_ids += len(ids)
         return ids, True
+
+    def forget_intersections(self) -> None:
+        self.intersections.clear()
+        self.intersection_ids = 0
 
     def get(self, key) -> dict | None:
         doc_id = self.by_key.get(key)
@@ -408,8 +410,7 @@ class Table:
     def apply(self, doc_id: int, doc: dict | None) -> None:
         """Put `doc` under `doc_id` (None deletes it), keeping every index true."""
         if self.intersections:
-            self.intersections.clear()
-            self.intersection_ids = 0
+            self.forget_intersections()
         old = self.docs.get(doc_id)
         if old is not None:
             self.by_key.pop(old.get(self.key), None)

@@ -7,7 +7,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from conftest import assert_error_object, key, new_org
+from conftest import assert_error_object, key, new_org, whole_list
 
 ORGS = "/api/v2/organizations/"
 STATS = "/api/v2/stats/"
@@ -26,11 +26,7 @@ async def error(resp, status):
 
 async def orgs(api, token=None):
     """Every organization, as listed by the admin."""
-    resp = await api.get(ORGS, params={"_limit": "1000"}, headers=key(token or api.admin))
-    assert resp.status == 200
-    body = await resp.json()
-    assert body["has_more"] is False
-    return body["data"]
+    return await whole_list(api, ORGS, token)
 
 
 async def names(api):

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import assert_error_object, key, new_org
+from conftest import assert_error_object, key, new_org, whole_list
 
 STATS = "/api/v2/stats/"
 ISO_MICRO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
@@ -35,11 +35,7 @@ async def create(api, token, body=None, **extra):
 
 async def everything(api, token=None):
     """Every stat the (admin) key sees, as stored."""
-    resp = await api.get(STATS, params={"_limit": "1000"}, headers=key(token or api.admin))
-    assert resp.status == 200
-    body = await resp.json()
-    assert body["has_more"] is False
-    return body["data"]
+    return await whole_list(api, STATS, token)
 
 
 def parse_link(value):
