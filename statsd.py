@@ -19,7 +19,9 @@ import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import hmac
+import bisect
 import gc
 import ipaddress
 import itertools
@@ -58,6 +60,29 @@ MISSING = object()  # a field a record does not have
 def utcnow() -> str:
     """The current UTC time as ISO 8601 with microseconds and no offset."""
     return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def _raw_json(value):
+    """orjson's fallback: bytes are JSON already (a stat's `data` is kept serialized), spliced in as is."""
+    if value.__class__ is bytes:
+        return orjson.Fragment(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(value, option: int = 0) -> bytes:
+    """JSON bytes of `value`, stored records included (their `data` is spliced, not re-encoded)."""
+    return orjson.dumps(value, default=_raw_json, option=option)
+
+
+def stored_data(value) -> bytes:
+    """A stat's `data` as it is kept in memory: its JSON bytes (a fraction of the objects' size)."""
+    return value if value.__class__ is bytes else orjson.dumps(value)
+
+
+def parsed_data(doc: dict):
+    """A stat's `data` as JSON values (MISSING when the record has none)."""
+    value = doc.get("data", MISSING)
+    return orjson.loads(value) if value.__class__ is bytes else value
 
 
 # ---------------------------------------------------------------- config ---
@@ -233,11 +258,17 @@ class AtomicJSONStorage(Storage):
     def __init__(self, path: str):
         self.path = path
 
-    def read(self) -> dict | None:
+    def read_raw(self) -> bytes | None:
+        """The file's bytes, or None when there is no file."""
         try:
             with open(self.path, "rb") as f:
-                raw = f.read()
+                return f.read()
         except FileNotFoundError:
+            return None
+
+    def read(self) -> dict | None:
+        raw = self.read_raw()
+        if raw is None:
             return None
         try:
             data = orjson.loads(raw) if raw.strip() else {}
@@ -250,7 +281,7 @@ class AtomicJSONStorage(Storage):
         return data
 
     def write(self, data: dict) -> None:
-        write_atomically(self.path, orjson.dumps(data))
+        write_atomically(self.path, dumps(data))
 
 
 class Index:
@@ -297,6 +328,50 @@ def _hashable(value) -> bool:
     return value.__class__ in INDEXABLE
 
 
+class Column:
+    """The values of one path of every record, doc_id -> value, filled a chunk at a time."""
+
+    def __init__(self, get: Callable[[dict], Any]):
+        self.get = get
+        self.values: dict[int, Any] = {}
+        self.ready = asyncio.Event()
+        self.filling = False
+        self.complete = False
+        self.changed = False  # a write landed while filling: the order needs restoring
+
+    def put(self, doc_id: int, doc: dict | None) -> None:
+        """Keep the column true for a write (None deletes)."""
+        if doc is None:
+            self.values.pop(doc_id, None)
+        else:
+            self.values[doc_id] = self.get(doc)
+        self.changed = self.changed or self.filling
+
+    async def fill(self, table: "Table", path: tuple) -> None:
+        """Read every record; if this is interrupted, the column is dropped, never left half full."""
+        self.filling = True
+        try:
+            ids = list(table.docs)
+            docs, values, get = table.docs, self.values, self.get
+            for start in range(0, len(ids), table.SCAN_CHUNK):
+                for doc_id in ids[start:start + table.SCAN_CHUNK]:
+                    doc = docs.get(doc_id)
+                    if doc is not None and doc_id not in values:
+                        values[doc_id] = get(doc)
+                if start + table.SCAN_CHUNK < len(ids):
+                    await asyncio.sleep(0)
+            if self.changed:
+                ordered = sorted(values.items())
+                values.clear()
+                values.update(ordered)
+            self.complete = True
+        finally:
+            self.filling = False
+            if not self.complete and table.columns.get(path) is self:
+                del table.columns[path]
+            self.ready.set()
+
+
 class Table:
     """One table: its records in creation order, a primary key and indexes."""
 
@@ -308,9 +383,10 @@ class Table:
         self.by_key: dict[str, int] = {}
         self.unique = {f: {} for f in unique}
         self.indexes = {f: Index(f) for f in indexed}
-        self.columns: dict[tuple, tuple[Callable, dict[int, Any]]] = {}
+        self.columns: dict[tuple, Column] = {}
         self.intersections: dict[tuple, tuple[int, ...] | None] = {}
         self.intersection_ids = 0  # how many ids self.intersections holds
+        self.views: list = []  # kept views of the records (date lists, aggregates): added/removed/load
 
     MAX_COLUMNS = 8
     MAX_INTERSECTION_IDS = 1_000_000  # about 8 MB of references, at most
@@ -340,22 +416,33 @@ class Table:
         for doc_id, doc in pairs:
             if doc.get("updated_at") == doc.get("created_at") and "created_at" in doc:
                 doc["updated_at"] = doc["created_at"]
+        for view in self.views:
+            view.load(pairs)
         self.next_id = max(self.docs, default=0) + 1
 
-    def column(self, path: tuple) -> dict[int, Any]:
+    SCAN_CHUNK = 2000  # records visited between two yields to the event loop
+
+    async def column(self, path: tuple) -> dict[int, Any]:
         """doc_id -> value at `path`, in creation order, kept up to date by apply.
 
         Scanning one compact column is several times faster than visiting
-        every record; the most recently used MAX_COLUMNS paths are kept.
+        every record; the most recently used MAX_COLUMNS paths are kept. A new
+        column is filled SCAN_CHUNK records at a time, giving the loop back in
+        between (a path inside `data` parses each record's JSON).
         """
-        entry = self.columns.pop(path, None)
-        if entry is None:
-            get = _getter(path)
-            entry = (get, {doc_id: get(doc) for doc_id, doc in self.docs.items()})
-            if len(self.columns) >= self.MAX_COLUMNS:
-                del self.columns[next(iter(self.columns))]
-        self.columns[path] = entry
-        return entry[1]
+        while True:
+            entry = self.columns.pop(path, None)
+            if entry is None:
+                entry = Column(_getter(path))
+                if len(self.columns) >= self.MAX_COLUMNS:
+                    del self.columns[next(iter(self.columns))]
+            self.columns[path] = entry
+            if entry.complete:
+                return entry.values
+            if entry.filling:
+                await entry.ready.wait()  # another request fills it; if it gave up, start again
+            else:
+                await entry.fill(self, path)
 
     def matching(self, key: tuple, id_sets: list, tests: list) -> tuple[Iterable[int], bool]:
         """The ids found in every one of `id_sets`, in creation order, and whether `tests` ran.
@@ -370,7 +457,7 @@ class Table:
         if ids.__class__ is tuple:
             return ids, True
         smallest, *others = sorted(id_sets, key=len)
-        found = iter(smallest)
+        found = iter(list(smallest))  # a snapshot: the caller may yield to writers while it reads
         for other in others:
             found = filter(other.__contains__, found)  # at C speed
         if ids is MISSING:
@@ -419,15 +506,17 @@ class Table:
                     del ids[old[name]]
             for index in self.indexes.values():
                 index.remove(doc_id, old)
-        for get, column in self.columns.values():
-            if doc is None:
-                column.pop(doc_id, None)
-            else:
-                column[doc_id] = get(doc)
+        if old is not None:
+            for view in self.views:
+                view.removed(doc_id, old)
+        for column in self.columns.values():
+            column.put(doc_id, doc)
         if doc is None:
             self.docs.pop(doc_id, None)
             return
         self.docs[doc_id] = doc
+        for view in self.views:
+            view.added(doc_id, doc)
         self.next_id = max(self.next_id, doc_id + 1)
         self.by_key[doc[self.key]] = doc_id
         for name, ids in self.unique.items():
@@ -443,14 +532,284 @@ class Table:
 STAT_INDEXED = ("organization", "type", "anr", "year", "quarter", "month", "week", "day")
 
 
+def stat_date(doc: dict) -> str:
+    """A stat's day: its `date`, else its year and day of year, else the day it was created (UTC)."""
+    if "date" in doc:
+        return doc["date"]
+    if "year" in doc and "day" in doc:
+        try:
+            return date.fromordinal(date(doc["year"], 1, 1).toordinal() + doc["day"] - 1).isoformat()
+        except (ValueError, OverflowError):
+            pass
+    return doc["created_at"][:10]
+
+
+class StatDates:
+    """The stats in (date, doc_id) order, per type and per type and organization or analysis.
+
+    A list of one organization's stats of one type over some days then costs
+    what it returns, whatever the size of the table.
+    """
+
+    def __init__(self):
+        self.lists: dict[tuple, list[tuple[str, int]]] = {}
+        self.anrs: dict[tuple, dict] = {}  # (type,) or (type, organization) -> {anr: number of stats}
+
+    @staticmethod
+    def _keys(doc: dict) -> tuple:
+        kind = doc.get("type")
+        return (kind,), (kind, "organization", doc.get("organization")), (kind, "anr", doc.get("anr"))
+
+    def added(self, doc_id: int, doc: dict) -> None:
+        entry = (stat_date(doc), doc_id)
+        for key in self._keys(doc):
+            bisect.insort(self.lists.setdefault(key, []), entry)
+        self._count_anr(doc, 1)
+
+    def removed(self, doc_id: int, doc: dict) -> None:
+        entry = (stat_date(doc), doc_id)
+        for key in self._keys(doc):
+            entries = self.lists.get(key, [])
+            at = bisect.bisect_left(entries, entry)
+            if at < len(entries) and entries[at] == entry:
+                del entries[at]
+                if not entries:
+                    del self.lists[key]
+        self._count_anr(doc, -1)
+
+    def _count_anr(self, doc: dict, change: int) -> None:
+        anr = doc.get("anr")
+        for key in ((doc.get("type"),), (doc.get("type"), doc.get("organization"))):
+            counts = self.anrs.setdefault(key, {})
+            counts[anr] = counts.get(anr, 0) + change
+            if not counts[anr]:
+                del counts[anr]
+                if not counts:
+                    del self.anrs[key]
+
+    def load(self, pairs: list[tuple[int, dict]]) -> None:
+        for doc_id, doc in pairs:
+            entry = (stat_date(doc), doc_id)
+            for key in self._keys(doc):
+                self.lists.setdefault(key, []).append(entry)
+            self._count_anr(doc, 1)
+        for entries in self.lists.values():
+            entries.sort()
+
+    def between(self, kind: str, date_from: str | None, date_to: str | None, *,
+                organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
+        """The doc ids of one type dated within the bounds (inclusive), in creation order."""
+        if anrs is not None:
+            chosen = [self.lists.get((kind, "anr", anr), []) for anr in anrs]
+        else:
+            chosen = [self.lists.get((kind,) if organization is None else (kind, "organization", organization), [])]
+        low, high = (date_from or "",), (date_to or "\uffff", math.inf)
+        return sorted(doc_id for entries in chosen
+                      for _, doc_id in entries[bisect.bisect_left(entries, low):bisect.bisect_right(entries, high)])
+
+    def newest_first(self, kind: str, anr) -> Iterable[int]:
+        """The doc ids of one analysis's stats of this type, latest date first (newest first on a tie)."""
+        return (doc_id for _, doc_id in reversed(self.lists.get((kind, "anr", anr), [])))
+
+
+STAT_MEASURES = ("count", "maxRisk", "averageRate")
+RISK_STATES = ("current", "residual")
+RISK_KINDS = ("informational", "operational")
+RISK_LEVELS = ("Low risks", "Medium risks", "High risks")
+OBJECT_TYPES = ("threat", "vulnerability")  # data: a list of objects, each with the STAT_MEASURES
+EXACT = 1 << 1074  # every finite float is a whole multiple of 1/EXACT, so sums scaled by it are exact
+
+
+_EXACT_CACHE: dict = {}  # value -> exact(value): measures repeat (counts, "2.35" rates)
+
+
+def exact(value) -> int | None:
+    """A finite number, or a numeric string (averageRate is sent as one), times EXACT; else None."""
+    cls = value.__class__
+    if cls is str or cls is int or cls is float:
+        found = _EXACT_CACHE.get(value, MISSING)
+        if found is not MISSING:
+            return found
+    elif cls is bool or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(number):
+        found = None
+    elif cls is int:
+        found = value * EXACT
+    else:
+        numerator, denominator = number.as_integer_ratio()
+        found = numerator << (1075 - denominator.bit_length())  # denominator is a power of two
+    if len(_EXACT_CACHE) >= 100_000:
+        _EXACT_CACHE.clear()
+    _EXACT_CACHE[value] = found
+    return found
+
+
+def risk_measures(data) -> Iterable[tuple[tuple[str, str, str], int]]:
+    """((state, kind, level), exact value) of each of the RISK_LEVELS counted in a risk stat's data."""
+    risks = data.get("risks") if isinstance(data, dict) else None
+    for state in RISK_STATES:
+        by_kind = risks.get(state) if isinstance(risks, dict) else None
+        for kind in RISK_KINDS:
+            levels = by_kind.get(kind) if isinstance(by_kind, dict) else None
+            for level in levels if isinstance(levels, list) else ():
+                if isinstance(level, dict) and level.get("level") in RISK_LEVELS:
+                    value = exact(level.get("value"))
+                    if value is not None:
+                        yield (state, kind, level["level"]), value
+
+
+def add_measures(days: dict, doc: dict, sign: int, labels: dict | None = None) -> None:
+    """Add (sign 1) or take away (-1) a stat's measures in `days`: date -> key -> [number, sums...].
+
+    Keys are object uuids (threats, vulnerabilities: an object counts when it
+    has all STAT_MEASURES) or (state, kind, level) (risks). `labels` keeps, per
+    object, the item of its latest stat (for its labels) and how many stats name it.
+    """
+    kind = doc.get("type")
+    data = parsed_data(doc)
+    if kind in OBJECT_TYPES:
+        found = []
+        for item in data if data.__class__ is list else ():
+            if item.__class__ is dict and "uuid" in item:
+                count, top, rate = exact(item.get("count")), exact(item.get("maxRisk")), exact(item.get("averageRate"))
+                if count is not None and top is not None and rate is not None:
+                    uuid = item["uuid"]
+                    uuid = uuid if uuid.__class__ is str else str(uuid)
+                    found.append((uuid, (count, top, rate)))
+                    if labels is not None:
+                        _count_labels(labels, uuid, item, sign)
+    elif kind == "risk":
+        found = [(key, (value,)) for key, value in risk_measures(data)]
+    else:
+        return
+    if not found:
+        return
+    day = stat_date(doc)
+    bucket = days.get(day)
+    if bucket is None:
+        bucket = days[day] = {}
+    for key, measures in found:
+        sums = bucket.get(key)
+        if sums is None:
+            if sign > 0:  # (a stat is taken away only after it was added)
+                bucket[key] = [1, *measures]
+            continue
+        sums[0] += sign
+        if not sums[0]:
+            del bucket[key]
+        elif sign > 0:
+            for i, value in enumerate(measures, 1):
+                sums[i] += value
+        else:
+            for i, value in enumerate(measures, 1):
+                sums[i] -= value
+    if not bucket:
+        del days[day]
+
+
+def _count_labels(labels: dict, uuid: str, item: dict, sign: int) -> None:
+    """An object's labels are those of its latest stat; it is forgotten with its last stat."""
+    entry = labels.get(uuid)
+    if sign > 0:
+        if entry is None:
+            labels[uuid] = [item, 1]
+        else:
+            entry[0] = item
+            entry[1] += 1
+    elif entry is not None:
+        entry[1] -= 1
+        if not entry[1]:
+            del labels[uuid]
+
+
+def object_labels(labels: dict, uuid: str) -> dict:
+    """label1..label4 of an object, from the item of its latest stat."""
+    entry = labels.get(uuid)
+    item = entry[0] if entry is not None else {}
+    return {f"label{i}": item.get(f"label{i}", "") for i in range(1, 5)}
+
+
+class StatAggregates:
+    """Per type and day, over every organization, the exact sums and counts that the processors average.
+
+    Kept in the same step as every write, so a processor combines the days it
+    covers instead of reading every stat's data. The first count, over the
+    loaded records, runs in the background a chunk at a time (`count_all`);
+    writes meanwhile are counted at once and the count skips them.
+    """
+
+    def __init__(self):
+        self.days: dict[str, dict[str, dict]] = {kind: {} for kind in (*OBJECT_TYPES, "risk")}
+        self.labels: dict[str, list] = {}  # object uuid -> [item of its latest stat, stats naming it]
+        self.version = 0  # changes with every write that changes a sum
+        self._sorted: dict[str, list[str]] = {}
+        self.counted: set | None = set()  # while the first count runs: the doc ids counted so far
+        self.pairs: list = []  # what load gave, for the first count
+        self.ready: asyncio.Event | None = None
+
+    def added(self, doc_id: int, doc: dict) -> None:
+        if self.counted is not None:
+            self.counted.add(doc_id)
+        self._change(doc, 1)
+
+    def removed(self, doc_id: int, doc: dict) -> None:
+        if self.counted is None or doc_id in self.counted:
+            self._change(doc, -1)
+            if self.counted is not None:
+                self.counted.discard(doc_id)
+
+    def _change(self, doc: dict, sign: int) -> None:
+        days = self.days.get(doc.get("type"))
+        if days is not None:
+            before = len(days)
+            add_measures(days, doc, sign, self.labels)
+            self.version += 1
+            if len(days) != before:
+                self._sorted.pop(doc["type"], None)
+
+    def load(self, pairs: list[tuple[int, dict]]) -> None:
+        self.pairs = [pair for pair in pairs if pair[1].get("type") in self.days]
+
+    async def count_all(self, docs: dict) -> None:
+        """Count the loaded records (once), giving the loop back between chunks."""
+        if self.ready is None:
+            self.ready = asyncio.Event()
+            budget, pairs, self.pairs = LoopBudget(), self.pairs, []
+            for doc_id, _ in pairs:
+                doc = docs.get(doc_id)
+                if doc is not None and doc_id not in self.counted:
+                    self.added(doc_id, doc)
+                await budget.spend()
+            self.counted = None
+            self.ready.set()
+        await self.ready.wait()
+
+    def dates(self, kind: str) -> list[str]:
+        """The days that have sums for this type, in order."""
+        found = self._sorted.get(kind)
+        if found is None:
+            found = self._sorted[kind] = sorted(self.days[kind])
+        return found
+
+
 class Store:
     """The database: tables in memory, a journal for durability, a TinyDB file as checkpoint.
 
     A write applies its changes in memory at once, then `commit` appends them
     to the journal as one line and waits for the fsync that covers it;
     concurrent writers share one fsync. When the journal outgrows the last
-    checkpoint, new writes pause, the tables are written to the TinyDB file
-    atomically, and the journal starts empty.
+    checkpoint, the journal is set aside and a fresh one takes new writes
+    while a snapshot of the tables is written to the TinyDB file in a thread;
+    the set-aside journal is deleted once that file is in place.
+
+    Handlers, commands and the dashboard use only the methods under "reading"
+    and "writing" (records by key, lists, aggregates, commit): the seam where a
+    store on an SQL server could take this one's place.
     """
 
     MIN_CHECKPOINT_BYTES = 8 * 1024 * 1024
@@ -458,6 +817,7 @@ class Store:
     def __init__(self, path: str):
         self.path = path
         self.journal_path = path + ".journal"
+        self.folding_path = path + ".journal.folding"  # the journal a running checkpoint replaces
         self.lock_path = path + ".lock"
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
@@ -467,10 +827,12 @@ class Store:
         self._wake: asyncio.Event | None = None
         self._writable: asyncio.Event | None = None
         self._flusher: asyncio.Task | None = None
+        self._checkpointer: asyncio.Task | None = None
         self._extra_tables: dict = {}
         self._closing = False
         self._broken: str | None = None
         self.open_seconds = 0.0  # what the last open took
+        self.last_checkpoint: str | None = None  # UTC time of the last checkpoint written
         self._new_tables()
 
     def _new_tables(self) -> None:
@@ -478,17 +840,116 @@ class Store:
 
     @staticmethod
     def _empty_tables() -> dict[str, Table]:
+        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED)
+        stats.views = [StatDates(), StatAggregates()]
         return {"organizations": Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
-                "stats": Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED)}
+                "stats": stats}
 
     def _use_tables(self, tables: dict[str, Table]) -> None:
         self.tables = tables
         self.orgs, self.stats = tables["organizations"], tables["stats"]
+        self.dates, self.aggregates = self.stats.views
+
+    # reading
+
+    def stat(self, stat_id: str) -> dict | None:
+        """The stat with this id."""
+        return self.stats.get(stat_id)
+
+    def stat_with_uuid(self, uuid: str) -> dict | None:
+        return self.stats.find_unique("uuid", uuid)
+
+    def organization(self, name: str) -> dict | None:
+        return self.orgs.get(name)
+
+    def organization_with_token(self, token_sha256: str) -> dict | None:
+        """The organization whose API key has this SHA-256."""
+        return self.orgs.find_unique("token_sha256", token_sha256)
+
+    def organizations(self) -> list[dict]:
+        """Every organization, in creation order."""
+        return list(self.orgs.docs.values())
+
+    def admins(self) -> list[dict]:
+        """The admin organizations."""
+        return [doc for doc in self.orgs.docs.values() if doc.get("is_admin")]
+
+    def count_stats(self, organization: str | None = None) -> int:
+        """How many stats there are (of one organization)."""
+        if organization is None:
+            return len(self.stats.docs)
+        return len(self.stats.indexes["organization"].lookup(organization))
+
+    async def find(self, table: str, query: "Query") -> tuple[list[dict], bool]:
+        """A page of the records of "stats" or "organizations" that match `query`, and whether more follow."""
+        return await run_query(self.tables[table], query)
+
+    def stats_of(self, *, organization: str | None = None, anr: Any = MISSING) -> list[dict]:
+        """The stats of an organization and/or an analysis, in creation order."""
+        id_sets = []
+        if organization is not None:
+            id_sets.append(self.stats.indexes["organization"].lookup(organization))
+        if anr is not MISSING:
+            id_sets.append(self.stats.indexes["anr"].lookup(anr) if _hashable(anr) else {})
+        smallest, *others = sorted(id_sets, key=len) if id_sets else [self.stats.docs]
+        return [self.stats.docs[i] for i in smallest if all(i in other for other in others)]
+
+    def stats_between(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
+                      organization: str | None = None, anrs: Iterable | None = None) -> list[dict]:
+        """The stats of one type dated within the bounds, of one organization and/or some analyses, by date."""
+        docs = self.stats.docs
+        found = (docs[i] for i in self.dates.between(kind, date_from, date_to, organization=organization, anrs=anrs))
+        if anrs is not None and organization is not None:
+            return [doc for doc in found if doc.get("organization") == organization]
+        return list(found)
+
+    def latest_stats(self, kind: str, *, organization: str | None = None, anrs: Iterable | None = None) -> list[dict]:
+        """Per analysis, its stat of this type with the latest date (the newest of them on a tie)."""
+        docs, found = self.stats.docs, []
+        if anrs is None:
+            anrs = list(self.dates.anrs.get((kind,) if organization is None else (kind, organization), {}))
+        for anr in anrs:
+            for doc_id in self.dates.newest_first(kind, anr):
+                doc = docs[doc_id]  # (an analysis uuid could be sent by another organization too)
+                if organization is None or doc.get("organization") == organization:
+                    found.append(doc)
+                    break
+        return found
+
+    async def measures_by_day(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
+                              organization: str | None = None, anrs: Iterable | None = None) -> list[tuple[str, dict]]:
+        """(day, key -> [count, exact sums...]) of the days with measures, in order (see add_measures).
+
+        Over every organization these are the kept aggregates; for one
+        organization or some analyses, the chosen stats are read, giving the
+        loop back as they are.
+        """
+        await self.aggregates.count_all(self.stats.docs)
+        if organization is None and anrs is None:
+            days, dates = self.aggregates.days.get(kind, {}), self.aggregates.dates(kind)
+            low = bisect.bisect_left(dates, date_from) if date_from else 0
+            high = bisect.bisect_right(dates, date_to) if date_to else len(dates)
+            return [(day, days[day]) for day in dates[low:high]]
+        found: dict[str, dict] = {}
+        budget = LoopBudget()
+        for doc in self.stats_between(kind, date_from, date_to, organization=organization, anrs=anrs):
+            add_measures(found, doc, 1)
+            await budget.spend()
+        return sorted(found.items())
+
+    def stats_after(self, position: int) -> list[tuple[int, dict]]:
+        """(position, stat) of the stats stored after `position` (0: all), in the order they were stored."""
+        return [(doc_id, doc) for doc_id, doc in self.stats.docs.items() if doc_id > position]
+
+    def snapshot(self) -> tuple[list[dict], list[dict]]:
+        """Every organization and every stat as they are at this instant (records are never changed in place)."""
+        return list(self.orgs.docs.values()), list(self.stats.docs.values())
 
     # opening and closing
 
-    def lock(self) -> None:
-        """Take the database for this process, or raise DatabaseLocked at once."""
+    def lock(self, way_out: str = "stop that server first, or make the change through its HTTP API"
+                                  " (/api/v2/organizations/ with an admin key)") -> None:
+        """Take the database for this process, or raise DatabaseLocked at once (naming `way_out`)."""
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
             raise StorageError(f"the folder of the database {self.path} does not exist")
         try:
@@ -502,24 +963,24 @@ class Store:
             os.close(fd)
             raise DatabaseLocked(
                 f"the database {self.path} is in use by another statsd process (pid {holder});"
-                " stop that server first, or make the change through its HTTP API"
-                " (/api/v2/organizations/ with an admin key)") from None
+                f" {way_out}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
     def open(self) -> None:
-        """Lock, load the file, replay and fold the journal, open a fresh journal."""
+        """Lock, load the file, replay and fold the journals, open a fresh journal."""
         if self._lock_fd is None:
             self.lock()
         folder = os.path.dirname(os.path.abspath(self.path))
         started = time.perf_counter()
         replayed = self._load()
         if replayed or not os.path.exists(self.path):
-            self._write_checkpoint()
-        if os.path.exists(self.journal_path):
-            os.unlink(self.journal_path)
-            _fsync_folder(folder)
+            self._write_checkpoint(self._snapshot_tables())
+        for path in (self.folding_path, self.journal_path):
+            if os.path.exists(path):
+                os.unlink(path)
+                _fsync_folder(folder)
         self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         _fsync_folder(folder)  # the journal's entry must survive a power cut too
         self._journal_size = 0
@@ -527,24 +988,15 @@ class Store:
         self.open_seconds = time.perf_counter() - started  # load, journal replay and fold
 
     def _load(self) -> int:
-        """Fill memory from the checkpoint and the journal; the number of journal lines.
+        """Fill memory from the checkpoint and the journals; the number of journal lines.
 
         The tables in use are replaced only once everything was read.
         """
         tables = self._empty_tables()
         gc.disable()  # millions of new objects: collecting meanwhile triples the load time
         try:
-            data = AtomicJSONStorage(self.path).read() or {}
-            extra_tables = {k: v for k, v in data.items() if k not in tables}
-            for name, table in tables.items():
-                pairs = []
-                for doc_id, doc in data.get(name, {}).items():
-                    if not (doc_id.isdigit() and isinstance(doc, dict) and isinstance(doc.get(table.key), str)):
-                        raise StorageError(f"{self.path}: table {name}, document {doc_id} is not a"
-                                           f" statsd record; the file was left untouched")
-                    pairs.append((int(doc_id), doc))
-                table.load(pairs)
-            replayed = self._replay(tables)
+            extra_tables = read_checkpoint(self.path, tables)
+            replayed = sum(self._replay(tables, path) for path in (self.folding_path, self.journal_path))
             self._extra_tables = extra_tables
             self._use_tables(tables)
             return replayed
@@ -552,10 +1004,14 @@ class Store:
             gc.enable()
             gc.freeze()  # the records live long: keep them out of every later collection
 
-    def _replay(self, tables: dict[str, Table]) -> int:
-        """Apply the journal's transactions; cut a torn last line, refuse a corrupt middle."""
+    def _replay(self, tables: dict[str, Table], path: str) -> int:
+        """Apply a journal's transactions; cut a torn last line, refuse a corrupt middle.
+
+        Replaying a transaction that the checkpoint already holds changes
+        nothing, so a journal may overlap the checkpoint.
+        """
         try:
-            with open(self.journal_path, "rb") as f:
+            with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return 0
@@ -567,26 +1023,39 @@ class Store:
                 rest = raw[offset:]
                 if end == -1 or not rest[rest.find(b"\n") + 1:].strip():
                     log.warning("journal %s: dropping a torn last line (%d bytes) left by a crash",
-                                self.journal_path, len(rest))
+                                path, len(rest))
                     break
-                raise StorageError(f"journal {self.journal_path} is corrupt at byte {offset};"
+                raise StorageError(f"journal {path} is corrupt at byte {offset};"
                                    " statsd refuses to guess: restore a backup, or move the journal"
                                    " away to start from the last checkpoint")
             for table, doc_id, doc in ops:
-                tables[table].apply(doc_id, doc)
+                tables[table].apply(doc_id, as_record(table, doc))
             count += 1
             offset = end + 1
         return count
 
-    def _write_checkpoint(self) -> int:
-        data = dict(self._extra_tables)
-        data.update({name: table.dump() for name, table in self.tables.items()})
-        AtomicJSONStorage(self.path).write(data)
+    def _snapshot_tables(self) -> dict[str, list[tuple[int, dict]]]:
+        """The tables at this instant, for a checkpoint: taken on the loop, written in a thread."""
+        return {name: list(table.docs.items()) for name, table in self.tables.items()}
+
+    def _write_checkpoint(self, snapshot: dict[str, list[tuple[int, dict]]]) -> int:
+        write_atomically(self.path, b"".join(checkpoint_lines(self._extra_tables, snapshot)))
+        self.last_checkpoint = utcnow()
         return os.path.getsize(self.path)
 
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes of the database file and of its journals."""
+        sizes = {}
+        for name, path in (("database", self.path), ("journal", self.journal_path), ("folding", self.folding_path)):
+            try:
+                sizes[name] = os.path.getsize(path)
+            except OSError:
+                sizes[name] = 0
+        return sizes
+
     async def start(self) -> None:
-        """Open, then start the task that writes the journal."""
-        self.open()
+        """Open (in a thread: loading a large file takes seconds), then start the task that writes the journal."""
+        await asyncio.get_running_loop().run_in_executor(None, self.open)
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -600,6 +1069,9 @@ class Store:
             self._wake.set()
             await self._flusher
             self._flusher = None
+        if self._checkpointer is not None:
+            await self._checkpointer
+            self._checkpointer = None
         if self._journal_fd is not None and self._broken is not None:
             log.error("not folding the journal into %s: memory may be behind the disk since"
                       " %s; the journal is kept and replayed at the next start", self.path, self._broken)
@@ -607,11 +1079,13 @@ class Store:
             self._journal_fd = None
         if self._journal_fd is not None:
             try:
-                if self._journal_size:  # else the file already holds everything
-                    self._write_checkpoint()
+                if self._journal_size or os.path.exists(self.folding_path):  # else the file holds everything
+                    self._write_checkpoint(self._snapshot_tables())
                 os.ftruncate(self._journal_fd, 0)
                 os.close(self._journal_fd)
-                os.unlink(self.journal_path)
+                for path in (self.journal_path, self.folding_path):
+                    if os.path.exists(path):
+                        os.unlink(path)
             except OSError as e:
                 log.error("could not fold the journal into %s (%s); it is kept and will be"
                           " replayed at the next start", self.path, e)
@@ -623,18 +1097,20 @@ class Store:
     # writing
 
     async def writable(self) -> None:
-        """Wait while a checkpoint is being written."""
+        """Wait while the store reloads after a failed write."""
         if not self._writable.is_set():
             await self._writable.wait()
 
     def apply(self, ops: list[tuple[str, int, dict | None]]) -> asyncio.Future:
-        """Apply `ops` in memory now; the future is done when they are on disk.
+        """Apply `ops` (table, doc_id, record or None) in memory now; the future is done when they are on disk.
 
         Call it with no await between the checks that justify the ops and this call.
         """
         if self._broken is not None:
             raise StorageError(f"the database cannot be written since an earlier failure"
                                f" ({self._broken}); restart statsd")
+        if not self._writable.is_set():
+            raise StorageError("the database is reloading after a failed write; try again")
         line = _encode_journal_line(ops)
         for table, doc_id, doc in ops:
             self.tables[table].apply(doc_id, doc)
@@ -643,18 +1119,35 @@ class Store:
         self._wake.set()
         return future
 
-    async def commit(self, ops: list[tuple[str, int, dict | None]]) -> None:
-        """Apply `ops` and return once they are durable (raises StorageError if not)."""
-        await self.apply(ops)
+    async def commit(self, changes: list[tuple[str, str, dict | None]]) -> None:
+        """Store `changes`, each (table, key, record or None to delete), as one transaction.
+
+        The key is a stat's id or an organization's name. Returns once the
+        changes are durable (raises StorageError if not). Call it with no await
+        between the checks that justify the changes and this call.
+        """
+        ops, new = [], {}
+        for table_name, key, doc in changes:
+            table = self.tables[table_name]
+            doc_id = table.doc_id(key)
+            if doc_id is None:
+                doc_id = new.get((table_name, key))
+            if doc_id is None:
+                if doc is None:
+                    continue
+                doc_id = new[(table_name, key)] = table.new_doc_id()
+            ops.append((table_name, doc_id, doc))
+        if ops:
+            await self.apply(ops)
 
     async def _flush_forever(self) -> None:
-        """The only writer of the journal and the file: one flush or checkpoint at a time."""
+        """The only writer of the journal: one flush at a time; checkpoints run beside it."""
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             await self._flush_pending()
-            if self._journal_size >= self._checkpoint_at and not self._closing:
-                await self._checkpoint()
+            if self._journal_size >= self._checkpoint_at and self._checkpointer is None and not self._closing:
+                self._start_checkpoint()
         await self._flush_pending()
 
     async def _flush_pending(self) -> None:
@@ -665,7 +1158,7 @@ class Store:
             try:
                 await loop.run_in_executor(None, self._append, data)
             except Exception as e:  # noqa: BLE001 - whatever it was, these writes are not on disk
-                self._recover(batch, e)
+                await self._recover(batch, e)
                 continue
             for _, future in batch:
                 if not future.done():
@@ -683,17 +1176,22 @@ class Store:
             raise error
         self._journal_size += len(data)
 
-    def _recover(self, batch, error: Exception) -> None:
-        """A journal write failed: fail every write not on disk and reload what is."""
+    async def _recover(self, batch, error: Exception) -> None:
+        """A journal write failed: fail every write not on disk and reload what is (in a thread)."""
         failed = batch + self._pending
         self._pending = []
         log.error("journal write failed (%s); %d write(s) refused, reloading from disk",
                   error, len(failed))
+        self._writable.clear()  # no write may land in tables about to be replaced
         try:
-            self._load()
+            if self._checkpointer is not None:
+                await asyncio.shield(self._checkpointer)
+            await asyncio.get_running_loop().run_in_executor(None, self._load)
         except Exception as e:  # noqa: BLE001 - memory may now be ahead of the disk
             log.critical("reloading %s failed (%s): refusing every write until restart", self.path, e)
             self._broken = str(e)
+        finally:
+            self._writable.set()
         reason = getattr(error, "strerror", None) or error
         exc = StorageError(f"the database could not be written ({reason});"
                            " nothing of this request was stored", getattr(error, "errno", None))
@@ -701,26 +1199,160 @@ class Store:
             if not future.done():
                 future.set_exception(exc)
 
-    async def _checkpoint(self) -> None:
-        """Pause writers, write the tables to the TinyDB file, empty the journal."""
-        self._writable.clear()
+    def _start_checkpoint(self) -> None:
+        """Set the journal aside, start a fresh one, and write a snapshot of the tables in the background.
+
+        Runs between two flushes, so every line is in one journal or the other;
+        the snapshot holds at least what the set-aside journal holds.
+        """
         try:
-            await self._flush_pending()
-            loop = asyncio.get_running_loop()
-            size = await loop.run_in_executor(None, self._write_checkpoint)
-            os.ftruncate(self._journal_fd, 0)
-            os.fsync(self._journal_fd)
-            self._journal_size = 0
+            if os.path.exists(self.folding_path):  # the last checkpoint failed: add to what it left
+                with open(self.journal_path, "rb") as f:
+                    lines = f.read()
+                fd = os.open(self.folding_path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    _write_all(fd, lines)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.ftruncate(self._journal_fd, 0)  # a crash before this replays the lines twice: harmless
+                os.fsync(self._journal_fd)
+                fd = None
+            else:
+                os.replace(self.journal_path, self.folding_path)
+                fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as e:
+            log.error("checkpoint of %s not started (%s); the journal is kept", self.path, e)
+            self._checkpoint_at = self._journal_size + self.MIN_CHECKPOINT_BYTES
+            return
+        if fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = fd
+        self._journal_size = 0
+        snapshot = self._snapshot_tables()
+        self._checkpointer = asyncio.create_task(self._checkpoint(snapshot))
+
+    async def _checkpoint(self, snapshot: dict) -> None:
+        """Write `snapshot` to the TinyDB file, then drop the set-aside journal."""
+        try:
+            size = await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint, snapshot)
+            os.unlink(self.folding_path)
             self._checkpoint_at = max(self.MIN_CHECKPOINT_BYTES, size)
-        except Exception as e:  # noqa: BLE001 - the journal still holds every write
-            log.error("checkpoint of %s failed (%s); the journal is kept", self.path, e)
+        except Exception as e:  # noqa: BLE001 - both journals still hold every write
+            log.error("checkpoint of %s failed (%s); the journals are kept", self.path, e)
             self._checkpoint_at = self._journal_size + self.MIN_CHECKPOINT_BYTES
         finally:
-            self._writable.set()
+            self._checkpointer = None
+            if self._wake is not None:
+                self._wake.set()
+
+
+def as_record(table: str, doc: dict | None) -> dict | None:
+    """A record read from JSON as it is kept in memory (a stat's `data` serialized)."""
+    if table == "stats" and isinstance(doc, dict) and "data" in doc and doc["data"].__class__ is not bytes:
+        doc["data"] = orjson.dumps(doc["data"])
+    return doc
+
+
+CHECKPOINT_MARK = b'{"_statsd":{"1":{"layout":"one record per line, data last"}},\n'
+
+
+def checkpoint_lines(extra_tables: dict, snapshot: dict[str, list[tuple[int, dict]]]) -> Iterable[bytes]:
+    """The TinyDB file, one record per line with its `data` last, so that loading reads a line at a time."""
+    yield CHECKPOINT_MARK
+    for name, table in extra_tables.items():
+        if name != "_statsd":
+            yield b"%s:%s,\n" % (orjson.dumps(name), dumps(table))
+    for t, (name, pairs) in enumerate(snapshot.items()):
+        yield b"%s:{\n" % orjson.dumps(name)
+        for i, (doc_id, doc) in enumerate(pairs):
+            if "data" in doc:
+                data = stored_data(doc["data"])
+                head = orjson.dumps({k: v for k, v in doc.items() if k != "data"})
+                line = head[:-1] + (b',"data":' if len(head) > 2 else b'"data":') + data + b"}"
+            else:
+                line = dumps(doc)
+            yield b'"%d":%s%s\n' % (doc_id, line, b"," if i + 1 < len(pairs) else b"")
+        yield b"}}\n" if t + 1 == len(snapshot) else b"},\n"
+
+
+def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
+    """Fill `tables` from the TinyDB file (any TinyDB JSON file; fastest in statsd's own layout).
+
+    Returns the file's other tables, which are kept as they are.
+    """
+    storage = AtomicJSONStorage(path)
+    raw = storage.read_raw()
+    if raw is None:
+        return {}
+    rows = _checkpoint_rows(raw) if raw.startswith(CHECKPOINT_MARK) else None
+    if rows is None:
+        data = storage.read() or {}
+        rows = {name: [(doc_id, as_record(name, doc)) for doc_id, doc in table.items()]
+                if name in tables else table for name, table in data.items()}
+    del raw
+    extra = {}
+    for name, rows_of in rows.items():
+        table = tables.get(name)
+        if table is None:
+            extra[name] = rows_of
+            continue
+        pairs = []
+        for doc_id, doc in rows_of:
+            if not (doc_id.isdigit() and isinstance(doc, dict) and isinstance(doc.get(table.key), str)):
+                raise StorageError(f"{path}: table {name}, document {doc_id} is not a"
+                                   f" statsd record; the file was left untouched")
+            pairs.append((int(doc_id), doc))
+        table.load(pairs)
+    return extra
+
+
+def _lines(raw: bytes, start: int) -> Iterable[bytes]:
+    """The lines of `raw` from `start`, one at a time (a list of them all would double the memory)."""
+    while start < len(raw):
+        end = raw.find(b"\n", start)
+        end = len(raw) if end == -1 else end
+        yield raw[start:end]
+        start = end + 1
+
+
+def _checkpoint_rows(raw: bytes) -> dict | None:
+    """name -> [(doc_id, record)] or other table, from a file in statsd's layout; None if it is not."""
+    rows: dict[str, Any] = {}
+    current = None
+    try:
+        for line in _lines(raw, len(CHECKPOINT_MARK)):
+            if current is None:
+                if line.endswith(b":{"):
+                    current = rows[orjson.loads(line[:-2])] = []
+                    continue
+                name, _, value = line.rstrip(b",").partition(b":")
+                rows[orjson.loads(name)] = orjson.loads(value)
+                continue
+            if line in (b"}", b"},", b"}}"):
+                current = None
+                continue
+            line = line.rstrip(b",") if line.endswith(b",") else line
+            colon = line.index(b'":')
+            doc_id, body = line[1:colon].decode(), line[colon + 2:]
+            at = body.find(b',"data":') if body.startswith(b"{") else -1
+            if at == -1 and body.startswith(b'{"data":'):
+                at = 0
+            if at >= 0 and body.endswith(b"}"):
+                doc = orjson.loads(body[:at] + b"}") if at else {}
+                doc["data"] = body[at + 8 if at else 8:-1]
+            else:
+                doc = orjson.loads(body)
+            current.append((doc_id, doc))
+    except (ValueError, KeyError) as e:
+        log.warning("%s: not in statsd's own layout (%s); reading it as plain TinyDB JSON", "checkpoint", e)
+        return None
+    return rows
 
 
 def _encode_journal_line(ops) -> bytes:
-    body = orjson.dumps(ops)
+    body = dumps(ops)
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -792,19 +1424,22 @@ COMPARE_OPS = ("lt", "lte", "gt", "gte")
 OPERATORS = ("exact", "ne", "in", "nin", "exists") + COMPARE_OPS + STRING_OPS
 
 
-def _kind(value) -> int:
-    """Type rank used to compare and order values of mixed types."""
+RANK_MISSING, RANK_NULL, RANK_BOOL, RANK_NUMBER, RANK_STRING, RANK_OTHER = range(6)
+
+
+def _rank(value) -> int:
+    """The rank of a value's type, which orders and separates values of mixed types."""
     if value is MISSING:
-        return 0
+        return RANK_MISSING
     if value is None:
-        return 1
+        return RANK_NULL
     if isinstance(value, bool):
-        return 2
+        return RANK_BOOL
     if isinstance(value, (int, float)):
-        return 3
+        return RANK_NUMBER
     if isinstance(value, str):
-        return 4
-    return 5
+        return RANK_STRING
+    return RANK_OTHER
 
 
 def parse_uuid(value: str) -> str | None:
@@ -924,13 +1559,16 @@ ORG_FIELDS = {
 
 def _getter(path: tuple[str, ...]) -> Callable[[dict], Any]:
     """A function reading a field, or a path inside it, from a record (MISSING if absent)."""
-    if len(path) == 1:
+    if len(path) == 1 and path[0] != "data":
         name = path[0]
         return lambda doc: doc.get(name, MISSING)
+    first, rest = path[0], path[1:]
 
     def get(doc):
-        value = doc
-        for part in path:
+        value = doc.get(first, MISSING)
+        if value.__class__ is bytes:  # a stat's data, kept serialized
+            value = orjson.loads(value)
+        for part in rest:
             if isinstance(value, dict):
                 value = value.get(part, MISSING)
             elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
@@ -945,7 +1583,7 @@ def _getter(path: tuple[str, ...]) -> Callable[[dict], Any]:
 
 def _same(stored, wanted) -> bool:
     """Equality that never confuses types (true is not 1, "1" is not 1)."""
-    return stored == wanted and _kind(stored) == _kind(wanted)
+    return stored == wanted and _rank(stored) == _rank(wanted)
 
 
 NUMBER = (int, float)
@@ -962,8 +1600,8 @@ def _value_test(op: str, value) -> Callable[[Any], bool]:
         exact = _value_test("exact", value)
         return lambda s: not exact(s)
     if op in ("in", "nin"):
-        keyed = {(_kind(v), v) for v in value}
-        hit = lambda s: s is not MISSING and _hashable_or_none(s) and (_kind(s), s) in keyed
+        keyed = {(_rank(v), v) for v in value}
+        hit = lambda s: s is not MISSING and _hashable_or_none(s) and (_rank(s), s) in keyed
         return hit if op == "in" else (lambda s: not hit(s))
     if op == "exists":
         return lambda s: (s is not MISSING) == value
@@ -1018,10 +1656,11 @@ class Filter:
     @functools.cached_property
     def predicate(self) -> Callable[[dict], bool]:
         """The test applied to a whole record."""
-        if len(self.path) == 1 and self.op in COMPARE and self.value.__class__ in NUMBER:
+        direct = len(self.path) == 1 and self.path[0] != "data"  # data is kept serialized
+        if direct and self.op in COMPARE and self.value.__class__ in NUMBER:
             return _number_comparison(self.path[0], self.op, self.value)
         test = self.test
-        if len(self.path) == 1:
+        if direct:
             name = self.path[0]
             return lambda doc: test(doc.get(name, MISSING))
         get = _getter(self.path)
@@ -1033,7 +1672,7 @@ class Query:
     """A parsed list request: filters, order, fields and page."""
 
     filters: list = field(default_factory=list)
-    order_by: list = field(default_factory=list)  # (getter, descending)
+    order_by: list = field(default_factory=list)  # (path, descending)
     fields: list | None = None
     skip: int = 0
     limit: int = 100
@@ -1066,7 +1705,7 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
                 raise bad_request(f"{name}: {raw!r} is above the maximum of {config.max_limit}")
             setattr(query, canonical[1:], number)
         elif name == "_order_by":
-            query.order_by = [_parse_order(part, schema, stored_as) for part in raw.split(",")]
+            query.order_by = _parse_order_by(raw, schema, stored_as)
         elif name == "_fields":
             query.fields = _parse_fields(raw, schema)
         elif name == "api_key" or name in extra:
@@ -1075,6 +1714,8 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
             raise bad_request(f"unknown query parameter {name!r}")
         else:
             _parse_filter(name, raw, schema, query, stored_as)
+            if len(query.filters) > MAX_FILTERS:
+                raise bad_request(f"more than {MAX_FILTERS} filters in one query; narrow it in steps")
     return query
 
 
@@ -1086,18 +1727,35 @@ def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) 
     return (stored_as.get(path[0], path[0]),) + path[1:]
 
 
-def _parse_order(part: str, schema: dict, stored_as: dict[str, str]):
-    descending = part.startswith("-")
-    name = part[1:] if descending else part
-    return _getter(_split_field(name, schema, "_order_by", stored_as)), descending
+MAX_ORDER_KEYS = 4  # fields in one _order_by
+MAX_FILTERS = 20  # filters in one query
+MAX_FIELDS = 32  # names in one _fields
+
+
+def _parse_order_by(raw: str, schema: dict, stored_as: dict[str, str]) -> list[tuple[tuple, bool]]:
+    """(path, descending) of each comma-separated _order_by field: at most MAX_ORDER_KEYS, each once."""
+    order, seen = [], set()
+    for part in raw.split(","):
+        descending = part.startswith("-")
+        path = _split_field(part[1:] if descending else part, schema, "_order_by", stored_as)
+        if path in seen:
+            raise bad_request(f"_order_by names {part.lstrip('-')!r} more than once")
+        seen.add(path)
+        order.append((path, descending))
+    if len(order) > MAX_ORDER_KEYS:
+        raise bad_request(f"_order_by takes at most {MAX_ORDER_KEYS} fields, not {len(order)}")
+    return order
 
 
 def _parse_fields(raw: str, schema: dict) -> list[str]:
+    """The fields of a _fields list, each once: at most MAX_FIELDS names."""
     names = raw.split(",")
+    if len(names) > MAX_FIELDS:
+        raise bad_request(f"_fields takes at most {MAX_FIELDS} names, not {len(names)}")
     for name in names:
         if name not in schema and name not in ("link", "links"):
             raise bad_request(f"unknown field {name!r} in _fields")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: dict[str, str]) -> None:
@@ -1124,16 +1782,18 @@ def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: di
     query.filters.append(Filter(path, op, value))
 
 
-def _order_key(getter):
-    def key(doc):
-        value = getter(doc)
-        kind = _kind(value)
-        if kind == 5:
-            value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        elif kind < 2:
-            value = 0
-        return kind, value
-    return key
+class LoopBudget:
+    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others."""
+
+    def __init__(self, seconds: float = 0.003):
+        self.seconds = seconds
+        self.since = time.perf_counter()
+
+    async def spend(self) -> None:
+        """Call between two small steps of a long task."""
+        if time.perf_counter() - self.since >= self.seconds:
+            await asyncio.sleep(0)
+            self.since = time.perf_counter()
 
 
 def _index_ids(table: Table, f: Filter) -> dict | None:
@@ -1148,14 +1808,25 @@ def _index_ids(table: Table, f: Filter) -> dict | None:
     return None if index is None else index.lookup(f.value)
 
 
-def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[dict], list[Filter]]:
-    """Records worth testing, in creation order, and the filters still to apply to them.
+STEP = 256  # records tested between two looks at the loop budget
+
+
+def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
+    """`ids` in lists of STEP."""
+    if isinstance(ids, (list, tuple)):
+        return (ids[start:start + STEP] for start in range(0, len(ids), STEP))
+    found = iter(ids)
+    return iter(lambda: list(itertools.islice(found, STEP)), [])
+
+
+async def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
+    """Ids worth testing, in creation order and in lists of STEP, and the filters still to apply.
 
     Equality filters on indexed fields become an intersection of id sets (with
     the other filters on indexed fields, kept by Table.matching); else a filter
     inside `data` is run over that path's value column; else every record.
+    Every source is a snapshot, so writes may land while the caller yields.
     """
-    docs = table.docs
     indexed, narrowing, rest = [], [], []
     for f in filters:
         ids = _index_ids(table, f)
@@ -1166,36 +1837,92 @@ def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[dict], li
         else:
             rest.append(f)
     if len(indexed) == 1 and not narrowing:
-        return map(docs.__getitem__, indexed[0][1]), rest
+        return _steps(list(indexed[0][1])), rest
     if indexed:
         key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
         ids, tested = table.matching(key, [ids for _, ids in indexed], [f.predicate for f in narrowing])
-        return map(docs.__getitem__, ids), rest if tested else narrowing + rest
+        return _steps(ids), rest if tested else narrowing + rest
     rest = narrowing + rest
     for position, f in enumerate(rest):
         if f.path[0] == "data":
-            test, column = f.test, table.column(f.path)
-            return (docs[i] for i, value in column.items() if test(value)), rest[:position] + rest[position + 1:]
-    return docs.values(), rest
+            column = await table.column(f.path)
+            ids, values, test = list(column), list(column.values()), f.test
+            steps = (list(itertools.compress(ids[start:start + STEP], map(test, values[start:start + STEP])))
+                     for start in range(0, len(ids), STEP))
+            return steps, rest[:position] + rest[position + 1:]
+    return _steps(list(table.docs)), rest
 
 
-def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
-    """The page of matching records and whether more follow it."""
-    records, remaining = _candidates(table, query.filters)
+def _sort_value(value, descending: bool):
+    """A value as a sort key: by type rank, then value; negated for a descending field."""
+    rank = _rank(value)
+    if rank == RANK_OTHER:
+        value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    elif rank < RANK_BOOL:
+        value = 0
+    if not descending:
+        return rank, value
+    if value.__class__ is str:  # each code point negated; the 1 puts a longer string first
+        return -rank, (*map(operator.neg, map(ord, value)), 1)
+    return -rank, -value
+
+
+async def _sort_key(table: Table, order_by: list) -> Callable[[dict], tuple]:
+    """The key ordering records by `order_by`, ties by primary key; paths inside `data` read their column."""
+    getters = []
+    for path, descending in order_by:
+        if path[0] == "data":
+            column, doc_id = await table.column(path), table.by_key.get
+            key = table.key
+            get = functools.partial(lambda column, doc: column.get(doc_id(doc[key]), MISSING), column)
+        else:
+            get = _getter(path)
+        getters.append((get, descending))
+    key = table.key
+    return lambda doc: (*(_sort_value(get(doc), descending) for get, descending in getters), doc[key])
+
+
+RUN = 4096  # records sorted at once (one sort call must stay short); longer results are merged
+
+
+async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
+    """The page of matching records and whether more follow it.
+
+    Records are tested STEP at a time and the loop is given back whenever its
+    budget is spent. An ordered query sorts runs of RUN records and merges them
+    only as far as the page (skip + limit) reaches.
+    """
+    steps, remaining = await _candidates(table, query.filters)
     predicates = [f.predicate for f in remaining]
-    if len(predicates) == 1:
-        matches = filter(predicates[0], records)
-    elif predicates:
-        matches = (d for d in records if all(p(d) for p in predicates))
-    else:
-        matches = records
-    if query.order_by:
-        ordered = sorted(matches, key=lambda d: d[table.key])
-        for getter, descending in reversed(query.order_by):
-            ordered.sort(key=_order_key(getter), reverse=descending)
-        page = ordered[query.skip:query.skip + query.limit + 1]
-    else:
-        page = list(itertools.islice(matches, query.skip, query.skip + query.limit + 1))
+    wanted = query.skip + query.limit + 1
+    docs, budget = table.docs, LoopBudget()
+    key = await _sort_key(table, query.order_by) if query.order_by else None
+    found, runs, run = [], [], []
+    for ids in steps:
+        records = [doc for doc in map(docs.get, ids) if doc is not None]
+        for predicate in predicates:
+            records = list(filter(predicate, records))
+        if key is None:
+            found += records
+            if len(found) >= wanted:
+                break
+        else:
+            run += [(key(doc), doc) for doc in records]
+            if len(run) >= RUN:
+                run.sort(key=operator.itemgetter(0))
+                runs.append(run)
+                run = []
+        await budget.spend()
+    if key is not None:
+        run.sort(key=operator.itemgetter(0))
+        merged = heapq.merge(*runs, run, key=operator.itemgetter(0)) if runs else iter(run)
+        while len(found) < wanted:
+            more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
+            if not more:
+                break
+            found += more
+            await budget.spend()
+    page = found[query.skip:wanted]
     return page[:query.limit], len(page) > query.limit
 
 
@@ -1310,6 +2037,7 @@ LIMITER_KEY = web.AppKey("limiter", Limiter)
 CALLER_KEY = web.RequestKey("caller", Caller)
 STAT_VIEWS_KEY = web.AppKey("stat_views", object)
 STAT_QUERIES_KEY = web.AppKey("stat_queries", object)
+COUNTING_KEY = web.AppKey("counting", asyncio.Task)  # the first count of the aggregates
 
 
 def client_address(request: web.Request) -> str:
@@ -1370,7 +2098,7 @@ def error_response(request: web.Request, status: int, message: str, errors=None,
         body["Error"] = message  # the key the upstream stats service answers with
     if errors:
         body["errors"] = errors
-    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+    return web.Response(body=dumps(body), status=status, headers=headers,
                         content_type="application/json")
 
 
@@ -1464,7 +2192,7 @@ def sent_keys(request: web.Request) -> list[str]:
 def _caller_for(store: Store, token: str) -> Caller | None:
     """The organization holding `token`; the hash is looked up, then compared in constant time."""
     digest = hash_token(token)
-    org = store.orgs.find_unique("token_sha256", digest)
+    org = store.organization_with_token(digest)
     if org is None or not hmac.compare_digest(org["token_sha256"], digest):
         return None
     return Caller(org["name"], bool(org.get("is_admin")), digest)
@@ -1476,7 +2204,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def json_response(body, status: int = 200, headers=None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status,
+    return web.Response(body=dumps(body), status=status,
                         headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS)
 
 
@@ -1530,7 +2258,7 @@ class StatViews:
         entry = self.entries.get(doc["id"])
         if entry is not None and entry[0] is doc and entry[1] == base:
             return entry[2]
-        view = orjson.dumps(present_stat(base, doc))
+        view = dumps(present_stat(base, doc))
         if len(base) > self.MAX_BASE:
             return view
         if len(self.entries) >= self.MAX:
@@ -1658,7 +2386,10 @@ def ordered_stat(values: dict) -> dict:
     """A stat record with its fields in one stable order."""
     order = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
              "data", "created_at", "updated_at", "id")
-    return {name: values[name] for name in order if name in values}
+    record = {name: values[name] for name in order if name in values}
+    if "data" in record:
+        record["data"] = stored_data(record["data"])
+    return record
 
 
 def new_stat(request: web.Request, body, now: str) -> dict:
@@ -1690,9 +2421,9 @@ def new_stat(request: web.Request, body, now: str) -> dict:
 
 def new_stat_id(request: web.Request) -> str:
     """A fresh id no stored stat holds."""
-    stats: Table = request.app[STORE_KEY].stats
+    store: Store = request.app[STORE_KEY]
     new_id = request.app[IDS_KEY]()
-    while stats.doc_id(new_id) is not None:
+    while store.stat(new_id) is not None:
         new_id = request.app[IDS_KEY]()
     return new_id
 
@@ -1706,22 +2437,20 @@ def _stat_organization(request: web.Request, body: dict, errors: dict) -> str | 
         return caller.organization
     if given is MISSING:
         return None
-    if not isinstance(given, str) or request.app[STORE_KEY].orgs.get(given) is None:
+    if not isinstance(given, str) or request.app[STORE_KEY].organization(given) is None:
         errors["organization"] = f"{given!r} is not an existing organization"
         return None
     return given
 
 
-def visible_stat(request: web.Request) -> tuple[int, dict]:
+def visible_stat(request: web.Request) -> dict:
     """The stat of the URL, if the caller may see it; 404 otherwise."""
     stat_id = request.match_info["id"]
-    stats: Table = request.app[STORE_KEY].stats
-    doc_id = stats.doc_id(stat_id)
-    doc = stats.docs.get(doc_id) if doc_id is not None else None
+    doc = request.app[STORE_KEY].stat(stat_id)
     caller: Caller = request[CALLER_KEY]
     if doc is None or not (caller.sees_all or doc.get("organization") == caller.organization):
         raise ApiError(404, f"Not Found: no stat with id {stat_id!r}")
-    return doc_id, doc
+    return doc
 
 
 def _check_read_only(request: web.Request, body: dict, old: dict, names, path: str, parents=()) -> dict:
@@ -1750,7 +2479,7 @@ async def list_stats(request: web.Request) -> web.Response:
     caller: Caller = request[CALLER_KEY]
     if not caller.sees_all:
         query = replace(query, filters=[Filter(("organization",), "exact", caller.organization), *query.filters])
-    page, more = run_query(request.app[STORE_KEY].stats, query)
+    page, more = await request.app[STORE_KEY].find("stats", query)
     base = base_url(request)
     if query.fields is None:
         views = request.app[STAT_VIEWS_KEY]
@@ -1786,14 +2515,14 @@ async def create_stats(request: web.Request) -> web.Response:
     for i, doc in enumerate(docs):
         if doc["uuid"] in seen:
             conflicts[str(i)] = f"uuid {doc['uuid']} repeats item {seen[doc['uuid']]}"
-        elif store.stats.find_unique("uuid", doc["uuid"]) is not None:
+        elif store.stat_with_uuid(doc["uuid"]) is not None:
             conflicts[str(i)] = f"uuid {doc['uuid']} already exists"
         seen[doc["uuid"]] = i
     if conflicts:
         message = conflicts["0"] if single else \
             f"{len(conflicts)} of {len(items)} stats conflict with stored ones; nothing was stored"
         raise ApiError(409, f"Conflict: {message}", None if single else conflicts)
-    await store.commit([("stats", store.stats.new_doc_id(), doc) for doc in docs])
+    await store.commit([("stats", doc["id"], doc) for doc in docs])
     base = base_url(request)
     if single:
         return json_response(present_stat(base, docs[0]), 201,
@@ -1812,7 +2541,7 @@ async def ready_to_write(request: web.Request) -> Caller:
     await store.writable()
     caller: Caller = request[CALLER_KEY]
     if caller.token_sha256 is not None:
-        org = store.orgs.find_unique("token_sha256", caller.token_sha256)
+        org = store.organization_with_token(caller.token_sha256)
         if org is None:
             raise ApiError(401, "Unauthorized")
         caller = request[CALLER_KEY] = Caller(org["name"], bool(org.get("is_admin")), caller.token_sha256)
@@ -1821,7 +2550,7 @@ async def ready_to_write(request: web.Request) -> Caller:
 
 async def get_stat(request: web.Request) -> web.Response:
     only_params(request)
-    _, doc = visible_stat(request)
+    doc = visible_stat(request)
     return web.Response(body=request.app[STAT_VIEWS_KEY].of(base_url(request), doc), headers=JSON_HEADERS)
 
 
@@ -1833,7 +2562,7 @@ async def update_stat(request: web.Request) -> web.Response:
         raise bad_request("the body must be a JSON object")
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
-    doc_id, old = visible_stat(request)
+    old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
     errors = _check_read_only(request, body, old, ("id", "uuid", "organization", "created_at",
                                                    "updated_at", "link", "links"),
@@ -1849,7 +2578,7 @@ async def update_stat(request: web.Request) -> web.Response:
     kept = {name: old[name] for name in ("id", "uuid", "organization", "created_at") if name in old}
     values = {**kept, **clean} if request.method == "PUT" else {**old, **clean}
     new = ordered_stat({**values, "updated_at": utcnow()})
-    await store.commit([("stats", doc_id, new)])
+    await store.commit([("stats", new["id"], new)])
     return json_response(present_stat(base_url(request), new))
 
 
@@ -1857,8 +2586,8 @@ async def delete_stat(request: web.Request) -> web.Response:
     only_params(request)
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
-    doc_id, _ = visible_stat(request)
-    await store.commit([("stats", doc_id, None)])
+    doc = visible_stat(request)
+    await store.commit([("stats", doc["id"], None)])
     return web.Response(status=204)
 
 
@@ -1889,14 +2618,14 @@ def require_admin(request: web.Request) -> None:
         raise ApiError(403, "Forbidden: only an admin organization may manage organizations")
 
 
-def visible_org(request: web.Request) -> tuple[int, dict]:
+def visible_org(request: web.Request) -> dict:
+    """The organization of the URL, for an admin; 404 if there is none."""
     require_admin(request)
     name = request.match_info["name"]
-    orgs: Table = request.app[STORE_KEY].orgs
-    doc_id = orgs.doc_id(name)
-    if doc_id is None:
+    doc = request.app[STORE_KEY].organization(name)
+    if doc is None:
         raise ApiError(404, f"Not Found: no organization named {name!r}")
-    return doc_id, orgs.docs[doc_id]
+    return doc
 
 
 def org_body(body, errors: dict, *, creating: bool) -> tuple[dict, str | None]:
@@ -1930,7 +2659,7 @@ def org_body(body, errors: dict, *, creating: bool) -> tuple[dict, str | None]:
 def _unused_token_hash(store: Store, token: str) -> str:
     """The hash to store for a new token; 409 if another organization holds it."""
     digest = hash_token(token)
-    if store.orgs.find_unique("token_sha256", digest) is not None:
+    if store.organization_with_token(digest) is not None:
         raise ApiError(409, "Conflict: that token is already in use; choose another one")
     return digest
 
@@ -1938,7 +2667,7 @@ def _unused_token_hash(store: Store, token: str) -> str:
 async def list_orgs(request: web.Request) -> web.Response:
     require_admin(request)
     query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY], stored_as={"id": "name"})
-    page, more = run_query(request.app[STORE_KEY].orgs, query)
+    page, more = await request.app[STORE_KEY].find("organizations", query)
     base = base_url(request)
     return json_response({"data": [present_org(base, d, query.fields) for d in page], "has_more": more})
 
@@ -1958,14 +2687,14 @@ async def create_org(request: web.Request) -> web.Response:
         raise _fail(errors, "organization")
     doc, token = new_organization(store, clean["name"], token, clean.get("is_admin", False))
     base = base_url(request)
-    await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
+    await store.commit([("organizations", doc["name"], doc)])
     return json_response(present_org(base, doc, token=token), 201,
                          {"Location": base + org_path(doc["name"])})
 
 
 def new_organization(store: Store, name: str, token: str | None, is_admin: bool) -> tuple[dict, str]:
     """A new organization record (only its token's hash) and its clear token."""
-    if store.orgs.get(name) is not None:
+    if store.organization(name) is not None:
         raise ApiError(409, f"Conflict: an organization named {name!r} already exists")
     token = token or secrets.token_urlsafe(64)
     now = utcnow()
@@ -1976,7 +2705,7 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
 
 async def get_org(request: web.Request) -> web.Response:
     only_params(request)
-    _, doc = visible_org(request)
+    doc = visible_org(request)
     return json_response(present_org(base_url(request), doc))
 
 
@@ -1988,7 +2717,7 @@ async def update_org(request: web.Request) -> web.Response:
         raise bad_request("the body must be a JSON object")
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
-    doc_id, old = visible_org(request)
+    old = visible_org(request)
     errors = _check_read_only(request, body, {**old, "id": old["name"]},
                               ("id", "name", "created_at", "updated_at", "link"), org_path(old["name"]))
     clean, token = org_body(body, errors, creating=False)
@@ -1999,7 +2728,7 @@ async def update_org(request: web.Request) -> web.Response:
     new = {**old, **clean, "updated_at": utcnow()}
     if token is not None:
         new["token_sha256"] = _unused_token_hash(store, token)
-    await store.commit([("organizations", doc_id, new)])
+    await store.commit([("organizations", new["name"], new)])
     return json_response(present_org(base_url(request), new, token=token))
 
 
@@ -2008,19 +2737,18 @@ async def delete_org(request: web.Request) -> web.Response:
     cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
-    doc_id, doc = visible_org(request)
-    ops = delete_organization_ops(store, doc_id, doc, cascade)
-    await store.commit(ops)
+    doc = visible_org(request)
+    await store.commit(organization_deletion(store, doc["name"], cascade))
     return web.Response(status=204)
 
 
-def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool) -> list:
-    """The ops deleting an organization (and its stats with cascade); 409 if it has stats."""
-    owned = list(store.stats.indexes["organization"].lookup(doc["name"]))
+def organization_deletion(store: Store, name: str, cascade: bool) -> list:
+    """The changes deleting an organization (and its stats with cascade); 409 if it has stats."""
+    owned = store.stats_of(organization=name)
     if owned and not cascade:
-        raise ApiError(409, f"Conflict: organization {doc['name']!r} still has {len(owned)} stat(s);"
+        raise ApiError(409, f"Conflict: organization {name!r} still has {len(owned)} stat(s);"
                             " delete them first, or add ?cascade=true to delete them with it")
-    return [("stats", i, None) for i in owned] + [("organizations", doc_id, None)]
+    return [("stats", d["id"], None) for d in owned] + [("organizations", name, None)]
 
 
 async def index(request: web.Request) -> web.Response:
@@ -2086,13 +2814,15 @@ def _oa_filters(schema: dict) -> dict:
                 properties[f"{name}__{op}"] = {"type": "string"}
             else:
                 properties[f"{name}__{op}"] = value
-    filters = {"type": "object", "properties": properties, "additionalProperties": False}
+    filters = {"type": "object", "properties": properties, "additionalProperties": False,
+               "maxProperties": MAX_FILTERS}
     if "data" in schema:
         ops = "|".join(op for op in OPERATORS if op != "exists")
         filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
                                         "^data(__[A-Za-z0-9]+)*__exists$": {"type": "string", "enum": ["true", "false"]}}
     return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
-            "description": "Filters, combined with AND: `field=value` (exact) or `field__OPERATOR=value`;"
+            "description": f"Filters (at most {MAX_FILTERS}), combined with AND: `field=value` (exact) or"
+                           " `field__OPERATOR=value`;"
                            f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
                            " string operators apply to string fields only"
                            + ("; any path inside `data` is written with double underscores,"
@@ -2108,10 +2838,14 @@ def _oa_list_params(schema: dict, config: Config) -> list:
                                             f" {config.max_limit} (alias: limit)"))]
     order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
     shown = "(" + "|".join([*schema, "link", "links"]) + ")"
-    params.append({"name": "_order_by", "in": "query", "schema": {"type": "string", "pattern": f"^{order}(,{order})*$"},
-                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id)"})
-    params.append({"name": "_fields", "in": "query", "schema": {"type": "string", "pattern": f"^{shown}(,{shown})*$"},
-                   "description": f"comma-separated fields to return (plus id): {names}, link, links"})
+    params.append({"name": "_order_by", "in": "query",
+                   "schema": {"type": "string", "pattern": f"^{order}(,{order}){{0,{MAX_ORDER_KEYS - 1}}}$"},
+                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id);"
+                                  f" at most {MAX_ORDER_KEYS}, each field once (else 400)"})
+    params.append({"name": "_fields", "in": "query",
+                   "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
+                   "description": f"comma-separated fields to return (plus id): {names}, link, links;"
+                                  f" at most {MAX_FIELDS} names"})
     return params + [_oa_filters(schema)]
 
 
@@ -2544,18 +3278,6 @@ def v1_flag(params: dict, name: str) -> bool:
     raise bad_request(f"{name}: {value!r} is not true or false")
 
 
-def stat_date(doc: dict) -> str:
-    """A stat's date for v1: its `date`, else its year and day, else the day it was created (UTC)."""
-    if "date" in doc:
-        return doc["date"]
-    if "year" in doc and "day" in doc:
-        try:
-            return date.fromordinal(date(doc["year"], 1, 1).toordinal() + doc["day"] - 1).isoformat()
-        except (ValueError, OverflowError):
-            pass
-    return doc["created_at"][:10]
-
-
 def months_before(day: date, months: int) -> date:
     """The same day `months` months earlier (the last day of a shorter month)."""
     index = day.year * 12 + day.month - 1 - months
@@ -2566,14 +3288,6 @@ def months_before(day: date, months: int) -> date:
         except ValueError:
             continue
     raise AssertionError(day)
-
-
-def v1_stats_of_type(request: web.Request, kind: str, anrs: set | None, organization: str | None) -> list[dict]:
-    """The stats of one type (of one organization when given, of the anrs when given), in creation order."""
-    stats: Table = request.app[STORE_KEY].stats
-    docs = (stats.docs[i] for i in stats.indexes["type"].lookup(kind))
-    return [d for d in docs if (organization is None or d.get("organization") == organization)
-            and (anrs is None or d.get("anr") in anrs)]
 
 
 def present_v1_stat(doc: dict) -> dict:
@@ -2595,17 +3309,15 @@ async def v1_list_stats(request: web.Request) -> web.Response:
     date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
     offset, limit = v1_count(params, "offset"), v1_count(params, "limit")
     v1_count(params, "group_by_anr", (0, 1))  # accepted and, as upstream, without effect
-    docs = v1_stats_of_type(request, kind, anrs, None if caller.sees_all else caller.organization)
+    store: Store = request.app[STORE_KEY]
+    owner = None if caller.sees_all else caller.organization
     if v1_flag(params, "get_last"):
-        latest: dict = {}
-        for doc in docs:
-            latest[doc.get("anr")] = max(latest.get(doc.get("anr"), ""), stat_date(doc))
-        found = [present_v1_stat(d) for d in docs if stat_date(d) == latest[d.get("anr")]]
+        found = [present_v1_stat(d) for d in store.latest_stats(kind, organization=owner, anrs=anrs)]
         return json_response(v1_page(found, len(found)))
     today = date.today()
     date_from = date_from or months_before(today, V1_DEFAULT_MONTHS).isoformat()
     date_to = date_to or today.isoformat()
-    matching = [d for d in docs if date_from <= stat_date(d) <= date_to]
+    matching = store.stats_between(kind, date_from, date_to, organization=owner, anrs=anrs)
     page = matching[offset:offset + limit] if limit else matching[offset:]
     return json_response(v1_page([present_v1_stat(d) for d in page], len(page), offset, limit))
 
@@ -2652,7 +3364,7 @@ async def v1_create_stats(request: web.Request) -> web.Response:
         except ApiError as e:
             results.append({"index": i, "status": 400, "error": e.message, "errors": e.errors})
             continue
-        if doc["uuid"] in seen or store.stats.find_unique("uuid", doc["uuid"]) is not None:
+        if doc["uuid"] in seen or store.stat_with_uuid(doc["uuid"]) is not None:
             results.append({"index": i, "status": 409, "uuid": doc["uuid"],
                             "error": f"Conflict: uuid {doc['uuid']} already exists"})
             continue
@@ -2660,7 +3372,7 @@ async def v1_create_stats(request: web.Request) -> web.Response:
         docs.append(doc)
         results.append({"index": i, "status": 201, "uuid": doc["uuid"]})
     if docs:
-        await store.commit([("stats", store.stats.new_doc_id(), doc) for doc in docs])
+        await store.commit([("stats", doc["id"], doc) for doc in docs])
     answer = {**v1_page([present_v1_stat(d) for d in docs], len(docs)), "results": results}
     return json_response(answer, 201 if len(docs) == len(body) else 207)
 
@@ -2675,10 +3387,9 @@ async def v1_delete_stats(request: web.Request) -> web.Response:
     store: Store = request.app[STORE_KEY]
     await store.writable()
     caller = v1_caller(request)
-    owned = [i for i in store.stats.indexes["anr"].lookup(anr)
-             if caller.organization is None or store.stats.docs[i].get("organization") == caller.organization]
+    owned = store.stats_of(organization=caller.organization, anr=anr)
     if owned:
-        await store.commit([("stats", i, None) for i in owned])
+        await store.commit([("stats", d["id"], None) for d in owned])
     return web.Response(status=204)
 
 
@@ -2696,7 +3407,7 @@ async def v1_client_me(request: web.Request) -> web.Response:
     only_params(request)
     store: Store = request.app[STORE_KEY]
     key = presented_key(request)
-    org = store.orgs.get(caller.organization) if caller.organization is not None else None
+    org = store.organization(caller.organization) if caller.organization is not None else None
     if request.method == "GET":
         return json_response(client_me_body(org, key))
     body = await read_json(request)
@@ -2714,20 +3425,16 @@ async def v1_client_me(request: web.Request) -> web.Response:
                           " of an existing organization")
     await store.writable()
     caller = v1_caller(request)
-    doc_id = store.orgs.doc_id(caller.organization) if caller.organization is not None else None
-    if doc_id is None:
+    org = store.organization(caller.organization) if caller.organization is not None else None
+    if org is None:
         raise ApiError(403, V1_FORBIDDEN)
-    new = {**store.orgs.docs[doc_id], "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}
-    await store.commit([("organizations", doc_id, new)])
+    new = {**org, "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}
+    await store.commit([("organizations", new["name"], new)])
     return json_response(client_me_body(new, key))
 
 
-# processors: (stats, processor_params) -> data; they aggregate over every organization
-
-STAT_MEASURES = ("count", "maxRisk", "averageRate")
-RISK_STATES = ("current", "residual")
-RISK_KINDS = ("informational", "operational")
-RISK_LEVELS = ("Low risks", "Medium risks", "High risks")
+# processors: (days, labels, processor_params) -> data, from the kept sums of each day
+# (StatAggregates over every organization; a walk over the chosen stats for a narrower choice)
 
 
 def _no_params(params: dict, processor: str) -> None:
@@ -2735,74 +3442,58 @@ def _no_params(params: dict, processor: str) -> None:
         raise bad_request(f"processor_params: {processor} takes no parameter, not {', '.join(params)}")
 
 
-def _number(value) -> float | None:
-    """A finite number, from a number or a numeric string (averageRate is sent as a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
+def _mean(total: int, count: int) -> float:
+    """The mean of `count` numbers whose exact sum (times EXACT) is `total`, correctly rounded."""
+    return total / (EXACT * count)
 
 
-def _means(rows: list[dict]) -> dict:
-    return {name: sum(row[name] for row in rows) / len(rows) for name in STAT_MEASURES}
+def object_averages_on_date(days: list, labels: dict, processor: str, params: dict) -> list:
+    """Per object: the means of its measures per day and over all the days."""
+    _no_params(params, processor)
+    objects: dict[str, tuple[list, list]] = {}
+    for day, bucket in days:
+        for uuid, (count, *sums) in bucket.items():
+            entry = objects.get(uuid)
+            if entry is None:
+                entry = objects[uuid] = ([], [0, 0, 0, 0])
+            entry[0].append({**{name: _mean(total, count) for name, total in zip(STAT_MEASURES, sums)}, "date": day})
+            totals = entry[1]
+            totals[0] += count
+            for i, total in enumerate(sums, 1):
+                totals[i] += total
+    return [{"object": uuid, "labels": object_labels(labels, uuid), "values": values,
+             "averages": {name: _mean(total, totals[0]) for name, total in zip(STAT_MEASURES, totals[1:])}}
+            for uuid, (values, totals) in objects.items()]
 
 
-def threat_average_on_date(stats: list[dict], params: dict) -> list:
+def threat_average_on_date(days: list, labels: dict, params: dict) -> list:
     """Averages of count, maxRisk and averageRate of each threat, per date and overall, across all analyses."""
-    _no_params(params, "threat_average_on_date")
-    objects: dict[str, dict] = {}
-    for doc in stats:
-        day = stat_date(doc)
-        for item in doc["data"] if isinstance(doc["data"], list) else ():
-            if not isinstance(item, dict) or "uuid" not in item:
-                continue
-            measures = {name: _number(item.get(name)) for name in STAT_MEASURES}
-            if None in measures.values():
-                continue
-            entry = objects.setdefault(str(item["uuid"]), {
-                "labels": {f"label{i}": item.get(f"label{i}", "") for i in range(1, 5)}, "dates": {}, "all": []})
-            entry["dates"].setdefault(day, []).append(measures)
-            entry["all"].append(measures)
-    return [{"object": uuid, "labels": entry["labels"],
-             "values": [{**_means(rows), "date": day} for day, rows in sorted(entry["dates"].items())],
-             "averages": _means(entry["all"])} for uuid, entry in objects.items()]
+    return object_averages_on_date(days, labels, "threat_average_on_date", params)
 
 
-def vulnerability_average_on_date(stats: list[dict], params: dict) -> list:
+def vulnerability_average_on_date(days: list, labels: dict, params: dict) -> list:
     """Averages of count, maxRisk and averageRate of each vulnerability, per date and overall, across all analyses."""
-    _no_params(params, "vulnerability_average_on_date")
-    return threat_average_on_date(stats, {})
+    return object_averages_on_date(days, labels, "vulnerability_average_on_date", params)
 
 
-def _risk_values(doc: dict):
-    """(state, kind, level, value) of each level count in a risk stat's data.risks."""
-    risks = doc["data"].get("risks") if isinstance(doc["data"], dict) else None
-    for state in RISK_STATES:
-        by_kind = risks.get(state) if isinstance(risks, dict) else None
-        for kind in RISK_KINDS:
-            levels = by_kind.get(kind) if isinstance(by_kind, dict) else None
-            for level in levels if isinstance(levels, list) else ():
-                value = _number(level.get("value")) if isinstance(level, dict) else None
-                if value is not None and isinstance(level.get("level"), str):
-                    yield state, kind, level["level"], value
+def _risk_means(sums: dict) -> dict:
+    """state -> kind -> level -> mean, 0 for a level nobody counted."""
+    result = {state: {kind: dict.fromkeys(RISK_LEVELS, 0) for kind in RISK_KINDS} for state in RISK_STATES}
+    for (state, kind, level), (count, total) in sums.items():
+        result[state][kind][level] = _mean(total, count)
+    return result
 
 
-def risk_averages(stats: list[dict], params: dict) -> dict:
+def risk_averages(days: list, labels: dict, params: dict) -> dict:
     """Averages of the number of risks per level (current/residual, informational/operational, low/medium/high)."""
     _no_params(params, "risk_averages")
     sums: dict[tuple, list] = {}
-    for doc in stats:
-        for state, kind, level, value in _risk_values(doc):
-            total = sums.setdefault((state, kind, level), [0.0, 0])
-            total[0] += value
-            total[1] += 1
-    result = {state: {kind: dict.fromkeys(RISK_LEVELS, 0) for kind in RISK_KINDS} for state in RISK_STATES}
-    for (state, kind, level), (total, count) in sums.items():
-        result[state][kind][level] = total / count
-    return result
+    for _, bucket in days:
+        for key, (count, total) in bucket.items():
+            entry = sums.setdefault(key, [0, 0])
+            entry[0] += count
+            entry[1] += total
+    return _risk_means(sums)
 
 
 def _risk_selection(params: dict, name: str, choices: tuple) -> tuple:
@@ -2816,7 +3507,7 @@ def _risk_selection(params: dict, name: str, choices: tuple) -> tuple:
     return tuple(choice for choice in choices if choice in parts)
 
 
-def risk_averages_on_date(stats: list[dict], params: dict) -> dict:
+def risk_averages_on_date(days: list, labels: dict, params: dict) -> dict:
     """Averages of the number of risks per level and date. Parameters: risks_type (informational or
     operational), risks_state (current or residual)."""
     unknown = sorted(set(params) - {"risks_type", "risks_state"})
@@ -2825,23 +3516,24 @@ def risk_averages_on_date(stats: list[dict], params: dict) -> dict:
                           " (known: risks_type, risks_state)")
     kinds = _risk_selection(params, "risks_type", RISK_KINDS)
     states = _risk_selection(params, "risks_state", RISK_STATES)
-    sums: dict[tuple, dict] = {}
-    for doc in stats:
-        day = stat_date(doc)
-        for state, kind, level, value in _risk_values(doc):
-            total = sums.setdefault((state, kind, level), {}).setdefault(day, [0.0, 0])
-            total[0] += value
-            total[1] += 1
     result = {state: {kind: {level: [] for level in RISK_LEVELS} for kind in kinds} for state in states}
-    for (state, kind, level), by_day in sums.items():
-        if state in result and kind in result[state]:
-            result[state][kind][level] = [{"date": day, "value": total / count}
-                                          for day, (total, count) in sorted(by_day.items())]
+    for day, bucket in days:
+        for (state, kind, level), (count, total) in bucket.items():
+            if state in result and kind in result[state]:
+                result[state][kind][level].append({"date": day, "value": _mean(total, count)})
     return result
 
 
 V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulnerability_average_on_date,
                                                   risk_averages, risk_averages_on_date)}
+
+
+async def processed_stats(store: Store, kind: str, processor: str, params: dict, *, date_from: str | None = None,
+                          date_to: str | None = None, anrs: set | None = None, organization: str | None = None):
+    """A processor's data over the stats of one type (of one organization, of some analyses) within the dates."""
+    days = await store.measures_by_day(kind, date_from, date_to, organization=organization, anrs=anrs)
+    data = V1_PROCESSORS[processor](days, store.aggregates.labels, params)
+    return data if days else []
 
 
 async def v1_processed(request: web.Request) -> web.Response:
@@ -2861,10 +3553,9 @@ async def v1_processed(request: web.Request) -> web.Response:
         raise bad_request("processor_params must be a JSON object")
     date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
     v1_count(params, "local_stats_only", (0, 1))  # every stat here is local
-    docs = [d for d in v1_stats_of_type(request, kind, anrs, None)
-            if (date_from is None or stat_date(d) >= date_from) and (date_to is None or stat_date(d) <= date_to)]
-    data = V1_PROCESSORS[processor](docs, processor_params)
-    return json_response({"type": kind, "processor": processor, "data": data if docs else []})
+    data = await processed_stats(request.app[STORE_KEY], kind, processor, processor_params,
+                                 date_from=date_from, date_to=date_to, anrs=anrs)
+    return json_response({"type": kind, "processor": processor, "data": data})
 
 
 async def v1_processors(request: web.Request) -> web.Response:
@@ -2929,13 +3620,15 @@ def add_routes(app: web.Application, prefix: str, routes: list) -> None:
 async def _start_store(app: web.Application) -> None:
     store: Store = app[STORE_KEY]
     await store.start()
+    app[COUNTING_KEY] = asyncio.create_task(store.aggregates.count_all(store.stats.docs))
     app[LIMITER_KEY] = Limiter(keyfunc=client_address)
-    if app[CONFIG_KEY].api_key_authentication and not store.orgs.docs:
+    if app[CONFIG_KEY].api_key_authentication and not store.organizations():
         log.warning("no organization yet, so every request will be refused: stop the server and"
                     " run `statsd create-organization NAME --admin` to get an admin key")
 
 
 async def _close_store(app: web.Application) -> None:
+    app[COUNTING_KEY].cancel()
     await app[STORE_KEY].close()
 
 
@@ -2991,7 +3684,7 @@ def cmd_serve(config: Config, args) -> int:
 
     def announce(_aiohttp_banner: str) -> None:  # called once the database is loaded and the port open
         log.info("statsd %s serving %s (%d stats, loaded in %.2f s) on http://%s:%s%s/ (authentication %s,"
-                 " rate limit %s)", __version__, config.database, len(store.stats.docs), store.open_seconds,
+                 " rate limit %s)", __version__, config.database, store.count_stats(), store.open_seconds,
                  config.host, config.port, API_PREFIX,
                  "on" if config.api_key_authentication else "OFF", config.rate_limit or "off")
     web.run_app(app, host=config.host, port=config.port, print=announce,
@@ -3019,7 +3712,7 @@ def cmd_create_org(config: Config, args) -> int:
 
     async def work(store: Store):
         doc, token = new_organization(store, args.name, args.token, args.admin)
-        await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
+        await store.commit([("organizations", doc["name"], doc)])
         return token
     token = _offline(config, work)
     print(f"Created {'admin ' if args.admin else ''}organization {args.name!r} in {config.database}."
@@ -3030,8 +3723,8 @@ def cmd_create_org(config: Config, args) -> int:
 
 def cmd_list_orgs(config: Config, args) -> int:
     async def work(store: Store):
-        return [(d["name"], d["is_admin"], len(store.stats.indexes["organization"].lookup(d["name"])),
-                 d["created_at"]) for d in store.orgs.docs.values()]
+        return [(d["name"], d["is_admin"], store.count_stats(d["name"]), d["created_at"])
+                for d in store.organizations()]
     rows = _offline(config, work)
     print(f"{'NAME':30} {'ADMIN':5} {'STATS':>8}  CREATED_AT")
     for name, is_admin, count, created in rows:
@@ -3041,12 +3734,11 @@ def cmd_list_orgs(config: Config, args) -> int:
 
 def cmd_delete_org(config: Config, args) -> int:
     async def work(store: Store):
-        doc_id = store.orgs.doc_id(args.name)
-        if doc_id is None:
+        if store.organization(args.name) is None:
             raise ConfigError(f"no organization named {args.name!r} in {config.database}")
-        ops = delete_organization_ops(store, doc_id, store.orgs.docs[doc_id], args.cascade)
-        await store.commit(ops)
-        return len(ops) - 1
+        changes = organization_deletion(store, args.name, args.cascade)
+        await store.commit(changes)
+        return len(changes) - 1
     deleted = _offline(config, work)
     print(f"Deleted organization {args.name!r}" + (f" and its {deleted} stat(s)." if deleted else "."))
     return 0
@@ -3062,14 +3754,15 @@ STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
 
 def export_document(store: Store) -> dict:
     """Every organization (token hashes only) and every stat, as stored."""
+    orgs, stats = store.snapshot()
     return {"format": EXPORT_FORMAT, "version": 1, "statsd": __version__, "exported_at": utcnow(),
-            "organizations": list(store.orgs.docs.values()), "stats": list(store.stats.docs.values())}
+            "organizations": orgs, "stats": stats}
 
 
 def cmd_export(config: Config, args) -> int:
     async def work(store: Store):
-        return orjson.dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
-            len(store.orgs.docs), len(store.stats.docs)
+        return dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
+            len(store.organizations()), store.count_stats()
     data, orgs, stats = _offline(config, work)
     if args.output is None:
         sys.stdout.buffer.write(data)
@@ -3171,34 +3864,34 @@ async def import_records(store: Store, orgs: list[dict], stats: list[dict], prog
     counts = {"orgs": 0, "orgs_kept": 0, "stats": 0, "stats_kept": 0}
     new_orgs = []
     for doc in orgs:
-        if store.orgs.get(doc["name"]) is not None:
+        if store.organization(doc["name"]) is not None:
             counts["orgs_kept"] += 1
             continue
-        holder = store.orgs.find_unique("token_sha256", doc["token_sha256"])
+        holder = store.organization_with_token(doc["token_sha256"])
         if holder is not None or any(o["token_sha256"] == doc["token_sha256"] for o in new_orgs):
             raise ConfigError(f"organization {doc['name']!r} has the same API key as another one; nothing"
                               " was imported")
         new_orgs.append({"is_admin": False, **doc})  # no is_sharing_enabled means true
-    known = set(store.orgs.by_key) | {o["name"] for o in new_orgs}
+    known = {o["name"] for o in store.organizations()} | {o["name"] for o in new_orgs}
     orphans = sorted({d["organization"] for d in stats if "organization" in d and d["organization"] not in known})
     if orphans:
         raise ConfigError(f"stats belong to organization(s) that are neither in the file nor in the database:"
                           f" {', '.join(map(repr, orphans))}; nothing was imported")
     if new_orgs:
-        await store.commit([("organizations", store.orgs.new_doc_id(), doc) for doc in new_orgs])
+        await store.commit([("organizations", doc["name"], doc) for doc in new_orgs])
     counts["orgs"] = len(new_orgs)
     ids = IdGenerator()
     for start in range(0, len(stats), IMPORT_CHUNK):
         ops, taken = [], set()
         for doc in stats[start:start + IMPORT_CHUNK]:
-            if store.stats.find_unique("uuid", doc["uuid"]) is not None:
+            if store.stat_with_uuid(doc["uuid"]) is not None:
                 counts["stats_kept"] += 1
                 continue
             stat_id = doc.get("id")
-            while stat_id is None or stat_id in taken or store.stats.doc_id(stat_id) is not None:
+            while stat_id is None or stat_id in taken or store.stat(stat_id) is not None:
                 stat_id = ids()
             taken.add(stat_id)
-            ops.append(("stats", store.stats.new_doc_id(), ordered_stat({**doc, "id": stat_id})))
+            ops.append(("stats", stat_id, ordered_stat({**doc, "id": stat_id})))
         if ops:
             await store.commit(ops)
         counts["stats"] += len(ops)
@@ -3263,10 +3956,8 @@ def read_push_state(path: str) -> dict:
 def push_selection(store: Store, args, after: int, counts: dict) -> list[tuple[int, dict]]:
     """(doc_id, v1 item) of the stats to send: created after `after`, shared, in the dates, expressible in v1."""
     selected = []
-    for doc_id, doc in store.stats.docs.items():
-        if doc_id <= after:
-            continue
-        org = store.orgs.get(doc["organization"]) if "organization" in doc else None
+    for position, doc in store.stats_after(after):
+        org = store.organization(doc["organization"]) if "organization" in doc else None
         day = stat_date(doc)
         if org is not None and not org.get("is_sharing_enabled", True):
             counts["not_shared"] += 1
@@ -3275,7 +3966,7 @@ def push_selection(store: Store, args, after: int, counts: dict) -> list[tuple[i
         elif not isinstance(doc.get("anr"), str) or doc["type"] not in V1_TYPES:
             counts["not_v1"] += 1
         else:
-            selected.append((doc_id, {"uuid": doc["uuid"], "anr": doc["anr"], "type": doc["type"],
+            selected.append((position, {"uuid": doc["uuid"], "anr": doc["anr"], "type": doc["type"],
                                       "date": day, "data": doc["data"]}))
     return selected
 
@@ -3283,7 +3974,7 @@ def push_selection(store: Store, args, after: int, counts: dict) -> list[tuple[i
 async def post_chunk(session, endpoint: str, items: list[dict]) -> tuple[int, int, list[str]]:
     """Send one chunk: (created, already there, refusals); PushFailed when the chunk was not taken."""
     try:
-        async with session.post(endpoint, data=orjson.dumps(items)) as resp:
+        async with session.post(endpoint, data=dumps(items)) as resp:
             text = await resp.text()
             status = resp.status
     except (OSError, TimeoutError, aiohttp.ClientError) as e:

@@ -37,7 +37,7 @@ async def new_org(client, name, admin=False, token=None):
     """Create an organization through the app's real store; return its token."""
     store = client.app[statsd.STORE_KEY]
     doc, token = statsd.new_organization(store, name, token, admin)
-    await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
+    await store.commit([("organizations", doc["name"], doc)])
     return token
 
 

@@ -104,7 +104,10 @@ def check_answer(case, live, who):
         assert any(r["status"] != 201 for r in response.json()["results"])
         checks.remove(negative_data_rejection)
     case.validate_response(response, checks=checks)
-    if positive and who == "admin" and response.status_code in (400, 413, 415):
+    # the one rule of the document a pattern cannot say: each _order_by field at most once
+    twice = response.status_code == 400 and "more than once" in response.json().get("error", "") \
+        and "_order_by" in (case.query or {})
+    if positive and who == "admin" and response.status_code in (400, 413, 415) and not twice:
         raise AssertionError(f"{case.method} {case.formatted_path} refused a request valid per the document:"
                              f" {response.status_code} {response.text[:300]}\n{case.as_curl_command()}")
     return response
