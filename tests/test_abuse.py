@@ -50,12 +50,13 @@ async def test_bodies_over_max_body_size_are_413_with_or_without_content_length(
     async def chunks():
         for i in range(0, len(big), 1000):
             yield big[i:i + 1000]
-    for method, path in (("POST", STATS), ("POST", "/api/v1/stats/")):
-        await refused(client, await client.request(method, path, data=big,
-                                                   headers={"Content-Type": "application/json"}), 413,
-                      "stats" if path == STATS else "stats")
-        await refused(client, await client.request(method, path, data=chunks(),
-                                                   headers={"Content-Type": "application/json"}), 413, "stats")
+    for path in (STATS, "/api/v1/stats/"):  # both answer with the target "stats"
+        for data in (big, chunks()):
+            body = await refused(client, await client.post(path, data=data,
+                                                           headers={"Content-Type": "application/json"}),
+                                 413, "stats")
+            assert "max_body_size (4096 bytes)" in body["error"]
+            assert ("Error" in body) == (path != STATS)  # v1 errors carry the upstream's key too
 
 
 @pytest.mark.parametrize("depth", [65, 2000, 200_000])
@@ -93,12 +94,21 @@ async def test_a_huge_in_list_of_invalid_values_is_a_400(seeded):
 
 
 async def test_invalid_utf8_in_the_query_string_is_handled(seeded):
-    for query in ("type=%ff%fe", "%ff=1", "data__%c3=1", "_order_by=%ff"):
+    """Bytes that are not UTF-8 are read as U+FFFD: a value matches what holds that, a name is unknown."""
+    resp = await seeded.post(STATS, json={"type": "\ufffd\ufffd", "data": {"i": "odd"}}, headers=key(seeded.cases))
+    assert resp.status == 201
+    odd = await resp.json()
+    seeded.before = await snapshot(seeded)
+    for query, found in (("type=%ff%fe", [odd["id"]]), ("type=%ff", []), ("data__%c3=1", [])):
         resp = await seeded.get(STATS + "?" + query, headers=key(seeded.cases))
         ABUSE_CASES.append(query)
-        assert resp.status in (200, 400), await resp.text()
-        if resp.status == 400:
-            await refused(seeded, resp, 400, "stats")
+        assert resp.status == 200, await resp.text()
+        assert [s["id"] for s in (await resp.json())["data"]] == found, query
+    for query, message in (("%ff=1", "unknown field '\ufffd' in filter '\ufffd'"),
+                           ("_order_by=%ff", "unknown field '\ufffd' in _order_by")):
+        resp = await seeded.get(STATS + "?" + query, headers=key(seeded.cases))
+        ABUSE_CASES.append(query)
+        assert (await refused(seeded, resp, 400, "stats"))["error"] == message
 
 
 # ----------------------------------------------------------------- keys ---
@@ -240,13 +250,24 @@ async def test_a_copied_database_file_gives_away_no_token(make_client, db_path, 
 
 
 async def test_keys_are_compared_in_constant_time(monkeypatch, api):
-    """The stored hash is looked up, then compared with hmac.compare_digest (no early exit)."""
+    """The stored hash is looked up, then compared with hmac.compare_digest (no early exit): the
+    comparison takes the stored record's hash and the hash of the key presented, not one hash twice."""
     calls = []
     real = statsd.hmac.compare_digest
     monkeypatch.setattr(statsd.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    stored = api.app[statsd.STORE_KEY].orgs.get("CASES")["token_sha256"]
     assert (await api.get(STATS, headers=key(api.cases))).status == 200
-    assert calls == [(hashlib.sha256(api.cases.encode()).hexdigest(),) * 2]
+    [(a, b)] = calls
+    presented = hashlib.sha256(api.cases.encode()).hexdigest()
+    assert {id(a), id(b)} & {id(stored)}, "the stored hash is not one of the compared values"
+    assert (b if a is stored else a) == presented and (b if a is stored else a) is not stored
+    calls.clear()
+    assert (await api.get(STATS, headers=key(api.cases[:-1] + "x"))).status == 401
+    assert calls == []  # a key whose hash nobody holds is refused without comparing anything
 
 
-def test_report_abuse_cases_tried():
+@pytest.fixture(scope="module", autouse=True)
+def report_abuse_cases_tried():
+    """After the module: how many abuse cases its tests tried (shown with -s)."""
+    yield
     print(f"\nabuse cases tried in this module: {len(ABUSE_CASES)}")

@@ -113,8 +113,14 @@ async def test_bad_organizations_query_is_400_naming_it(api, params, named):
 
 async def test_organizations_list_cannot_be_filtered_on_the_token_hash(api):
     digest = hashlib.sha256(api.cases.encode()).hexdigest()
-    resp = await api.get(ORGS, params={"token_sha256": digest}, headers=key(api.admin))
-    await error(resp, 400)
+    for name in ("token_sha256", "token_sha256__startswith", "token_sha256__exists"):
+        answers = []
+        for value in (digest, digest[:8], "0" * 64, "true"):  # a hash held, a prefix of it, one held by nobody
+            resp = await api.get(ORGS, params={name: value}, headers=key(api.admin))
+            body = await error(resp, 400)
+            assert body["error"] == f"unknown field 'token_sha256' in filter '{name}'"
+            answers.append(body)
+        assert all(answer == answers[0] for answer in answers)  # nothing tells a held hash from another
 
 
 # --------------------------------------------------------------- create ---
@@ -555,6 +561,11 @@ async def test_organizations_filter_and_order_on_id_as_on_name(api):
 
 
 async def test_dot_names_are_refused_since_their_url_would_point_elsewhere(api):
+    before = await names(api)
     for name in (".", ".."):
         resp = await api.post(ORGS, json={"name": name}, headers=key(api.admin))
-        await error(resp, 400)
+        body = await error(resp, 400)
+        assert body["errors"] == {"name": "must not be '.' or '..' (its URL would point elsewhere)"}
+    for name in (".a", "a.", "..."):  # only the two names a URL resolves are refused
+        await create_org(api, {"name": name})
+    assert await names(api) == before + [".a", "a.", "..."]
