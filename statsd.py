@@ -2239,7 +2239,9 @@ def _oa_v1_schemas(config: Config) -> dict:
                 "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
         "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
                      "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
-                                    "role": {"enum": ["admin", "user"]}, "is_sharing_enabled": {"type": "boolean"}}},
+                                    "role": {"enum": [V1_ROLE_USER, V1_ROLE_ADMIN],
+                                             "description": "as upstream: \"1\" user, \"2\" admin"},
+                                    "is_sharing_enabled": {"type": "boolean"}}},
         "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
                           "properties": {"is_sharing_enabled": {"type": "boolean"}}},
     }
@@ -2682,11 +2684,14 @@ async def v1_delete_stats(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+V1_ROLE_USER, V1_ROLE_ADMIN = "1", "2"  # upstream's role numbers, which it answers as strings
+
+
 def client_me_body(org: dict | None, key: str | None) -> dict:
     """client/me as upstream answers it; the token is the key presented (only its hash is stored)."""
     if org is None:
-        return {"name": None, "token": key, "role": "admin", "is_sharing_enabled": True}
-    return {"name": org["name"], "token": key, "role": "admin" if org.get("is_admin") else "user",
+        return {"name": None, "token": key, "role": V1_ROLE_ADMIN, "is_sharing_enabled": True}
+    return {"name": org["name"], "token": key, "role": V1_ROLE_ADMIN if org.get("is_admin") else V1_ROLE_USER,
             "is_sharing_enabled": org.get("is_sharing_enabled", True)}
 
 

@@ -112,10 +112,10 @@ async def test_the_front_office_collection_job(api):
     # 5. the service check and the sharing switch
     resp = await api.get("/api/v1/client/me", headers=monarc(api.cases))
     assert resp.status == 200
-    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "user", "is_sharing_enabled": True}
+    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "1", "is_sharing_enabled": True}
     resp = await api.patch("/api/v1/client/me", json={"is_sharing_enabled": False}, headers=monarc(api.cases))
     assert resp.status == 200  # one of the 200, 201 and 204 the front office takes; statsd answers 200
-    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "user", "is_sharing_enabled": False}
+    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "1", "is_sharing_enabled": False}
     resp = await api.get("/api/v1/client/me", headers=monarc(api.cases))
     assert (await resp.json())["is_sharing_enabled"] is False
 
@@ -404,8 +404,11 @@ async def test_get_last_returns_each_analysis_latest_stats_whatever_the_dates(ap
 # --- client/me ---
 
 async def test_client_me_of_an_admin_says_admin(api):
+    """The role is upstream's number as a string: "2" admin, "1" user."""
     resp = await api.get("/api/v1/client/me", headers=monarc(api.admin))
-    assert await resp.json() == {"name": "admin", "token": api.admin, "role": "admin", "is_sharing_enabled": True}
+    assert await resp.json() == {"name": "admin", "token": api.admin, "role": "2", "is_sharing_enabled": True}
+    doc = await (await api.get("/api/v2/openapi.json")).json()
+    assert doc["components"]["schemas"]["V1Client"]["properties"]["role"]["enum"] == ["1", "2"]
 
 
 async def test_client_me_accepts_its_own_body_back_and_refuses_other_changes(api):
@@ -414,7 +417,7 @@ async def test_client_me_accepts_its_own_body_back_and_refuses_other_changes(api
     resp = await api.patch("/api/v1/client/me", json={**me, "is_sharing_enabled": False}, headers=monarc(api.cases))
     assert resp.status == 200 and (await resp.json())["is_sharing_enabled"] is False
     for bad in ({"is_sharing_enabled": "no"}, {}, {"is_sharing_enabled": True, "name": "RENAMED"},
-                {"is_sharing_enabled": True, "role": "admin"}, [True]):
+                {"is_sharing_enabled": True, "role": "2"}, [True]):
         resp = await api.patch("/api/v1/client/me", json=bad, headers=monarc(api.cases))
         await v1_errors(resp, 400)
     resp = await api.get("/api/v1/client/me", headers=monarc(api.cases))
