@@ -2321,6 +2321,11 @@ def _oa_operations(config: Config) -> dict:
                                   "responses": {**_oa_ok(201, "all stored", _oa_ref("V1Created")),
                                                 **_oa_ok(207, "some items failed", _oa_ref("V1Created")),
                                                 **_oa_errors(*v1_write)}},
+        ("GET", v + "/stats/{anr}/"): {"summary": "MONARC: the caller's stats of an analysis (an admin's: all)",
+                                       "parameters": [anr],
+                                       "responses": {**_oa_ok(200, "the stats, oldest first (none: [])", {
+                                           "type": "array", "items": _oa_ref("V1Stat")}),
+                                           **_oa_errors(*v1)}},
         ("DELETE", v + "/stats/{anr}/"): {"summary": "MONARC: delete the caller's stats of an analysis",
                                           "parameters": [anr],
                                           "responses": {**_oa_ok(204, "deleted (also when there were none)"),
@@ -2667,13 +2672,30 @@ async def v1_create_stats(request: web.Request) -> web.Response:
     return json_response(answer, 201 if len(docs) == len(body) else 207)
 
 
+def v1_path_anr(request: web.Request) -> str:
+    """The analysis UUID of a stats/<anr> URL; 400 if it is none (upstream answers 500)."""
+    anr = parse_uuid(request.match_info["anr"])
+    if anr is None:
+        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
+    return anr
+
+
+async def v1_anr_stats(request: web.Request) -> web.Response:
+    """GET stats/<anr>: the caller's stats of that analysis (an admin's: every organization's), as a list."""
+    caller = v1_caller(request)
+    only_params(request)
+    anr = v1_path_anr(request)
+    stats: Table = request.app[STORE_KEY].stats
+    docs = (stats.docs[i] for i in stats.indexes["anr"].lookup(anr))
+    return json_response([present_v1_stat(d) for d in docs
+                          if caller.sees_all or d.get("organization") == caller.organization])
+
+
 async def v1_delete_stats(request: web.Request) -> web.Response:
     """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
     caller = v1_caller(request)
     only_params(request)
-    anr = parse_uuid(request.match_info["anr"])
-    if anr is None:
-        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
+    anr = v1_path_anr(request)
     store: Store = request.app[STORE_KEY]
     await store.writable()
     caller = v1_caller(request)
@@ -2908,7 +2930,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     v1_routes = [
         ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
         ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
-        ("DELETE", "/stats/{anr}", v1_delete_stats),
+        ("GET", "/stats/{anr}", v1_anr_stats), ("DELETE", "/stats/{anr}", v1_delete_stats),
         ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
     ]
     add_routes(app, V1_PREFIX, v1_routes)

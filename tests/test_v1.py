@@ -290,6 +290,28 @@ async def test_delete_removes_only_the_callers_stats_of_that_analysis(api):
     assert len(await v2_stats(api, api.admin)) == 2
 
 
+async def test_get_by_analysis_answers_the_callers_stats_of_it_and_an_admin_all(api):
+    anr, elsewhere = str(uuid.uuid4()), str(uuid.uuid4())
+    mine = await post(api, api.cases, [{"anr": anr, "type": kind, "date": "2024-05-0" + str(i), "data": i}
+                                       for i, kind in enumerate(("risk", "threat"), 1)])
+    await post(api, api.cases, [{"anr": elsewhere, "type": "risk", "date": today(), "data": "elsewhere"}])
+    theirs = await post(api, api.other, [{"anr": anr, "type": "risk", "date": "2024-05-03", "data": "other"}])
+    for path in (f"/api/v1/stats/{anr}", f"/api/v1/stats/{anr}/", f"/api/v1/stats/{anr.upper()}"):
+        resp = await api.get(path, headers=monarc(api.cases))
+        assert resp.status == 200, await resp.text()
+        assert await resp.json() == mine["data"]  # a list of v1 stats, oldest first, whatever their type or date
+    resp = await api.get(f"/api/v1/stats/{anr}", headers=monarc(api.admin))
+    assert await resp.json() == mine["data"] + theirs["data"]
+    resp = await api.get(f"/api/v1/stats/{uuid.uuid4()}", headers=monarc(api.cases))
+    assert resp.status == 200 and await resp.json() == []
+    resp = await api.get("/api/v1/stats/not-a-uuid", headers=monarc(api.cases))
+    assert "'not-a-uuid' is not an analysis UUID" in (await v1_errors(resp, 400))["Error"]
+    await v1_errors(await api.get(f"/api/v1/stats/{anr}", headers={"User-Agent": MONARC}), 401)
+    await v1_errors(await api.get(f"/api/v1/stats/{anr}", headers=monarc("not-a-key-of-anybody")), 403)
+    resp = await api.get(f"/api/v1/stats/{anr}", params={"type": "risk"}, headers=monarc(api.cases))
+    assert "unknown query parameter 'type'" in (await v1_errors(resp, 400))["Error"]
+
+
 # --- batch POST ---
 
 async def test_a_partly_failing_batch_is_207_with_per_item_results(api):
