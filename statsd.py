@@ -2604,10 +2604,12 @@ async def v1_list_stats(request: web.Request) -> web.Response:
     v1_count(params, "group_by_anr", (0, 1))  # accepted and, as upstream, without effect
     docs = v1_stats_of_type(request, kind, anrs, None if caller.sees_all else caller.organization)
     if v1_flag(params, "get_last"):
-        latest: dict = {}
-        for doc in docs:
-            latest[doc.get("anr")] = max(latest.get(doc.get("anr"), ""), stat_date(doc))
-        found = [present_v1_stat(d) for d in docs if stat_date(d) == latest[d.get("anr")]]
+        latest: dict = {}  # anr -> (position, its latest stat: the last date; of those, the newest)
+        for i, doc in enumerate(docs):  # in creation order, so a full tie keeps the later one
+            best = latest.get(doc.get("anr"))
+            if best is None or (stat_date(doc), doc["created_at"]) >= (stat_date(best[1]), best[1]["created_at"]):
+                latest[doc.get("anr")] = (i, doc)
+        found = [present_v1_stat(doc) for _, doc in sorted(latest.values(), key=operator.itemgetter(0))]
         return json_response(v1_page(found, len(found)))
     today = date.today()
     date_from = date_from or months_before(today, V1_DEFAULT_MONTHS).isoformat()

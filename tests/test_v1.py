@@ -6,6 +6,8 @@ import uuid
 import pytest
 from conftest import assert_error_object, key
 
+import statsd
+
 MONARC = "MONARC/2.13.1"
 TYPES = ("risk", "threat", "vulnerability", "cartography", "compliance")
 V1_STAT_KEYS = {"uuid", "anr", "type", "date", "data"}
@@ -421,6 +423,37 @@ async def test_get_last_returns_each_analysis_latest_stats_whatever_the_dates(ap
     assert body["metadata"] == {"count": "2", "offset": "0", "limit": "0"}
     body = await get(api, api.cases, {"type": "risk", "get_last": True, "anrs": [b]})
     assert [s["data"] for s in body["data"]] == ["b-only"]
+
+
+async def test_get_last_keeps_one_stat_per_analysis_the_newest_of_its_latest_date(api):
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    await post(api, api.cases, [{"anr": a, "type": "risk", "date": "2024-03-01", "data": "a first"},
+                                {"anr": a, "type": "risk", "date": "2024-03-01", "data": "a second"},
+                                {"anr": a, "type": "risk", "date": "2024-01-01", "data": "a older date"},
+                                {"anr": b, "type": "risk", "date": "2024-02-01", "data": "b first"}])
+    await post(api, api.cases, [{"anr": b, "type": "risk", "date": "2024-02-01", "data": "b newer"},
+                                {"anr": a, "type": "threat", "date": "2024-03-01", "data": "a threat"}])
+    body = await get(api, api.cases, {"type": "risk", "get_last": True})
+    assert [s["data"] for s in body["data"]] == ["a second", "b newer"]
+    assert body["metadata"] == {"count": "2", "offset": "0", "limit": "0"}
+    body = await get(api, api.cases, {"type": "threat", "get_last": True})
+    assert [s["data"] for s in body["data"]] == ["a threat"]
+
+
+async def test_get_last_prefers_the_later_created_stat_over_the_later_stored_one(api):
+    """A stat imported or pushed late keeps its created_at: newest means created last."""
+    anr = str(uuid.uuid4())
+    resp = await api.post("/api/v2/stats/", json={"anr": anr, "type": "risk", "date": "2024-03-01", "data": "later"},
+                          headers=key(api.cases))
+    assert resp.status == 201
+    later = await resp.json()
+    store = api.app[statsd.STORE_KEY]
+    older = {**later, "uuid": str(uuid.uuid4()), "id": "f" * 24, "data": "earlier",
+             "created_at": "2001-01-01T00:00:00.000000", "updated_at": "2001-01-01T00:00:00.000000"}
+    del older["link"], older["links"]
+    await store.commit([("stats", store.stats.new_doc_id(), older)])  # stored after, created before
+    body = await get(api, api.cases, {"type": "risk", "get_last": True})
+    assert [s["data"] for s in body["data"]] == ["later"]
 
 
 # --- client/me ---
