@@ -156,15 +156,25 @@ class Config:
                               " e.g. '300/15minutes' (or \"\" to turn rate limiting off)") from None
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+BOOL_WORDS_TEXT = "true/false, 1/0, yes/no or on/off"
+
+
+def parse_bool(raw) -> bool | None:
+    """A boolean written as a word, or None: the one reading of every boolean that comes as text
+    (STATSD_* variables, query parameters such as cascade, /api/v1/ flags); any case."""
+    word = raw.strip().lower() if isinstance(raw, str) else None
+    return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
+
 def _from_env(name: str, raw: str, kind: type):
     """Convert one STATSD_* variable to the type of its key."""
     if kind is bool:
-        word = raw.strip().lower()
-        if word in ("true", "1", "yes"):
-            return True
-        if word in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{name} must be true/false/1/0/yes/no, not {raw!r}")
+        value = parse_bool(raw)
+        if value is None:
+            raise ConfigError(f"{name} must be {BOOL_WORDS_TEXT}, not {raw!r}")
+        return value
     if kind is int:
         try:
             return int(raw.strip())
@@ -891,9 +901,10 @@ def _convert_date(raw: str, name: str):
 
 
 def _convert_bool(raw: str, name: str):
-    if raw not in ("true", "false"):
-        raise bad_request(f"{name}: {raw!r} is not true or false")
-    return raw == "true"
+    value = parse_bool(raw)
+    if value is None:
+        raise bad_request(f"{name}: {raw!r} is not a boolean ({BOOL_WORDS_TEXT})")
+    return value
 
 
 # field name -> (converter of a query value, whether string operators apply)
@@ -2065,8 +2076,14 @@ def _oa_query_values(convert) -> tuple[dict, str]:
                           {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
                                                         r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
     if convert is _convert_bool:
-        return {"type": "string", "enum": ["true", "false"]}, "(true|false)"
+        return _oa_bool(), f"({'|'.join(TRUE_WORDS + FALSE_WORDS)})"
     return {"type": "string"}, "[^,]*"
+
+
+def _oa_bool(description: str = "") -> dict:
+    """A boolean query value: the words parse_bool reads (any case)."""
+    return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS],
+            "description": " ".join(filter(None, (description, f"{BOOL_WORDS_TEXT}, in any case")))}
 
 
 def _oa_filters(schema: dict) -> dict:
@@ -2079,7 +2096,7 @@ def _oa_filters(schema: dict) -> dict:
             if op in STRING_OPS and not strings_ok:
                 continue
             if op == "exists":
-                properties[f"{name}__{op}"] = {"type": "string", "enum": ["true", "false"]}
+                properties[f"{name}__{op}"] = _oa_bool()
             elif op in ("in", "nin"):
                 properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
             elif op in STRING_OPS:
@@ -2090,7 +2107,7 @@ def _oa_filters(schema: dict) -> dict:
     if "data" in schema:
         ops = "|".join(op for op in OPERATORS if op != "exists")
         filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
-                                        "^data(__[A-Za-z0-9]+)*__exists$": {"type": "string", "enum": ["true", "false"]}}
+                                        "^data(__[A-Za-z0-9]+)*__exists$": _oa_bool()}
     return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
             "description": "Filters, combined with AND: `field=value` (exact) or `field__OPERATOR=value`;"
                            f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
@@ -2197,8 +2214,11 @@ def _oa_v1_params(schema: dict) -> dict:
 def _oa_v1_schemas(config: Config) -> dict:
     uuid_s = {"type": "string", "format": "uuid"}
     day = {"type": "string", "format": "date"}
-    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]}
-    zero_one = {"enum": [0, 1]}
+    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
+                      {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
+    zero_one = {"anyOf": [{"enum": [0, 1]}, {"type": "string", "pattern": "^\\s*\\+?[01]\\s*$"}]}
+    count = {"anyOf": [_oa_int(0), {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,18}\\s*$",
+                                    "description": "a numeric string, as PHP sends it"}]}
     processed = []
     for name, func in V1_PROCESSORS.items():
         params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
@@ -2227,7 +2247,7 @@ def _oa_v1_schemas(config: Config) -> dict:
             "type": "object", "additionalProperties": False, "required": ["type"],
             "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
                            "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
-                           "offset": _oa_int(0), "limit": _oa_int(0), "group_by_anr": zero_one}}),
+                           "offset": count, "limit": count, "group_by_anr": zero_one}}),
         "V1Processed": {"oneOf": processed},
         "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
             "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
@@ -2253,8 +2273,8 @@ def _oa_operations(config: Config) -> dict:
                "description": "the stat's id (24 hex characters)"}
     org_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
                 "description": "the organization's name (its id)"}
-    cascade = {"name": "cascade", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]},
-               "description": "true: delete the organization's stats with it"}
+    cascade = {"name": "cascade", "in": "query", "schema": _oa_bool(),
+               "description": "true (or 1, yes, on): delete the organization's stats with it"}
     anr = {"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     location = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
     read, write, item = (400, 401, 429, 500), (400, 401, 409, 413, 415, 429, 500, 503, 507), (404,)
@@ -2488,14 +2508,10 @@ async def v1_params(request: web.Request, allowed: tuple) -> dict:
 
 
 def _v1_query_value(name: str, raw: str):
-    """A query-string value in the type its JSON form would have."""
+    """A query-string value in the type its JSON form would have (numbers and flags stay text:
+    v1_count and v1_flag read text as they do in a body)."""
     if name == "anrs":
         return [item.strip() for item in raw.split(",") if item.strip()]
-    if name in ("offset", "limit", "group_by_anr", "local_stats_only"):
-        number = parse_int(raw)
-        return raw if number is None else number
-    if name == "get_last":
-        return {"true": True, "1": True, "false": False, "0": False}.get(raw.lower(), raw)
     if name == "processor_params":
         try:
             return orjson.loads(raw)
@@ -2537,18 +2553,25 @@ def v1_anrs(params: dict) -> set | None:
 
 
 def v1_count(params: dict, name: str, choices=None) -> int:
+    """An integer parameter: a JSON integer or, as upstream's parser takes, a numeric string (PHP's)."""
     value = params.get(name, 0)
-    if not _is_int(value) or value < 0 or (choices and value not in choices):
+    number = parse_int(value.strip()) if isinstance(value, str) else value
+    if not _is_int(number) or number < 0 or (choices and number not in choices):
         allowed = " or ".join(map(str, choices)) if choices else "a non-negative integer"
         raise bad_request(f"{name}: {value!r} is not {allowed}")
-    return value
+    return number
 
 
 def v1_flag(params: dict, name: str) -> bool:
+    """A flag: true/false, 0/1, or a word parse_bool reads; "" is false, as upstream's parser has it."""
     value = params.get(name, False)
-    if value in (0, 1) and not isinstance(value, float):
+    if isinstance(value, str):
+        flag = parse_bool(value) if value.strip() else False
+        if flag is not None:
+            return flag
+    elif value in (0, 1) and not isinstance(value, float):
         return bool(value)
-    raise bad_request(f"{name}: {value!r} is not true or false")
+    raise bad_request(f"{name}: {value!r} is not true or false ({BOOL_WORDS_TEXT})")
 
 
 def stat_date(doc: dict) -> str:

@@ -275,8 +275,8 @@ def test_an_empty_rate_limit_in_the_environment_turns_it_off(tmp_path):
     assert config.rate_limit == ""
 
 
-@pytest.mark.parametrize("word, value", [("true", True), ("1", True), ("yes", True),
-                                         ("false", False), ("0", False), ("no", False)])
+@pytest.mark.parametrize("word, value", [("true", True), ("1", True), ("yes", True), ("On", True),
+                                         ("false", False), ("0", False), ("no", False), (" OFF ", False)])
 def test_booleans_in_the_environment(tmp_path, word, value):
     path = write_toml(tmp_path / "c.toml", f"api_key_authentication = {str(not value).lower()}\n")
     config = statsd.Config.load(path, environ={"STATSD_API_KEY_AUTHENTICATION": word})

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import assert_error_object, key, new_org, whole_list
 
+import statsd
+
 ORGS = "/api/v2/organizations/"
 STATS = "/api/v2/stats/"
 ISO_MICRO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
@@ -407,8 +409,23 @@ async def test_delete_of_an_organization_without_stats_is_204(api, params):
     assert len(await stats(api)) == 1
 
 
-@pytest.mark.parametrize("params,named", [({"cascade": "yes"}, "cascade"), ({"cascade": "1"}, "cascade"),
-                                          ({"force": "true"}, "force")])
+@pytest.mark.parametrize("word, cascade", [("true", True), ("1", True), ("yes", True), ("on", True), ("TRUE", True),
+                                           ("false", False), ("0", False), ("no", False), ("off", False)])
+async def test_cascade_takes_the_boolean_words_the_config_takes(api, word, cascade):
+    stat = await add_stat(api, api.cases)
+    resp = await api.delete(org_url("CASES"), params={"cascade": word}, headers=key(api.admin))
+    if cascade:
+        assert resp.status == 204
+        assert await names(api) == ["admin", "OTHER"] and await stats(api) == []
+    else:
+        assert "still has 1 stat(s)" in (await error(resp, 409))["error"]
+        assert await names(api) == ["admin", "CASES", "OTHER"] and await stats(api) == [stat]
+    assert statsd.parse_bool(word) is cascade
+    assert statsd.Config.load(environ={"STATSD_API_KEY_AUTHENTICATION": word}).api_key_authentication is cascade
+
+
+@pytest.mark.parametrize("params,named", [({"cascade": "maybe"}, "cascade"), ({"cascade": "2"}, "cascade"),
+                                          ({"cascade": ""}, "cascade"), ({"force": "true"}, "force")])
 async def test_delete_with_a_bad_parameter_is_400_and_deletes_nothing(api, params, named):
     stat = await add_stat(api, api.cases)
     resp = await api.delete(org_url("CASES"), params=params, headers=key(api.admin))

@@ -387,6 +387,28 @@ async def test_bad_parameters_are_400(api, params, query, reason):
     assert "data" not in body and "metadata" not in body
 
 
+async def test_strings_from_php_are_read_as_upstream_reads_them(api):
+    """PHP sends numbers and booleans as strings: numeric strings for offset, limit, group_by_anr and
+    local_stats_only, and "true"/"false" (and 1/0, "" for false) for get_last, in the JSON body."""
+    anr = str(uuid.uuid4())
+    await post(api, api.cases, [{"anr": anr, "type": "risk", "date": today(), "data": i} for i in range(5)])
+    body = await get(api, api.cases, {"type": "risk", "offset": "1", "limit": " 2 ", "group_by_anr": "1"})
+    assert body["metadata"] == {"count": "2", "offset": "1", "limit": "2"}
+    assert [s["data"] for s in body["data"]] == [1, 2]
+    for word, last in (("true", True), ("TRUE", True), ("1", True), ("on", True), (1, True), (True, True),
+                       ("false", False), ("0", False), ("", False), (0, False), (False, False)):
+        body = await get(api, api.cases, {"type": "risk", "get_last": word, "limit": "3"})
+        assert [s["data"] for s in body["data"]] == ([4] if last else [0, 1, 2]), word
+    data = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages", "local_stats_only": "0"})
+    assert data["current"]["informational"] == {"Low risks": 0, "Medium risks": 0, "High risks": 0}
+    for params, reason in (({"offset": "1.5"}, "offset: '1.5' is not"), ({"limit": "ten"}, "limit: 'ten' is not"),
+                           ({"limit": "-1"}, "limit: '-1' is not"), ({"group_by_anr": "2"}, "group_by_anr: '2'"),
+                           ({"get_last": "2"}, "get_last: '2' is not"), ({"get_last": 2}, "get_last: 2 is not"),
+                           ({"get_last": []}, "get_last: [] is not"), ({"colour": "1"}, "unknown parameter(s): colour")):
+        resp = await api.get("/api/v1/stats/", json={"type": "risk", **params}, headers=monarc(api.cases))
+        assert reason in (await v1_errors(resp, 400))["Error"]
+
+
 async def test_without_dates_the_last_three_months_are_read(api):
     now = datetime.date.today()
     anr = str(uuid.uuid4())
