@@ -2541,13 +2541,12 @@ def v1_anrs(params: dict) -> set | None:
     wanted = params.get("anrs", [])
     if not isinstance(wanted, list):
         raise bad_request("anrs must be a list of analysis UUIDs")
-    if "anr" in params:
-        wanted = [*wanted, params["anr"]]
+    named = [("anrs", value) for value in wanted] + ([("anr", params["anr"])] if "anr" in params else [])
     anrs = set()
-    for value in wanted:
+    for name, value in named:
         parsed = parse_uuid(value)
         if parsed is None:
-            raise bad_request(f"anrs: {value!r} is not a UUID")
+            raise bad_request(f"{name}: {value!r} is not an analysis UUID")
         anrs.add(parsed)
     return anrs or None
 
@@ -2651,8 +2650,8 @@ def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
     for name in ("anr", "type", "date", "data"):
         if name not in item:
             errors[name] = "is required"
-    if "anr" in clean and not isinstance(clean["anr"], str):
-        errors["anr"] = "must be a UUID string"
+    if "anr" in item and parse_uuid(item["anr"]) is None:
+        errors["anr"] = "must be the analysis' UUID, as a string"  # v1 has no integer anrs
     if "type" in clean and clean["type"] not in V1_TYPES:
         errors["type"] = f"must be one of {', '.join(V1_TYPES)}"
     if errors:

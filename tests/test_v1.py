@@ -346,6 +346,16 @@ async def test_an_empty_batch_is_201_and_a_non_list_body_is_400(api):
     assert await v2_stats(api, api.cases) == []
 
 
+async def test_a_bad_v1_anr_is_called_a_uuid_not_an_integer_or_uuid(api):
+    items = [{"anr": bad, "type": "risk", "date": today(), "data": 1} for bad in ("", "x", 12, None, [])]
+    body = await post(api, api.cases, items, 207)
+    for result in body["results"]:
+        assert result["status"] == 400
+        assert result["errors"]["anr"] == "must be the analysis' UUID, as a string"
+        assert "integer" not in result["error"]
+    assert await v2_stats(api, api.cases) == []
+
+
 async def test_a_batch_may_carry_uuids_and_integer_anrs_are_refused(api):
     given = str(uuid.uuid4())
     body = await post(api, api.cases, [{"uuid": given, "anr": str(uuid.uuid4()), "type": "risk", "date": today(),
@@ -373,7 +383,8 @@ async def test_parameters_work_in_the_query_string_as_in_the_body(api):
     ({"type": "risk", "colour": 1}, {}, "unknown parameter(s): colour"),
     ({"type": "risk"}, {"type": "risk"}, "'type' is given both in the body and in the query string"),
     ({"type": "risk", "date_from": "2024-13-01"}, {}, "date_from: '2024-13-01' is not a date"),
-    ({"type": "risk", "anrs": ["x"]}, {}, "anrs: 'x' is not a UUID"),
+    ({"type": "risk", "anrs": ["x"]}, {}, "anrs: 'x' is not an analysis UUID"),
+    ({"type": "risk", "anr": ""}, {}, "anr: '' is not an analysis UUID"),
     ({"type": "risk", "anrs": "abc"}, {}, "anrs must be a list"),
     ({"type": "risk", "limit": -1}, {}, "limit: -1 is not a non-negative integer"),
     ({"type": "risk", "get_last": "maybe"}, {}, "get_last: 'maybe' is not true or false"),
