@@ -1474,7 +1474,10 @@ def sent_keys(request: web.Request) -> list[str]:
 
 def _caller_for(store: Store, token: str) -> Caller | None:
     """The organization holding `token`; the hash is looked up, then compared in constant time."""
-    digest = hash_token(token)
+    try:
+        digest = hash_token(token)
+    except UnicodeEncodeError:  # header bytes that are not UTF-8 (kept as surrogates): no key holds them
+        return None
     org = store.orgs.find_unique("token_sha256", digest)
     if org is None or not hmac.compare_digest(org["token_sha256"], digest):
         return None

@@ -5,11 +5,13 @@ import hashlib
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
-from conftest import ServerProcess, assert_error_object, key, new_org
+from conftest import ROOT, ServerProcess, assert_error_object, key, new_org
 
 import statsd
 
@@ -120,6 +122,35 @@ async def test_keys_with_odd_characters_are_401(seeded, value):
     await refused(seeded, resp, 401, "stats")
     resp = await seeded.post(STATS, params={"api_key": value}, json={"type": "t", "data": 1})
     await refused(seeded, resp, 401, "stats")
+
+
+def test_a_key_that_is_not_utf8_is_refused_without_a_traceback(tmp_path):
+    """Raw header bytes (é in Latin-1, a lone continuation byte, a truncated sequence) are no key."""
+    database = tmp_path / "statsd.json"
+    created = subprocess.run([sys.executable, str(ROOT / "statsd.py"), "create-organization", "ADMIN", "--admin",
+                              "--database", str(database)], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    srv = ServerProcess(database).start()
+    try:
+        for raw in (b"caf\xe9", b"\x80\x80\x80\x80", b"\xe2\x82", created.stdout.splitlines()[-1].encode() + b"\xe9"):
+            for path, status, message in (("/api/v2/stats/", 401, "Unauthorized"),
+                                          ("/api/v1/stats/?type=risk", 403, "Forbidden - Authentication failed."),
+                                          ("/api/v1/client/me", 403, "Forbidden - Authentication failed.")):
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nX-API-KEY: " + raw
+                                 + b"\r\nConnection: close\r\n\r\n")
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 %d " % status), (raw, path, head)
+                assert b"Content-Type: application/json" in head
+                assert json.loads(body)["error"] == message
+                ABUSE_CASES.append("non-utf8 key")
+    finally:
+        srv.stop()
+    log = srv.proc.stderr.read().decode()
+    assert "Traceback" not in log and "ERROR" not in log, log
 
 
 async def test_two_keys_at_once_are_401_even_when_one_is_valid(seeded):
