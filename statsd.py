@@ -1878,6 +1878,7 @@ async def delete_stat(request: web.Request) -> web.Response:
 
 ORG_NAME_MAX = 120
 TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")
+TOKEN_RULE = "16 to 512 visible ASCII characters (no spaces)"
 
 
 def check_org_name(name) -> str | None:
@@ -1894,7 +1895,7 @@ def check_org_name(name) -> str | None:
 def check_token(token) -> str | None:
     """What is wrong with a token chosen by a person, or None."""
     if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
-        return "must be 16 to 512 visible ASCII characters (no spaces)"
+        return f"must be {TOKEN_RULE}"
     return None
 
 
@@ -2028,12 +2029,13 @@ async def delete_org(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool) -> list:
+def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool,
+                            cascade_hint: str = "add ?cascade=true") -> list:
     """The ops deleting an organization (and its stats with cascade); 409 if it has stats."""
     owned = list(store.stats.indexes["organization"].lookup(doc["name"]))
     if owned and not cascade:
         raise ApiError(409, f"Conflict: organization {doc['name']!r} still has {len(owned)} stat(s);"
-                            " delete them first, or add ?cascade=true to delete them with it")
+                            f" delete them first, or {cascade_hint} to delete them with it")
     return [("stats", i, None) for i in owned] + [("organizations", doc_id, None)]
 
 
@@ -3015,14 +3017,14 @@ def build_parser() -> argparse.ArgumentParser:
     create = command("create-organization", cmd_create_org,
                      "Create an organization and print its API key on the last line.")
     create.add_argument("name", metavar="NAME")
-    create.add_argument("--token", help="the API key to use (at least 16 characters; default: a random one)")
+    create.add_argument("--token", help=f"the API key to use: {TOKEN_RULE} (default: a random one)")
     create.add_argument("--admin", action="store_true", help="may see all stats and manage organizations")
     command("list-organizations", cmd_list_orgs, "List the organizations and their number of stats.")
     delete = command("delete-organization", cmd_delete_org, "Delete an organization.")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--cascade", action="store_true", help="also delete its stats")
     export = command("export", cmd_export, "Write every organization (token hashes only) and stat as JSON.")
-    export.add_argument("--output", metavar="FILE", help="file to write (default: stdout)")
+    export.add_argument("--output", metavar="FILE", help="file to write, atomically (default: stdout)")
     load = command("import", cmd_import, "Load an export file; organizations (by name) and stats (by uuid)"
                    " already there are kept, so importing twice changes nothing.")
     load.add_argument("file", metavar="FILE")
@@ -3098,7 +3100,8 @@ def cmd_delete_org(config: Config, args) -> int:
         doc_id = store.orgs.doc_id(args.name)
         if doc_id is None:
             raise ConfigError(f"no organization named {args.name!r} in {config.database}")
-        ops = delete_organization_ops(store, doc_id, store.orgs.docs[doc_id], args.cascade)
+        ops = delete_organization_ops(store, doc_id, store.orgs.docs[doc_id], args.cascade,
+                                      cascade_hint="run it again with --cascade")
         await store.commit(ops)
         return len(ops) - 1
     deleted = _offline(config, work)
@@ -3121,12 +3124,21 @@ def export_document(store: Store) -> dict:
 
 
 def cmd_export(config: Config, args) -> int:
+    if args.output is not None and (os.path.isdir(args.output) or args.output.endswith(os.sep)):
+        raise ConfigError(f"--output {args.output} is a folder; name the file to write,"
+                          f" e.g. --output {os.path.join(args.output, 'statsd-export.json')}")
+
     async def work(store: Store):
         return orjson.dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
             len(store.orgs.docs), len(store.stats.docs)
     data, orgs, stats = _offline(config, work)
     if args.output is None:
-        sys.stdout.buffer.write(data)
+        view = memoryview(data)
+        while view:  # a reader that leaves early cuts a write short, then raises BrokenPipeError
+            written = sys.stdout.buffer.write(view)
+            if not written:
+                raise OSError(errno.EIO, "stdout takes no more data")
+            view = view[written:]
         sys.stdout.flush()
     else:
         try:
@@ -3425,6 +3437,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(config, args)
     except (ConfigError, StorageError) as e:
         print(f"statsd: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader of stdout left early (`statsd export | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # keeps the final flush quiet
         return 1
     except OSError as e:  # e.g. the port is taken, or the disk refuses the start-up fold
         print(f"statsd: error: {e}", file=sys.stderr)

@@ -191,7 +191,8 @@ async def test_delete_organization_with_stats_needs_cascade(tmp_path, make_clien
     await add_stats(make_client, tmp_path, {"CASES": 2, "OTHER": 1})
     db = tmp_path / "statsd.json"
     done = cli("delete-organization", "CASES", cwd=tmp_path)
-    assert_clear_failure(done, "cascade")
+    assert_clear_failure(done, "still has 2 stat(s)", "again with --cascade")
+    assert "?cascade" not in done.stderr  # the HTTP way is not the command line's
     assert org_names(db) == ["CASES", "OTHER"] and len(table(db, "stats")) == 3
 
     done = cli("delete-organization", "CASES", "--cascade", cwd=tmp_path)
@@ -485,3 +486,14 @@ def test_serve_on_a_taken_port_or_a_missing_folder_is_a_clear_error(tmp_path):
     for args in (["serve"], ["create-organization", "X"]):
         result = cli(*args, "--database", str(tmp_path / "missing" / "db.json"), cwd=tmp_path)
         assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_token_rule_in_create_organization_help_is_the_one_readme_and_the_check_state():
+    done = cli("create-organization", "--help")
+    assert done.returncode == 0
+    assert statsd.TOKEN_RULE in " ".join(done.stdout.split())
+    assert statsd.TOKEN_RULE in (ROOT / "README.md").read_text()
+    assert statsd.check_token("x" * 15) == f"must be {statsd.TOKEN_RULE}"
+    assert statsd.check_token("x" * 16) is None and statsd.check_token("x" * 512) is None
+    assert statsd.check_token("x" * 513) and statsd.check_token("sixteen chars ok")
+
