@@ -1833,9 +1833,18 @@ async def ready_to_write(request: web.Request) -> Caller:
     return caller
 
 
+def fields_param(request: web.Request, schema: dict) -> list[str] | None:
+    """The `_fields` of a GET of one record, the one parameter it takes (as lists do), or None."""
+    only_params(request, "_fields")
+    raw = request.query.get("_fields")
+    return None if raw is None else _parse_fields(raw, schema)
+
+
 async def get_stat(request: web.Request) -> web.Response:
-    only_params(request)
+    only = fields_param(request, STAT_FIELDS)
     _, doc = visible_stat(request)
+    if only is not None:
+        return json_response(present_stat(base_url(request), doc, only))
     return web.Response(body=request.app[STAT_VIEWS_KEY].of(base_url(request), doc), headers=JSON_HEADERS)
 
 
@@ -1990,9 +1999,9 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
 
 
 async def get_org(request: web.Request) -> web.Response:
-    only_params(request)
+    only = fields_param(request, ORG_FIELDS)
     _, doc = visible_org(request)
-    return json_response(present_org(base_url(request), doc))
+    return json_response(present_org(base_url(request), doc, only))
 
 
 async def update_org(request: web.Request) -> web.Response:
@@ -2129,12 +2138,16 @@ def _oa_list_params(schema: dict, config: Config) -> list:
                                  ("_limit", f"page size, default {config.default_limit}, at most"
                                             f" {config.max_limit} (alias: limit)"))]
     order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
-    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
     params.append({"name": "_order_by", "in": "query", "schema": {"type": "string", "pattern": f"^{order}(,{order})*$"},
                    "description": f"comma-separated fields, `-` for descending ({names}; ties by id)"})
-    params.append({"name": "_fields", "in": "query", "schema": {"type": "string", "pattern": f"^{shown}(,{shown})*$"},
-                   "description": f"comma-separated fields to return (plus id): {names}, link, links"})
+    params.append(_oa_fields_param(schema))
     return params + [_oa_filters(schema)]
+
+
+def _oa_fields_param(schema: dict) -> dict:
+    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
+    return {"name": "_fields", "in": "query", "schema": {"type": "string", "pattern": f"^{shown}(,{shown})*$"},
+            "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links"}
 
 
 def _oa_body(schema: dict, required: bool = True) -> dict:
@@ -2306,8 +2319,9 @@ def _oa_operations(config: Config) -> dict:
                               "type": "object", "required": ["data"], "additionalProperties": False, "properties": {
                                   "data": {"type": "array", "items": _oa_ref("Stat")}}}]}}}},
                                     **_oa_errors(*write)}},
-        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id],
-                               "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*read, *item)}},
+        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id, _oa_fields_param(STAT_FIELDS)],
+                               "responses": {**_oa_ok(200, "the stat (with _fields: only those, plus id)", {
+                                   "anyOf": [_oa_ref("Stat"), _oa_ref("StatFields")]}), **_oa_errors(*read, *item)}},
         ("PUT", s + "{id}/"): {"summary": "Replace a stat's client fields", "parameters": [stat_id],
                                "requestBody": _oa_body(_oa_ref("StatPut")),
                                "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*write, *item)}},
@@ -2323,8 +2337,10 @@ def _oa_operations(config: Config) -> dict:
                       "requestBody": _oa_body(_oa_ref("NewOrganization")),
                       "responses": {**_oa_ok(201, "created", _oa_ref("Organization"), location),
                                     **_oa_errors(*write, *admin)}},
-        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)", "parameters": [org_name],
-                                 "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
+        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)",
+                                 "parameters": [org_name, _oa_fields_param(ORG_FIELDS)],
+                                 "responses": {**_oa_ok(200, "the organization (with _fields: only those, plus id)", {
+                                     "anyOf": [_oa_ref("Organization"), _oa_ref("OrganizationFields")]}),
                                                **_oa_errors(*read, *admin, *item)}},
         ("PUT", o + "{name}/"): {"summary": "Set is_admin and maybe a new token (admin)", "parameters": [org_name],
                                  "requestBody": _oa_body(_oa_ref("OrganizationPut")),

@@ -586,3 +586,15 @@ async def test_dot_names_are_refused_since_their_url_would_point_elsewhere(api):
     for name in (".a", "a.", "..."):  # only the two names a URL resolves are refused
         await create_org(api, {"name": name})
     assert await names(api) == before + [".a", "a.", "..."]
+
+
+async def test_get_of_one_organization_takes_fields_as_lists_do(api):
+    resp = await api.get(org_url("CASES"), params={"_fields": "is_admin,created_at"}, headers=key(api.admin))
+    assert resp.status == 200, await resp.text()
+    listed = await api.get(ORGS, params={"_fields": "is_admin,created_at", "name": "CASES"}, headers=key(api.admin))
+    assert [await resp.json()] == (await listed.json())["data"]
+    assert set(await resp.json()) == {"id", "is_admin", "created_at"}
+    body = await error(await api.get(org_url("CASES"), params={"_fields": "token_sha256"}, headers=key(api.admin)), 400)
+    assert body["error"] == "unknown field 'token_sha256' in _fields"
+    await error(await api.get(org_url("CASES"), params={"_fields": "name"}, headers=key(api.cases)), 403)
+
