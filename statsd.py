@@ -2442,7 +2442,8 @@ def openapi_document(app: web.Application, server: str = "") -> dict:
         "openapi": "3.1.0",
         "info": {"title": "statsd", "version": __version__,
                  "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
-                                " front office speaks). Every path also answers without its trailing slash."},
+                                " front office speaks). Every path also answers without its trailing slash, and every"
+                                " GET also answers HEAD (the same status and headers, no body)."},
         "servers": [{"url": server or "/"}],
         "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
         "paths": paths,
@@ -2769,7 +2770,7 @@ async def v1_client_me(request: web.Request) -> web.Response:
     store: Store = request.app[STORE_KEY]
     key = presented_key(request)
     org = store.orgs.get(caller.organization) if caller.organization is not None else None
-    if request.method == "GET":
+    if request.method != "PATCH":  # GET, HEAD
         return json_response(client_me_body(org, key))
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -2980,7 +2981,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     ]
     add_routes(app, V1_PREFIX, v1_routes)
     app.router.add_get("/", index)
-    app.router.add_route("GET", OPENAPI_PATH, openapi_json)
+    app.router.add_get(OPENAPI_PATH, openapi_json)  # add_get answers HEAD too
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
@@ -2988,7 +2989,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
 
 def add_routes(app: web.Application, prefix: str, routes: list) -> None:
     """Each path with and without its trailing slash, as one resource holding all its methods
-    (the router then tries one resource per path, and a wrong method is a 405).
+    (the router then tries one resource per path, and a wrong method is a 405); GET brings HEAD.
     The slash form comes first: it is the one links and clients use."""
     resources: dict[str, web.Resource] = {}
     for method, path, handler in routes:
@@ -2996,6 +2997,8 @@ def add_routes(app: web.Application, prefix: str, routes: list) -> None:
             if variant not in resources:
                 resources[variant] = app.router.add_resource(variant)
             resources[variant].add_route(method, handler)
+            if method == "GET":  # HEAD answers as GET does, without the body (aiohttp drops it)
+                resources[variant].add_route("HEAD", handler)
 
 
 async def _start_store(app: web.Application) -> None:

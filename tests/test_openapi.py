@@ -143,3 +143,25 @@ async def test_security_follows_api_key_authentication(make_client, tmp_path):
     off = await (await off_client.get(DOC)).json()
     assert off["security"] == []
     assert all(op.get("security") == [] for item in off["paths"].values() for op in item.values())
+
+
+async def test_head_on_every_get_route_answers_as_get_without_a_body(api):
+    resp = await api.post("/api/v2/stats/", json={"type": "risk", "anr": "00000000-0000-0000-0000-000000000001",
+                                                  "data": 1}, headers=key(api.cases))
+    stat = await resp.json()
+    values = {"{id}": stat["id"], "{name}": "CASES", "{anr}": "00000000-0000-0000-0000-000000000001"}
+    gets = [path for method, path in app_operations(api.app) if method == "GET"]
+    assert len(gets) >= 10
+    for path in gets:
+        for placeholder, value in values.items():
+            path = path.replace(placeholder, value)
+        query = {"type": "risk"} if path == "/api/v1/stats/" else {}
+        for headers in ({**key(api.admin), "User-Agent": "MONARC/2.13.1"}, {}):  # allowed, and refused
+            got = await api.get(path, params=query, headers=headers)
+            body = await got.read()
+            head = await api.head(path, params=query, headers=headers)
+            assert head.status == got.status, (path, head.status, got.status)
+            assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+            # the same body would be sent (an error object names the method it answers)
+            assert int(head.headers["Content-Length"]) == len(body.replace(b'"action":"GET"', b'"action":"HEAD"'))
+            assert await head.read() == b"", path
