@@ -2048,10 +2048,66 @@ def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool,
     return [("stats", i, None) for i in owned] + [("organizations", doc_id, None)]
 
 
+DASHBOARD_PATH = "/dashboard/"
+INDEX_TITLES = {"api": "Stats API v2 (needs a key)", "openapi": "OpenAPI description of the API",
+                "v1": "/api/v1/, the API of the MONARC front office", "dashboard": "Dashboard"}
+
+
+def index_links(request: web.Request) -> dict[str, str]:
+    """The entry points of the service, as absolute URLs."""
+    base = base_url(request)
+    return {"api": base + API_PREFIX + "/", "stats": base + API_PREFIX + "/stats/",
+            "organizations": base + API_PREFIX + "/organizations/", "openapi": base + OPENAPI_PATH,
+            "v1": base + V1_PREFIX + "/", "dashboard": base + DASHBOARD_PATH}
+
+
+def accepted_quality(accept: str, media: str) -> float:
+    """The q an Accept header gives `media` (its most specific matching range; 0 when none)."""
+    kind = media.split("/")[0] + "/*"
+    best, quality = -1, 0.0
+    for item in accept.split(","):
+        name, *options = [part.strip() for part in item.split(";")]
+        rank = {media: 2, kind: 1, "*/*": 0}.get(name.lower(), -1)
+        if rank > best:
+            q = next((option[2:] for option in options if option.lower().startswith("q=")), "1")
+            try:
+                best, quality = rank, float(q)
+            except ValueError:
+                continue
+    return quality if math.isfinite(quality) else 0.0
+
+
+INDEX_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>statsd</title></head>
+<body><h1>statsd {version}</h1><p>Statistics service for MONARC.</p>
+<ul>
+<li><a href="{api}">{api_title}</a></li>
+<li><a href="{openapi}">{openapi_title}</a></li>
+<li><a href="{v1}">{v1_title}</a></li>
+<li><a href="{dashboard}">{dashboard_title}</a></li>
+</ul></body></html>
+"""
+
+
 async def index(request: web.Request) -> web.Response:
-    return json_response({"service": "statsd", "version": __version__,
-                          "api": base_url(request) + API_PREFIX + "/",
-                          "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"]})
+    """/: an HTML page of links for a browser, else (curl, scripts) the same as JSON."""
+    accept = request.headers.get("Accept", "*/*")
+    if accepted_quality(accept, "text/html") > accepted_quality(accept, "application/json"):
+        paths = {"api": API_PREFIX + "/", "openapi": OPENAPI_PATH, "v1": V1_PREFIX + "/", "dashboard": DASHBOARD_PATH}
+        page = INDEX_HTML.format(version=__version__, **paths,
+                                 **{f"{name}_title": title for name, title in INDEX_TITLES.items()})
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
+    links = index_links(request)
+    return json_response({"service": "statsd", "version": __version__, "api": links["api"],
+                          "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"], "links": links})
+
+
+async def api_index(request: web.Request) -> web.Response:
+    """GET /api/v2/: who the key belongs to, and the entry points."""
+    only_params(request)
+    caller: Caller = request[CALLER_KEY]
+    return json_response({"service": "statsd", "version": __version__, "organization": caller.organization,
+                          "is_admin": caller.is_admin, "links": index_links(request)})
 
 
 # ------------------------------------------------------------ OpenAPI ---
@@ -2305,8 +2361,18 @@ def _oa_operations(config: Config) -> dict:
         "data": {"type": "array", "items": _oa_ref("OrganizationFields")}, "has_more": {"type": "boolean"}}}
     s, o, v = API_PREFIX + "/stats/", API_PREFIX + "/organizations/", V1_PREFIX
     ops = {
-        ("GET", "/"): {"summary": "Service index", "security": [],
-                       "responses": _oa_ok(200, "name, version and entry points", {"type": "object"})},
+        ("GET", "/"): {"summary": "Service index: HTML links for a browser (Accept: text/html), else JSON",
+                       "security": [],
+                       "responses": {"200": {"description": "name, version and links to the entry points", "content": {
+                           "application/json": {"schema": {"type": "object", "required": ["links"]}},
+                           "text/html": {"schema": {"type": "string"}}}}}},
+        ("GET", API_PREFIX + "/"): {"summary": "API index: the caller's organization and links to the entry points",
+                                    "responses": {**_oa_ok(200, "organization, is_admin and links", {
+                                        "type": "object", "required": ["organization", "is_admin", "links"]}),
+                                        **_oa_errors(*read)}},
+        ("GET", V1_PREFIX + "/"): {"summary": "MONARC: the v1 routes (no key)", "security": [],
+                                   "responses": {**_oa_ok(200, "the routes", {"type": "object", "required": ["routes"]}),
+                                                 **_oa_errors(400, 429, 500)}},
         ("GET", OPENAPI_PATH): {"summary": "This OpenAPI description", "security": [],
                                 "responses": {**_oa_ok(200, "OpenAPI 3.1 document", {"type": "object"}),
                                               **_oa_errors(400, 429, 500)}},
@@ -2940,6 +3006,17 @@ async def v1_processed(request: web.Request) -> web.Response:
     return json_response({"type": kind, "processor": processor, "data": data if docs else []})
 
 
+async def v1_index(request: web.Request) -> web.Response:
+    """GET /api/v1/ (no key, as upstream's API page): the v1 routes, from the app's own routes."""
+    only_params(request)
+    base = base_url(request)
+    routes = sorted((path, method) for method, path in app_routes(request.app)
+                    if path.startswith(V1_PREFIX + "/") and path != V1_PREFIX + "/")
+    return json_response({"service": "statsd", "version": __version__, "api": "v1 (MONARC front office)",
+                          "routes": [{"method": method, "path": path, "url": base + path} for path, method in routes],
+                          "links": {"openapi": base_url(request) + OPENAPI_PATH, "v2": base_url(request) + API_PREFIX + "/"}})
+
+
 async def v1_processors(request: web.Request) -> web.Response:
     """GET stats/processed/list (no key): the processors and what they compute."""
     return json_response([{"name": name, "description": " ".join(func.__doc__.split())}
@@ -2972,9 +3049,9 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
         ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
     ]
-    add_routes(app, API_PREFIX, routes)
+    add_routes(app, API_PREFIX, [("GET", "", api_index), *routes])
     v1_routes = [
-        ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
+        ("GET", "", v1_index), ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
         ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
         ("GET", "/stats/{anr}", v1_anr_stats), ("DELETE", "/stats/{anr}", v1_delete_stats),
         ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
