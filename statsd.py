@@ -1460,8 +1460,8 @@ def authenticate(request: web.Request) -> None:
     if not request.app[CONFIG_KEY].api_key_authentication:
         request[CALLER_KEY] = Caller(None, True)
         return
-    keys = sent_keys(request)
-    caller = _caller_for(request.app[STORE_KEY], keys[0]) if len(keys) == 1 else None
+    keys = one_key(request)
+    caller = _caller_for(request.app[STORE_KEY], keys[0]) if keys else None
     if caller is None:
         raise ApiError(401, "Unauthorized")
     request[CALLER_KEY] = caller
@@ -1470,6 +1470,16 @@ def authenticate(request: web.Request) -> None:
 def sent_keys(request: web.Request) -> list[str]:
     """Every API key the request carries: X-API-KEY headers, then api_key arguments."""
     return request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])
+
+
+def one_key(request: web.Request) -> list[str]:
+    """The API key sent, as a list of one (or none); 400 when more than one was sent."""
+    keys = sent_keys(request)
+    if len(keys) > 1:
+        headers, arguments = len(request.headers.getall("X-API-KEY", [])), len(request.query.getall("api_key", []))
+        raise bad_request(f"the API key is sent {len(keys)} times ({headers} X-API-KEY header(s),"
+                          f" {arguments} api_key argument(s)); send it once, preferably as the X-API-KEY header")
+    return keys
 
 
 def _caller_for(store: Store, token: str) -> Caller | None:
@@ -2550,9 +2560,9 @@ def check_monarc_version(request: web.Request) -> None:
 
 
 def presented_key(request: web.Request) -> str | None:
-    """The one non-empty API key sent (X-API-KEY header or api_key argument), else None."""
-    keys = [k for k in sent_keys(request) if k]
-    return keys[0] if len(keys) == 1 else None
+    """The non-empty API key sent (X-API-KEY header or api_key argument), else None; 400 if sent twice."""
+    keys = [k for k in one_key(request) if k]
+    return keys[0] if keys else None
 
 
 def v1_caller(request: web.Request) -> Caller:

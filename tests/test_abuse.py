@@ -11,6 +11,7 @@ import time
 
 import pytest
 import requests
+from yarl import URL
 from conftest import ROOT, ServerProcess, assert_error_object, key, new_org
 
 import statsd
@@ -153,9 +154,18 @@ def test_a_key_that_is_not_utf8_is_refused_without_a_traceback(tmp_path):
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
-async def test_two_keys_at_once_are_401_even_when_one_is_valid(seeded):
-    resp = await seeded.get(STATS, params={"api_key": "wrong-key-wrong-key"}, headers=key(seeded.admin))
-    await refused(seeded, resp, 401, "stats")
+@pytest.mark.parametrize("path, target", [(STATS, "stats"), ("/api/v1/stats/?type=risk", "stats"),
+                                          ("/api/v1/client/me", "/api/v1/client/me")])
+async def test_a_key_sent_twice_is_a_400_that_says_so_even_when_both_are_valid(seeded, path, target):
+    for params, headers, counts in (({"api_key": "wrong-key-wrong-key"}, key(seeded.admin), "1 X-API-KEY header(s), 1"),
+                                    ({"api_key": seeded.admin}, key(seeded.admin), "1 X-API-KEY header(s), 1"),
+                                    ({}, [("X-API-KEY", seeded.admin), ("X-API-KEY", seeded.admin)], "2 X-API-KEY"),
+                                    ({"api_key": [seeded.cases, seeded.cases]}, {}, "0 X-API-KEY header(s), 2")):
+        url = URL(path).extend_query(params)
+        resp = await seeded.get(url, headers=headers)
+        body = await refused(seeded, resp, 400, target)
+        assert "the API key is sent 2 times" in body["error"] and counts in body["error"], body["error"]
+        assert "send it once" in body["error"]
 
 
 # ------------------------------------------------------------------ URLs ---
