@@ -2,9 +2,12 @@
 
 import hashlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -497,3 +500,25 @@ def test_the_token_rule_in_create_organization_help_is_the_one_readme_and_the_ch
     assert statsd.check_token("x" * 16) is None and statsd.check_token("x" * 512) is None
     assert statsd.check_token("x" * 513) and statsd.check_token("sixteen chars ok")
 
+
+
+def test_make_run_honours_port_host_and_database(tmp_path):
+    """`make run PORT=... HOST=... DATABASE=...` serves there (the venv is the one `make test` made)."""
+    port, database = free_port(), tmp_path / "made.json"
+    proc = subprocess.Popen(["make", "--no-print-directory", "-C", str(ROOT), "run", f"PORT={port}",
+                             "HOST=127.0.0.1", f"DATABASE={database}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, answer = time.monotonic() + 60, None
+        while time.monotonic() < deadline and answer is None and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
+                    answer = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.1)
+        assert answer is not None and answer["service"] == "statsd", proc.stdout.read1().decode()
+        assert (tmp_path / "made.json.lock").read_text().strip().isdigit()  # that database, held by the server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert database.exists()
