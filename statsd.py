@@ -2927,7 +2927,7 @@ def vulnerability_average_on_date(stats: list[dict], params: dict) -> list:
 
 
 def _risk_values(doc: dict):
-    """(state, kind, level, value) of each level count in a risk stat's data.risks."""
+    """(state, kind, level, value) of each level count in a risk stat's data.risks (RISK_LEVELS only)."""
     risks = doc["data"].get("risks") if isinstance(doc["data"], dict) else None
     for state in RISK_STATES:
         by_kind = risks.get(state) if isinstance(risks, dict) else None
@@ -2935,7 +2935,7 @@ def _risk_values(doc: dict):
             levels = by_kind.get(kind) if isinstance(by_kind, dict) else None
             for level in levels if isinstance(levels, list) else ():
                 value = _number(level.get("value")) if isinstance(level, dict) else None
-                if value is not None and isinstance(level.get("level"), str):
+                if value is not None and level.get("level") in RISK_LEVELS:
                     yield state, kind, level["level"], value
 
 

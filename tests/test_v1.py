@@ -613,6 +613,19 @@ async def test_risk_averages_on_date(api):
                                                             {"date": "2024-02-10", "value": 0}]
 
 
+async def test_risk_processors_count_only_the_three_named_levels(api):
+    data = risk_data((2, 4, 6))
+    data["risks"]["current"]["informational"] += [{"level": "Critical risks", "value": 50},
+                                                  {"level": "low risks", "value": 50}, {"level": 7, "value": 50}]
+    await post(api, api.cases, [{"anr": A1, "type": "risk", "date": "2024-01-10", "data": data}])
+    averages = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages"})
+    assert averages["current"]["informational"] == {"Low risks": 2, "Medium risks": 4, "High risks": 6}
+    on_date = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages_on_date"})
+    assert on_date["current"]["informational"] == {
+        "Low risks": [{"date": "2024-01-10", "value": 2}], "Medium risks": [{"date": "2024-01-10", "value": 4}],
+        "High risks": [{"date": "2024-01-10", "value": 6}]}
+
+
 async def test_processed_with_no_matching_stats_is_an_empty_list(api):
     data = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages"})
     assert data == []
