@@ -1206,7 +1206,7 @@ def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
             ordered.sort(key=_order_key(getter), reverse=descending)
         page = ordered[query.skip:query.skip + query.limit + 1]
     else:
-        page = list(itertools.islice(matches, query.skip, query.skip + query.limit + 1))
+        page = list(itertools.islice(matches, query.skip, min(query.skip + query.limit + 1, sys.maxsize)))
     return page[:query.limit], len(page) > query.limit
 
 
