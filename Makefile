@@ -15,8 +15,9 @@ $(VENV)/.test-deps: $(BIN)/statsd
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# make run [PORT=5004] [HOST=0.0.0.0] [DATABASE=path.json]: each one given becomes the flag of the same name
 run: $(BIN)/statsd
-	$(BIN)/statsd serve
+	$(BIN)/statsd serve $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST)) $(if $(DATABASE),--database $(DATABASE))
 
 test: $(VENV)/.test-deps
 	$(BIN)/pytest -q

@@ -181,15 +181,25 @@ class Config:
                               " e.g. '300/15minutes' (or \"\" to turn rate limiting off)") from None
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+BOOL_WORDS_TEXT = "true/false, 1/0, yes/no or on/off"
+
+
+def parse_bool(raw) -> bool | None:
+    """A boolean written as a word, or None: the one reading of every boolean that comes as text
+    (STATSD_* variables, query parameters such as cascade, /api/v1/ flags); any case."""
+    word = raw.strip().lower() if isinstance(raw, str) else None
+    return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
+
 def _from_env(name: str, raw: str, kind: type):
     """Convert one STATSD_* variable to the type of its key."""
     if kind is bool:
-        word = raw.strip().lower()
-        if word in ("true", "1", "yes"):
-            return True
-        if word in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{name} must be true/false/1/0/yes/no, not {raw!r}")
+        value = parse_bool(raw)
+        if value is None:
+            raise ConfigError(f"{name} must be {BOOL_WORDS_TEXT}, not {raw!r}")
+        return value
     if kind is int:
         try:
             return int(raw.strip())
@@ -607,9 +617,9 @@ class StatDates:
         return sorted(doc_id for entries in chosen
                       for _, doc_id in entries[bisect.bisect_left(entries, low):bisect.bisect_right(entries, high)])
 
-    def newest_first(self, kind: str, anr) -> Iterable[int]:
-        """The doc ids of one analysis's stats of this type, latest date first (newest first on a tie)."""
-        return (doc_id for _, doc_id in reversed(self.lists.get((kind, "anr", anr), [])))
+    def latest_first(self, kind: str, anr) -> Iterable[tuple[str, int]]:
+        """(date, doc_id) of one analysis's stats of this type, latest date first."""
+        return reversed(self.lists.get((kind, "anr", anr), []))
 
 
 STAT_MEASURES = ("count", "maxRisk", "averageRate")
@@ -904,17 +914,21 @@ class Store:
         return list(found)
 
     def latest_stats(self, kind: str, *, organization: str | None = None, anrs: Iterable | None = None) -> list[dict]:
-        """Per analysis, its stat of this type with the latest date (the newest of them on a tie)."""
+        """Per analysis, its stat of this type with the latest date (the newest created on a tie), in creation order."""
         docs, found = self.stats.docs, []
         if anrs is None:
             anrs = list(self.dates.anrs.get((kind,) if organization is None else (kind, organization), {}))
         for anr in anrs:
-            for doc_id in self.dates.newest_first(kind, anr):
+            best = None
+            for day, doc_id in self.dates.latest_first(kind, anr):
                 doc = docs[doc_id]  # (an analysis uuid could be sent by another organization too)
-                if organization is None or doc.get("organization") == organization:
-                    found.append(doc)
+                if best is not None and day < best[0]:
                     break
-        return found
+                if organization is None or doc.get("organization") == organization:
+                    best = max(best or (day, "", 0, doc), (day, doc["created_at"], doc_id, doc), key=lambda b: b[:3])
+            if best is not None:
+                found.append((best[2], best[3]))
+        return [doc for _, doc in sorted(found, key=operator.itemgetter(0))]
 
     async def measures_by_day(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
                               organization: str | None = None, anrs: Iterable | None = None) -> list[tuple[str, dict]]:
@@ -1442,11 +1456,17 @@ def _rank(value) -> int:
     return RANK_OTHER
 
 
+UUID_RE = re.compile("[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
 def parse_uuid(value: str) -> str | None:
-    try:
-        return str(uuidlib.UUID(value)) if isinstance(value, str) else None
-    except ValueError:
+    """A UUID (32 hex digits, hyphens where they belong or none) in its canonical form, or None.
+
+    uuid.UUID alone also takes braces, "urn:uuid:" and hyphens anywhere (even "-1234...").
+    """
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
         return None
+    return str(uuidlib.UUID(value))
 
 
 def parse_datetime(value: str) -> str | None:
@@ -1526,9 +1546,10 @@ def _convert_date(raw: str, name: str):
 
 
 def _convert_bool(raw: str, name: str):
-    if raw not in ("true", "false"):
-        raise bad_request(f"{name}: {raw!r} is not true or false")
-    return raw == "true"
+    value = parse_bool(raw)
+    if value is None:
+        raise bad_request(f"{name}: {raw!r} is not a boolean ({BOOL_WORDS_TEXT})")
+    return value
 
 
 # field name -> (converter of a query value, whether string operators apply)
@@ -2177,8 +2198,8 @@ def authenticate(request: web.Request) -> None:
     if not request.app[CONFIG_KEY].api_key_authentication:
         request[CALLER_KEY] = Caller(None, True)
         return
-    keys = sent_keys(request)
-    caller = _caller_for(request.app[STORE_KEY], keys[0]) if len(keys) == 1 else None
+    keys = one_key(request)
+    caller = _caller_for(request.app[STORE_KEY], keys[0]) if keys else None
     if caller is None:
         raise ApiError(401, "Unauthorized")
     request[CALLER_KEY] = caller
@@ -2189,9 +2210,22 @@ def sent_keys(request: web.Request) -> list[str]:
     return request.headers.getall("X-API-KEY", []) + request.query.getall("api_key", [])
 
 
+def one_key(request: web.Request) -> list[str]:
+    """The API key sent, as a list of one (or none); 400 when more than one was sent."""
+    keys = sent_keys(request)
+    if len(keys) > 1:
+        headers, arguments = len(request.headers.getall("X-API-KEY", [])), len(request.query.getall("api_key", []))
+        raise bad_request(f"the API key is sent {len(keys)} times ({headers} X-API-KEY header(s),"
+                          f" {arguments} api_key argument(s)); send it once, preferably as the X-API-KEY header")
+    return keys
+
+
 def _caller_for(store: Store, token: str) -> Caller | None:
     """The organization holding `token`; the hash is looked up, then compared in constant time."""
-    digest = hash_token(token)
+    try:
+        digest = hash_token(token)
+    except UnicodeEncodeError:  # header bytes that are not UTF-8 (kept as surrogates): no key holds them
+        return None
     org = store.organization_with_token(digest)
     if org is None or not hmac.compare_digest(org["token_sha256"], digest):
         return None
@@ -2548,9 +2582,18 @@ async def ready_to_write(request: web.Request) -> Caller:
     return caller
 
 
+def fields_param(request: web.Request, schema: dict) -> list[str] | None:
+    """The `_fields` of a GET of one record, the one parameter it takes (as lists do), or None."""
+    only_params(request, "_fields")
+    raw = request.query.get("_fields")
+    return None if raw is None else _parse_fields(raw, schema)
+
+
 async def get_stat(request: web.Request) -> web.Response:
-    only_params(request)
+    only = fields_param(request, STAT_FIELDS)
     doc = visible_stat(request)
+    if only is not None:
+        return json_response(present_stat(base_url(request), doc, only))
     return web.Response(body=request.app[STAT_VIEWS_KEY].of(base_url(request), doc), headers=JSON_HEADERS)
 
 
@@ -2593,6 +2636,7 @@ async def delete_stat(request: web.Request) -> web.Response:
 
 ORG_NAME_MAX = 120
 TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")
+TOKEN_RULE = "16 to 512 visible ASCII characters (no spaces)"
 
 
 def check_org_name(name) -> str | None:
@@ -2609,7 +2653,7 @@ def check_org_name(name) -> str | None:
 def check_token(token) -> str | None:
     """What is wrong with a token chosen by a person, or None."""
     if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
-        return "must be 16 to 512 visible ASCII characters (no spaces)"
+        return f"must be {TOKEN_RULE}"
     return None
 
 
@@ -2704,9 +2748,9 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
 
 
 async def get_org(request: web.Request) -> web.Response:
-    only_params(request)
+    only = fields_param(request, ORG_FIELDS)
     doc = visible_org(request)
-    return json_response(present_org(base_url(request), doc))
+    return json_response(present_org(base_url(request), doc, only))
 
 
 async def update_org(request: web.Request) -> web.Response:
@@ -2742,19 +2786,75 @@ async def delete_org(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def organization_deletion(store: Store, name: str, cascade: bool) -> list:
+def organization_deletion(store: Store, name: str, cascade: bool, cascade_hint: str = "add ?cascade=true") -> list:
     """The changes deleting an organization (and its stats with cascade); 409 if it has stats."""
     owned = store.stats_of(organization=name)
     if owned and not cascade:
         raise ApiError(409, f"Conflict: organization {name!r} still has {len(owned)} stat(s);"
-                            " delete them first, or add ?cascade=true to delete them with it")
+                            f" delete them first, or {cascade_hint} to delete them with it")
     return [("stats", d["id"], None) for d in owned] + [("organizations", name, None)]
 
 
+DASHBOARD_PATH = "/dashboard/"
+INDEX_TITLES = {"api": "Stats API v2 (needs a key)", "openapi": "OpenAPI description of the API",
+                "v1": "/api/v1/, the API of the MONARC front office", "dashboard": "Dashboard"}
+
+
+def index_links(request: web.Request) -> dict[str, str]:
+    """The entry points of the service, as absolute URLs."""
+    base = base_url(request)
+    return {"api": base + API_PREFIX + "/", "stats": base + API_PREFIX + "/stats/",
+            "organizations": base + API_PREFIX + "/organizations/", "openapi": base + OPENAPI_PATH,
+            "v1": base + V1_PREFIX + "/", "dashboard": base + DASHBOARD_PATH}
+
+
+def accepted_quality(accept: str, media: str) -> float:
+    """The q an Accept header gives `media` (its most specific matching range; 0 when none)."""
+    kind = media.split("/")[0] + "/*"
+    best, quality = -1, 0.0
+    for item in accept.split(","):
+        name, *options = [part.strip() for part in item.split(";")]
+        rank = {media: 2, kind: 1, "*/*": 0}.get(name.lower(), -1)
+        if rank > best:
+            q = next((option[2:] for option in options if option.lower().startswith("q=")), "1")
+            try:
+                best, quality = rank, float(q)
+            except ValueError:
+                continue
+    return quality if math.isfinite(quality) else 0.0
+
+
+INDEX_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>statsd</title></head>
+<body><h1>statsd {version}</h1><p>Statistics service for MONARC.</p>
+<ul>
+<li><a href="{api}">{api_title}</a></li>
+<li><a href="{openapi}">{openapi_title}</a></li>
+<li><a href="{v1}">{v1_title}</a></li>
+<li><a href="{dashboard}">{dashboard_title}</a></li>
+</ul></body></html>
+"""
+
+
 async def index(request: web.Request) -> web.Response:
-    return json_response({"service": "statsd", "version": __version__,
-                          "api": base_url(request) + API_PREFIX + "/",
-                          "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"]})
+    """/: an HTML page of links for a browser, else (curl, scripts) the same as JSON."""
+    accept = request.headers.get("Accept", "*/*")
+    if accepted_quality(accept, "text/html") > accepted_quality(accept, "application/json"):
+        paths = {"api": API_PREFIX + "/", "openapi": OPENAPI_PATH, "v1": V1_PREFIX + "/", "dashboard": DASHBOARD_PATH}
+        page = INDEX_HTML.format(version=__version__, **paths,
+                                 **{f"{name}_title": title for name, title in INDEX_TITLES.items()})
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
+    links = index_links(request)
+    return json_response({"service": "statsd", "version": __version__, "api": links["api"],
+                          "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"], "links": links})
+
+
+async def api_index(request: web.Request) -> web.Response:
+    """GET /api/v2/: who the key belongs to, and the entry points."""
+    only_params(request)
+    caller: Caller = request[CALLER_KEY]
+    return json_response({"service": "statsd", "version": __version__, "organization": caller.organization,
+                          "is_admin": caller.is_admin, "links": index_links(request)})
 
 
 # ------------------------------------------------------------ OpenAPI ---
@@ -2793,8 +2893,14 @@ def _oa_query_values(convert) -> tuple[dict, str]:
                           {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
                                                         r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
     if convert is _convert_bool:
-        return {"type": "string", "enum": ["true", "false"]}, "(true|false)"
+        return _oa_bool(), f"({'|'.join(TRUE_WORDS + FALSE_WORDS)})"
     return {"type": "string"}, "[^,]*"
+
+
+def _oa_bool(description: str = "") -> dict:
+    """A boolean query value: the words parse_bool reads (any case)."""
+    return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS],
+            "description": " ".join(filter(None, (description, f"{BOOL_WORDS_TEXT}, in any case")))}
 
 
 def _oa_filters(schema: dict) -> dict:
@@ -2807,7 +2913,7 @@ def _oa_filters(schema: dict) -> dict:
             if op in STRING_OPS and not strings_ok:
                 continue
             if op == "exists":
-                properties[f"{name}__{op}"] = {"type": "string", "enum": ["true", "false"]}
+                properties[f"{name}__{op}"] = _oa_bool()
             elif op in ("in", "nin"):
                 properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
             elif op in STRING_OPS:
@@ -2819,7 +2925,7 @@ def _oa_filters(schema: dict) -> dict:
     if "data" in schema:
         ops = "|".join(op for op in OPERATORS if op != "exists")
         filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
-                                        "^data(__[A-Za-z0-9]+)*__exists$": {"type": "string", "enum": ["true", "false"]}}
+                                        "^data(__[A-Za-z0-9]+)*__exists$": _oa_bool()}
     return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
             "description": f"Filters (at most {MAX_FILTERS}), combined with AND: `field=value` (exact) or"
                            " `field__OPERATOR=value`;"
@@ -2837,16 +2943,20 @@ def _oa_list_params(schema: dict, config: Config) -> list:
                                  ("_limit", f"page size, default {config.default_limit}, at most"
                                             f" {config.max_limit} (alias: limit)"))]
     order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
-    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
     params.append({"name": "_order_by", "in": "query",
                    "schema": {"type": "string", "pattern": f"^{order}(,{order}){{0,{MAX_ORDER_KEYS - 1}}}$"},
                    "description": f"comma-separated fields, `-` for descending ({names}; ties by id);"
                                   f" at most {MAX_ORDER_KEYS}, each field once (else 400)"})
-    params.append({"name": "_fields", "in": "query",
-                   "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
-                   "description": f"comma-separated fields to return (plus id): {names}, link, links;"
-                                  f" at most {MAX_FIELDS} names"})
+    params.append(_oa_fields_param(schema))
     return params + [_oa_filters(schema)]
+
+
+def _oa_fields_param(schema: dict) -> dict:
+    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
+    return {"name": "_fields", "in": "query",
+            "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
+            "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links;"
+                           f" at most {MAX_FIELDS} names"}
 
 
 def _oa_body(schema: dict, required: bool = True) -> dict:
@@ -2931,8 +3041,11 @@ def _oa_v1_params(schema: dict) -> dict:
 def _oa_v1_schemas(config: Config) -> dict:
     uuid_s = {"type": "string", "format": "uuid"}
     day = {"type": "string", "format": "date"}
-    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]}
-    zero_one = {"enum": [0, 1]}
+    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
+                      {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
+    zero_one = {"anyOf": [{"enum": [0, 1]}, {"type": "string", "pattern": "^\\s*\\+?[01]\\s*$"}]}
+    count = {"anyOf": [_oa_int(0), {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,18}\\s*$",
+                                    "description": "a numeric string, as PHP sends it"}]}
     processed = []
     for name, func in V1_PROCESSORS.items():
         params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
@@ -2961,7 +3074,7 @@ def _oa_v1_schemas(config: Config) -> dict:
             "type": "object", "additionalProperties": False, "required": ["type"],
             "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
                            "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
-                           "offset": _oa_int(0), "limit": _oa_int(0), "group_by_anr": zero_one}}),
+                           "offset": count, "limit": count, "group_by_anr": zero_one}}),
         "V1Processed": {"oneOf": processed},
         "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
             "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
@@ -2973,7 +3086,9 @@ def _oa_v1_schemas(config: Config) -> dict:
                 "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
         "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
                      "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
-                                    "role": {"enum": ["admin", "user"]}, "is_sharing_enabled": {"type": "boolean"}}},
+                                    "role": {"enum": [V1_ROLE_USER, V1_ROLE_ADMIN],
+                                             "description": "as upstream: \"1\" user, \"2\" admin"},
+                                    "is_sharing_enabled": {"type": "boolean"}}},
         "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
                           "properties": {"is_sharing_enabled": {"type": "boolean"}}},
     }
@@ -2985,8 +3100,8 @@ def _oa_operations(config: Config) -> dict:
                "description": "the stat's id (24 hex characters)"}
     org_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
                 "description": "the organization's name (its id)"}
-    cascade = {"name": "cascade", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]},
-               "description": "true: delete the organization's stats with it"}
+    cascade = {"name": "cascade", "in": "query", "schema": _oa_bool(),
+               "description": "true (or 1, yes, on): delete the organization's stats with it"}
     anr = {"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     location = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
     read, write, item = (400, 401, 429, 500), (400, 401, 409, 413, 415, 429, 500, 503, 507), (404,)
@@ -2999,8 +3114,18 @@ def _oa_operations(config: Config) -> dict:
         "data": {"type": "array", "items": _oa_ref("OrganizationFields")}, "has_more": {"type": "boolean"}}}
     s, o, v = API_PREFIX + "/stats/", API_PREFIX + "/organizations/", V1_PREFIX
     ops = {
-        ("GET", "/"): {"summary": "Service index", "security": [],
-                       "responses": _oa_ok(200, "name, version and entry points", {"type": "object"})},
+        ("GET", "/"): {"summary": "Service index: HTML links for a browser (Accept: text/html), else JSON",
+                       "security": [],
+                       "responses": {"200": {"description": "name, version and links to the entry points", "content": {
+                           "application/json": {"schema": {"type": "object", "required": ["links"]}},
+                           "text/html": {"schema": {"type": "string"}}}}}},
+        ("GET", API_PREFIX + "/"): {"summary": "API index: the caller's organization and links to the entry points",
+                                    "responses": {**_oa_ok(200, "organization, is_admin and links", {
+                                        "type": "object", "required": ["organization", "is_admin", "links"]}),
+                                        **_oa_errors(*read)}},
+        ("GET", V1_PREFIX + "/"): {"summary": "MONARC: the v1 routes (no key)", "security": [],
+                                   "responses": {**_oa_ok(200, "the routes", {"type": "object", "required": ["routes"]}),
+                                                 **_oa_errors(400, 429, 500)}},
         ("GET", OPENAPI_PATH): {"summary": "This OpenAPI description", "security": [],
                                 "responses": {**_oa_ok(200, "OpenAPI 3.1 document", {"type": "object"}),
                                               **_oa_errors(400, 429, 500)}},
@@ -3013,8 +3138,9 @@ def _oa_operations(config: Config) -> dict:
                               "type": "object", "required": ["data"], "additionalProperties": False, "properties": {
                                   "data": {"type": "array", "items": _oa_ref("Stat")}}}]}}}},
                                     **_oa_errors(*write)}},
-        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id],
-                               "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*read, *item)}},
+        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id, _oa_fields_param(STAT_FIELDS)],
+                               "responses": {**_oa_ok(200, "the stat (with _fields: only those, plus id)", {
+                                   "anyOf": [_oa_ref("Stat"), _oa_ref("StatFields")]}), **_oa_errors(*read, *item)}},
         ("PUT", s + "{id}/"): {"summary": "Replace a stat's client fields", "parameters": [stat_id],
                                "requestBody": _oa_body(_oa_ref("StatPut")),
                                "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*write, *item)}},
@@ -3030,8 +3156,10 @@ def _oa_operations(config: Config) -> dict:
                       "requestBody": _oa_body(_oa_ref("NewOrganization")),
                       "responses": {**_oa_ok(201, "created", _oa_ref("Organization"), location),
                                     **_oa_errors(*write, *admin)}},
-        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)", "parameters": [org_name],
-                                 "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
+        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)",
+                                 "parameters": [org_name, _oa_fields_param(ORG_FIELDS)],
+                                 "responses": {**_oa_ok(200, "the organization (with _fields: only those, plus id)", {
+                                     "anyOf": [_oa_ref("Organization"), _oa_ref("OrganizationFields")]}),
                                                **_oa_errors(*read, *admin, *item)}},
         ("PUT", o + "{name}/"): {"summary": "Set is_admin and maybe a new token (admin)", "parameters": [org_name],
                                  "requestBody": _oa_body(_oa_ref("OrganizationPut")),
@@ -3053,6 +3181,11 @@ def _oa_operations(config: Config) -> dict:
                                   "responses": {**_oa_ok(201, "all stored", _oa_ref("V1Created")),
                                                 **_oa_ok(207, "some items failed", _oa_ref("V1Created")),
                                                 **_oa_errors(*v1_write)}},
+        ("GET", v + "/stats/{anr}/"): {"summary": "MONARC: the caller's stats of an analysis (an admin's: all)",
+                                       "parameters": [anr],
+                                       "responses": {**_oa_ok(200, "the stats, oldest first (none: [])", {
+                                           "type": "array", "items": _oa_ref("V1Stat")}),
+                                           **_oa_errors(*v1)}},
         ("DELETE", v + "/stats/{anr}/"): {"summary": "MONARC: delete the caller's stats of an analysis",
                                           "parameters": [anr],
                                           "responses": {**_oa_ok(204, "deleted (also when there were none)"),
@@ -3128,7 +3261,8 @@ def openapi_document(app: web.Application, server: str = "") -> dict:
         "openapi": "3.1.0",
         "info": {"title": "statsd", "version": __version__,
                  "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
-                                " front office speaks). Every path also answers without its trailing slash."},
+                                " front office speaks). Every path also answers without its trailing slash, and every"
+                                " GET also answers HEAD (the same status and headers, no body)."},
         "servers": [{"url": server or "/"}],
         "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
         "paths": paths,
@@ -3169,9 +3303,9 @@ def check_monarc_version(request: web.Request) -> None:
 
 
 def presented_key(request: web.Request) -> str | None:
-    """The one non-empty API key sent (X-API-KEY header or api_key argument), else None."""
-    keys = [k for k in sent_keys(request) if k]
-    return keys[0] if len(keys) == 1 else None
+    """The non-empty API key sent (X-API-KEY header or api_key argument), else None; 400 if sent twice."""
+    keys = [k for k in one_key(request) if k]
+    return keys[0] if keys else None
 
 
 def v1_caller(request: web.Request) -> Caller:
@@ -3215,14 +3349,10 @@ async def v1_params(request: web.Request, allowed: tuple) -> dict:
 
 
 def _v1_query_value(name: str, raw: str):
-    """A query-string value in the type its JSON form would have."""
+    """A query-string value in the type its JSON form would have (numbers and flags stay text:
+    v1_count and v1_flag read text as they do in a body)."""
     if name == "anrs":
         return [item.strip() for item in raw.split(",") if item.strip()]
-    if name in ("offset", "limit", "group_by_anr", "local_stats_only"):
-        number = parse_int(raw)
-        return raw if number is None else number
-    if name == "get_last":
-        return {"true": True, "1": True, "false": False, "0": False}.get(raw.lower(), raw)
     if name == "processor_params":
         try:
             return orjson.loads(raw)
@@ -3252,30 +3382,36 @@ def v1_anrs(params: dict) -> set | None:
     wanted = params.get("anrs", [])
     if not isinstance(wanted, list):
         raise bad_request("anrs must be a list of analysis UUIDs")
-    if "anr" in params:
-        wanted = [*wanted, params["anr"]]
+    named = [("anrs", value) for value in wanted] + ([("anr", params["anr"])] if "anr" in params else [])
     anrs = set()
-    for value in wanted:
+    for name, value in named:
         parsed = parse_uuid(value)
         if parsed is None:
-            raise bad_request(f"anrs: {value!r} is not a UUID")
+            raise bad_request(f"{name}: {value!r} is not an analysis UUID")
         anrs.add(parsed)
     return anrs or None
 
 
 def v1_count(params: dict, name: str, choices=None) -> int:
+    """An integer parameter: a JSON integer or, as upstream's parser takes, a numeric string (PHP's)."""
     value = params.get(name, 0)
-    if not _is_int(value) or value < 0 or (choices and value not in choices):
+    number = parse_int(value.strip()) if isinstance(value, str) else value
+    if not _is_int(number) or number < 0 or (choices and number not in choices):
         allowed = " or ".join(map(str, choices)) if choices else "a non-negative integer"
         raise bad_request(f"{name}: {value!r} is not {allowed}")
-    return value
+    return number
 
 
 def v1_flag(params: dict, name: str) -> bool:
+    """A flag: true/false, 0/1, or a word parse_bool reads; "" is false, as upstream's parser has it."""
     value = params.get(name, False)
-    if value in (0, 1) and not isinstance(value, float):
+    if isinstance(value, str):
+        flag = parse_bool(value) if value.strip() else False
+        if flag is not None:
+            return flag
+    elif value in (0, 1) and not isinstance(value, float):
         return bool(value)
-    raise bad_request(f"{name}: {value!r} is not true or false")
+    raise bad_request(f"{name}: {value!r} is not true or false ({BOOL_WORDS_TEXT})")
 
 
 def months_before(day: date, months: int) -> date:
@@ -3331,8 +3467,8 @@ def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
     for name in ("anr", "type", "date", "data"):
         if name not in item:
             errors[name] = "is required"
-    if "anr" in clean and not isinstance(clean["anr"], str):
-        errors["anr"] = "must be a UUID string"
+    if "anr" in item and parse_uuid(item["anr"]) is None:
+        errors["anr"] = "must be the analysis' UUID, as a string"  # v1 has no integer anrs
     if "type" in clean and clean["type"] not in V1_TYPES:
         errors["type"] = f"must be one of {', '.join(V1_TYPES)}"
     if errors:
@@ -3377,13 +3513,28 @@ async def v1_create_stats(request: web.Request) -> web.Response:
     return json_response(answer, 201 if len(docs) == len(body) else 207)
 
 
+def v1_path_anr(request: web.Request) -> str:
+    """The analysis UUID of a stats/<anr> URL; 400 if it is none (upstream answers 500)."""
+    anr = parse_uuid(request.match_info["anr"])
+    if anr is None:
+        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
+    return anr
+
+
+async def v1_anr_stats(request: web.Request) -> web.Response:
+    """GET stats/<anr>: the caller's stats of that analysis (an admin's: every organization's), as a list."""
+    caller = v1_caller(request)
+    only_params(request)
+    anr = v1_path_anr(request)
+    docs = request.app[STORE_KEY].stats_of(organization=None if caller.sees_all else caller.organization, anr=anr)
+    return json_response([present_v1_stat(d) for d in docs])
+
+
 async def v1_delete_stats(request: web.Request) -> web.Response:
     """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
     caller = v1_caller(request)
     only_params(request)
-    anr = parse_uuid(request.match_info["anr"])
-    if anr is None:
-        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
+    anr = v1_path_anr(request)
     store: Store = request.app[STORE_KEY]
     await store.writable()
     caller = v1_caller(request)
@@ -3393,11 +3544,14 @@ async def v1_delete_stats(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+V1_ROLE_USER, V1_ROLE_ADMIN = "1", "2"  # upstream's role numbers, which it answers as strings
+
+
 def client_me_body(org: dict | None, key: str | None) -> dict:
     """client/me as upstream answers it; the token is the key presented (only its hash is stored)."""
     if org is None:
-        return {"name": None, "token": key, "role": "admin", "is_sharing_enabled": True}
-    return {"name": org["name"], "token": key, "role": "admin" if org.get("is_admin") else "user",
+        return {"name": None, "token": key, "role": V1_ROLE_ADMIN, "is_sharing_enabled": True}
+    return {"name": org["name"], "token": key, "role": V1_ROLE_ADMIN if org.get("is_admin") else V1_ROLE_USER,
             "is_sharing_enabled": org.get("is_sharing_enabled", True)}
 
 
@@ -3408,7 +3562,7 @@ async def v1_client_me(request: web.Request) -> web.Response:
     store: Store = request.app[STORE_KEY]
     key = presented_key(request)
     org = store.organization(caller.organization) if caller.organization is not None else None
-    if request.method == "GET":
+    if request.method != "PATCH":  # GET, HEAD
         return json_response(client_me_body(org, key))
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -3558,6 +3712,17 @@ async def v1_processed(request: web.Request) -> web.Response:
     return json_response({"type": kind, "processor": processor, "data": data})
 
 
+async def v1_index(request: web.Request) -> web.Response:
+    """GET /api/v1/ (no key, as upstream's API page): the v1 routes, from the app's own routes."""
+    only_params(request)
+    base = base_url(request)
+    routes = sorted((path, method) for method, path in app_routes(request.app)
+                    if path.startswith(V1_PREFIX + "/") and path != V1_PREFIX + "/")
+    return json_response({"service": "statsd", "version": __version__, "api": "v1 (MONARC front office)",
+                          "routes": [{"method": method, "path": path, "url": base + path} for path, method in routes],
+                          "links": {"openapi": base_url(request) + OPENAPI_PATH, "v2": base_url(request) + API_PREFIX + "/"}})
+
+
 async def v1_processors(request: web.Request) -> web.Response:
     """GET stats/processed/list (no key): the processors and what they compute."""
     return json_response([{"name": name, "description": " ".join(func.__doc__.split())}
@@ -3590,16 +3755,16 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
         ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
     ]
-    add_routes(app, API_PREFIX, routes)
+    add_routes(app, API_PREFIX, [("GET", "", api_index), *routes])
     v1_routes = [
-        ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
+        ("GET", "", v1_index), ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
         ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
-        ("DELETE", "/stats/{anr}", v1_delete_stats),
+        ("GET", "/stats/{anr}", v1_anr_stats), ("DELETE", "/stats/{anr}", v1_delete_stats),
         ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
     ]
     add_routes(app, V1_PREFIX, v1_routes)
     app.router.add_get("/", index)
-    app.router.add_route("GET", OPENAPI_PATH, openapi_json)
+    app.router.add_get(OPENAPI_PATH, openapi_json)  # add_get answers HEAD too
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
@@ -3607,7 +3772,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
 
 def add_routes(app: web.Application, prefix: str, routes: list) -> None:
     """Each path with and without its trailing slash, as one resource holding all its methods
-    (the router then tries one resource per path, and a wrong method is a 405).
+    (the router then tries one resource per path, and a wrong method is a 405); GET brings HEAD.
     The slash form comes first: it is the one links and clients use."""
     resources: dict[str, web.Resource] = {}
     for method, path, handler in routes:
@@ -3615,6 +3780,8 @@ def add_routes(app: web.Application, prefix: str, routes: list) -> None:
             if variant not in resources:
                 resources[variant] = app.router.add_resource(variant)
             resources[variant].add_route(method, handler)
+            if method == "GET":  # HEAD answers as GET does, without the body (aiohttp drops it)
+                resources[variant].add_route("HEAD", handler)
 
 
 async def _start_store(app: web.Application) -> None:
@@ -3654,14 +3821,14 @@ def build_parser() -> argparse.ArgumentParser:
     create = command("create-organization", cmd_create_org,
                      "Create an organization and print its API key on the last line.")
     create.add_argument("name", metavar="NAME")
-    create.add_argument("--token", help="the API key to use (at least 16 characters; default: a random one)")
+    create.add_argument("--token", help=f"the API key to use: {TOKEN_RULE} (default: a random one)")
     create.add_argument("--admin", action="store_true", help="may see all stats and manage organizations")
     command("list-organizations", cmd_list_orgs, "List the organizations and their number of stats.")
     delete = command("delete-organization", cmd_delete_org, "Delete an organization.")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--cascade", action="store_true", help="also delete its stats")
     export = command("export", cmd_export, "Write every organization (token hashes only) and stat as JSON.")
-    export.add_argument("--output", metavar="FILE", help="file to write (default: stdout)")
+    export.add_argument("--output", metavar="FILE", help="file to write, atomically (default: stdout)")
     load = command("import", cmd_import, "Load an export file; organizations (by name) and stats (by uuid)"
                    " already there are kept, so importing twice changes nothing.")
     load.add_argument("file", metavar="FILE")
@@ -3736,7 +3903,7 @@ def cmd_delete_org(config: Config, args) -> int:
     async def work(store: Store):
         if store.organization(args.name) is None:
             raise ConfigError(f"no organization named {args.name!r} in {config.database}")
-        changes = organization_deletion(store, args.name, args.cascade)
+        changes = organization_deletion(store, args.name, args.cascade, cascade_hint="run it again with --cascade")
         await store.commit(changes)
         return len(changes) - 1
     deleted = _offline(config, work)
@@ -3760,12 +3927,21 @@ def export_document(store: Store) -> dict:
 
 
 def cmd_export(config: Config, args) -> int:
+    if args.output is not None and (os.path.isdir(args.output) or args.output.endswith(os.sep)):
+        raise ConfigError(f"--output {args.output} is a folder; name the file to write,"
+                          f" e.g. --output {os.path.join(args.output, 'statsd-export.json')}")
+
     async def work(store: Store):
         return dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
             len(store.organizations()), store.count_stats()
     data, orgs, stats = _offline(config, work)
     if args.output is None:
-        sys.stdout.buffer.write(data)
+        view = memoryview(data)
+        while view:  # a reader that leaves early cuts a write short, then raises BrokenPipeError
+            written = sys.stdout.buffer.write(view)
+            if not written:
+                raise OSError(errno.EIO, "stdout takes no more data")
+            view = view[written:]
         sys.stdout.flush()
     else:
         try:
@@ -4062,6 +4238,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(config, args)
     except (ConfigError, StorageError) as e:
         print(f"statsd: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader of stdout left early (`statsd export | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # keeps the final flush quiet
         return 1
     except OSError as e:  # e.g. the port is taken, or the disk refuses the start-up fold
         print(f"statsd: error: {e}", file=sys.stderr)

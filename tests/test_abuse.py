@@ -5,12 +5,15 @@ import hashlib
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import orjson
 import pytest
 import requests
-from conftest import ServerProcess, assert_error_object, key, new_org
+from yarl import URL
+from conftest import ROOT, ServerProcess, assert_error_object, key, new_org
 
 import statsd
 
@@ -51,12 +54,13 @@ async def test_bodies_over_max_body_size_are_413_with_or_without_content_length(
     async def chunks():
         for i in range(0, len(big), 1000):
             yield big[i:i + 1000]
-    for method, path in (("POST", STATS), ("POST", "/api/v1/stats/")):
-        await refused(client, await client.request(method, path, data=big,
-                                                   headers={"Content-Type": "application/json"}), 413,
-                      "stats" if path == STATS else "stats")
-        await refused(client, await client.request(method, path, data=chunks(),
-                                                   headers={"Content-Type": "application/json"}), 413, "stats")
+    for path in (STATS, "/api/v1/stats/"):  # both answer with the target "stats"
+        for data in (big, chunks()):
+            body = await refused(client, await client.post(path, data=data,
+                                                           headers={"Content-Type": "application/json"}),
+                                 413, "stats")
+            assert "max_body_size (4096 bytes)" in body["error"]
+            assert ("Error" in body) == (path != STATS)  # v1 errors carry the upstream's key too
 
 
 @pytest.mark.parametrize("depth", [65, 2000, 200_000])
@@ -94,12 +98,21 @@ async def test_a_huge_in_list_of_invalid_values_is_a_400(seeded):
 
 
 async def test_invalid_utf8_in_the_query_string_is_handled(seeded):
-    for query in ("type=%ff%fe", "%ff=1", "data__%c3=1", "_order_by=%ff"):
+    """Bytes that are not UTF-8 are read as U+FFFD: a value matches what holds that, a name is unknown."""
+    resp = await seeded.post(STATS, json={"type": "\ufffd\ufffd", "data": {"i": "odd"}}, headers=key(seeded.cases))
+    assert resp.status == 201
+    odd = await resp.json()
+    seeded.before = await snapshot(seeded)
+    for query, found in (("type=%ff%fe", [odd["id"]]), ("type=%ff", []), ("data__%c3=1", [])):
         resp = await seeded.get(STATS + "?" + query, headers=key(seeded.cases))
         ABUSE_CASES.append(query)
-        assert resp.status in (200, 400), await resp.text()
-        if resp.status == 400:
-            await refused(seeded, resp, 400, "stats")
+        assert resp.status == 200, await resp.text()
+        assert [s["id"] for s in (await resp.json())["data"]] == found, query
+    for query, message in (("%ff=1", "unknown field '\ufffd' in filter '\ufffd'"),
+                           ("_order_by=%ff", "unknown field '\ufffd' in _order_by")):
+        resp = await seeded.get(STATS + "?" + query, headers=key(seeded.cases))
+        ABUSE_CASES.append(query)
+        assert (await refused(seeded, resp, 400, "stats"))["error"] == message
 
 
 # ----------------------------------------------------------------- keys ---
@@ -113,9 +126,47 @@ async def test_keys_with_odd_characters_are_401(seeded, value):
     await refused(seeded, resp, 401, "stats")
 
 
-async def test_two_keys_at_once_are_401_even_when_one_is_valid(seeded):
-    resp = await seeded.get(STATS, params={"api_key": "wrong-key-wrong-key"}, headers=key(seeded.admin))
-    await refused(seeded, resp, 401, "stats")
+def test_a_key_that_is_not_utf8_is_refused_without_a_traceback(tmp_path):
+    """Raw header bytes (é in Latin-1, a lone continuation byte, a truncated sequence) are no key."""
+    database = tmp_path / "statsd.json"
+    created = subprocess.run([sys.executable, str(ROOT / "statsd.py"), "create-organization", "ADMIN", "--admin",
+                              "--database", str(database)], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    srv = ServerProcess(database).start()
+    try:
+        for raw in (b"caf\xe9", b"\x80\x80\x80\x80", b"\xe2\x82", created.stdout.splitlines()[-1].encode() + b"\xe9"):
+            for path, status, message in (("/api/v2/stats/", 401, "Unauthorized"),
+                                          ("/api/v1/stats/?type=risk", 403, "Forbidden - Authentication failed."),
+                                          ("/api/v1/client/me", 403, "Forbidden - Authentication failed.")):
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nX-API-KEY: " + raw
+                                 + b"\r\nConnection: close\r\n\r\n")
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 %d " % status), (raw, path, head)
+                assert b"Content-Type: application/json" in head
+                assert json.loads(body)["error"] == message
+                ABUSE_CASES.append("non-utf8 key")
+    finally:
+        srv.stop()
+    log = srv.proc.stderr.read().decode()
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+@pytest.mark.parametrize("path, target", [(STATS, "stats"), ("/api/v1/stats/?type=risk", "stats"),
+                                          ("/api/v1/client/me", "/api/v1/client/me")])
+async def test_a_key_sent_twice_is_a_400_that_says_so_even_when_both_are_valid(seeded, path, target):
+    for params, headers, counts in (({"api_key": "wrong-key-wrong-key"}, key(seeded.admin), "1 X-API-KEY header(s), 1"),
+                                    ({"api_key": seeded.admin}, key(seeded.admin), "1 X-API-KEY header(s), 1"),
+                                    ({}, [("X-API-KEY", seeded.admin), ("X-API-KEY", seeded.admin)], "2 X-API-KEY"),
+                                    ({"api_key": [seeded.cases, seeded.cases]}, {}, "0 X-API-KEY header(s), 2")):
+        url = URL(path).extend_query(params)
+        resp = await seeded.get(url, headers=headers)
+        body = await refused(seeded, resp, 400, target)
+        assert "the API key is sent 2 times" in body["error"] and counts in body["error"], body["error"]
+        assert "send it once" in body["error"]
 
 
 # ------------------------------------------------------------------ URLs ---
@@ -241,13 +292,24 @@ async def test_a_copied_database_file_gives_away_no_token(make_client, db_path, 
 
 
 async def test_keys_are_compared_in_constant_time(monkeypatch, api):
-    """The stored hash is looked up, then compared with hmac.compare_digest (no early exit)."""
+    """The stored hash is looked up, then compared with hmac.compare_digest (no early exit): the
+    comparison takes the stored record's hash and the hash of the key presented, not one hash twice."""
     calls = []
     real = statsd.hmac.compare_digest
     monkeypatch.setattr(statsd.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    stored = api.app[statsd.STORE_KEY].orgs.get("CASES")["token_sha256"]
     assert (await api.get(STATS, headers=key(api.cases))).status == 200
-    assert calls == [(hashlib.sha256(api.cases.encode()).hexdigest(),) * 2]
+    [(a, b)] = calls
+    presented = hashlib.sha256(api.cases.encode()).hexdigest()
+    assert {id(a), id(b)} & {id(stored)}, "the stored hash is not one of the compared values"
+    assert (b if a is stored else a) == presented and (b if a is stored else a) is not stored
+    calls.clear()
+    assert (await api.get(STATS, headers=key(api.cases[:-1] + "x"))).status == 401
+    assert calls == []  # a key whose hash nobody holds is refused without comparing anything
 
 
-def test_report_abuse_cases_tried():
+@pytest.fixture(scope="module", autouse=True)
+def report_abuse_cases_tried():
+    """After the module: how many abuse cases its tests tried (shown with -s)."""
+    yield
     print(f"\nabuse cases tried in this module: {len(ABUSE_CASES)}")

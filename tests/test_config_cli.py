@@ -2,9 +2,12 @@
 
 import hashlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -191,7 +194,8 @@ async def test_delete_organization_with_stats_needs_cascade(tmp_path, make_clien
     await add_stats(make_client, tmp_path, {"CASES": 2, "OTHER": 1})
     db = tmp_path / "statsd.json"
     done = cli("delete-organization", "CASES", cwd=tmp_path)
-    assert_clear_failure(done, "cascade")
+    assert_clear_failure(done, "still has 2 stat(s)", "again with --cascade")
+    assert "?cascade" not in done.stderr  # the HTTP way is not the command line's
     assert org_names(db) == ["CASES", "OTHER"] and len(table(db, "stats")) == 3
 
     done = cli("delete-organization", "CASES", "--cascade", cwd=tmp_path)
@@ -275,8 +279,8 @@ def test_an_empty_rate_limit_in_the_environment_turns_it_off(tmp_path):
     assert config.rate_limit == ""
 
 
-@pytest.mark.parametrize("word, value", [("true", True), ("1", True), ("yes", True),
-                                         ("false", False), ("0", False), ("no", False)])
+@pytest.mark.parametrize("word, value", [("true", True), ("1", True), ("yes", True), ("On", True),
+                                         ("false", False), ("0", False), ("no", False), (" OFF ", False)])
 def test_booleans_in_the_environment(tmp_path, word, value):
     path = write_toml(tmp_path / "c.toml", f"api_key_authentication = {str(not value).lower()}\n")
     config = statsd.Config.load(path, environ={"STATSD_API_KEY_AUTHENTICATION": word})
@@ -485,3 +489,36 @@ def test_serve_on_a_taken_port_or_a_missing_folder_is_a_clear_error(tmp_path):
     for args in (["serve"], ["create-organization", "X"]):
         result = cli(*args, "--database", str(tmp_path / "missing" / "db.json"), cwd=tmp_path)
         assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_token_rule_in_create_organization_help_is_the_one_readme_and_the_check_state():
+    done = cli("create-organization", "--help")
+    assert done.returncode == 0
+    assert statsd.TOKEN_RULE in " ".join(done.stdout.split())
+    assert statsd.TOKEN_RULE in (ROOT / "README.md").read_text()
+    assert statsd.check_token("x" * 15) == f"must be {statsd.TOKEN_RULE}"
+    assert statsd.check_token("x" * 16) is None and statsd.check_token("x" * 512) is None
+    assert statsd.check_token("x" * 513) and statsd.check_token("sixteen chars ok")
+
+
+
+def test_make_run_honours_port_host_and_database(tmp_path):
+    """`make run PORT=... HOST=... DATABASE=...` serves there (the venv is the one `make test` made)."""
+    port, database = free_port(), tmp_path / "made.json"
+    proc = subprocess.Popen(["make", "--no-print-directory", "-C", str(ROOT), "run", f"PORT={port}",
+                             "HOST=127.0.0.1", f"DATABASE={database}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, answer = time.monotonic() + 60, None
+        while time.monotonic() < deadline and answer is None and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
+                    answer = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.1)
+        assert answer is not None and answer["service"] == "statsd", proc.stdout.read1().decode()
+        assert (tmp_path / "made.json.lock").read_text().strip().isdigit()  # that database, held by the server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert database.exists()

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import assert_error_object, key, new_org, whole_list
 
+import statsd
+
 ORGS = "/api/v2/organizations/"
 STATS = "/api/v2/stats/"
 ISO_MICRO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
@@ -113,8 +115,14 @@ async def test_bad_organizations_query_is_400_naming_it(api, params, named):
 
 async def test_organizations_list_cannot_be_filtered_on_the_token_hash(api):
     digest = hashlib.sha256(api.cases.encode()).hexdigest()
-    resp = await api.get(ORGS, params={"token_sha256": digest}, headers=key(api.admin))
-    await error(resp, 400)
+    for name in ("token_sha256", "token_sha256__startswith", "token_sha256__exists"):
+        answers = []
+        for value in (digest, digest[:8], "0" * 64, "true"):  # a hash held, a prefix of it, one held by nobody
+            resp = await api.get(ORGS, params={name: value}, headers=key(api.admin))
+            body = await error(resp, 400)
+            assert body["error"] == f"unknown field 'token_sha256' in filter '{name}'"
+            answers.append(body)
+        assert all(answer == answers[0] for answer in answers)  # nothing tells a held hash from another
 
 
 # --------------------------------------------------------------- create ---
@@ -401,8 +409,23 @@ async def test_delete_of_an_organization_without_stats_is_204(api, params):
     assert len(await stats(api)) == 1
 
 
-@pytest.mark.parametrize("params,named", [({"cascade": "yes"}, "cascade"), ({"cascade": "1"}, "cascade"),
-                                          ({"force": "true"}, "force")])
+@pytest.mark.parametrize("word, cascade", [("true", True), ("1", True), ("yes", True), ("on", True), ("TRUE", True),
+                                           ("false", False), ("0", False), ("no", False), ("off", False)])
+async def test_cascade_takes_the_boolean_words_the_config_takes(api, word, cascade):
+    stat = await add_stat(api, api.cases)
+    resp = await api.delete(org_url("CASES"), params={"cascade": word}, headers=key(api.admin))
+    if cascade:
+        assert resp.status == 204
+        assert await names(api) == ["admin", "OTHER"] and await stats(api) == []
+    else:
+        assert "still has 1 stat(s)" in (await error(resp, 409))["error"]
+        assert await names(api) == ["admin", "CASES", "OTHER"] and await stats(api) == [stat]
+    assert statsd.parse_bool(word) is cascade
+    assert statsd.Config.load(environ={"STATSD_API_KEY_AUTHENTICATION": word}).api_key_authentication is cascade
+
+
+@pytest.mark.parametrize("params,named", [({"cascade": "maybe"}, "cascade"), ({"cascade": "2"}, "cascade"),
+                                          ({"cascade": ""}, "cascade"), ({"force": "true"}, "force")])
 async def test_delete_with_a_bad_parameter_is_400_and_deletes_nothing(api, params, named):
     stat = await add_stat(api, api.cases)
     resp = await api.delete(org_url("CASES"), params=params, headers=key(api.admin))
@@ -555,6 +578,23 @@ async def test_organizations_filter_and_order_on_id_as_on_name(api):
 
 
 async def test_dot_names_are_refused_since_their_url_would_point_elsewhere(api):
+    before = await names(api)
     for name in (".", ".."):
         resp = await api.post(ORGS, json={"name": name}, headers=key(api.admin))
-        await error(resp, 400)
+        body = await error(resp, 400)
+        assert body["errors"] == {"name": "must not be '.' or '..' (its URL would point elsewhere)"}
+    for name in (".a", "a.", "..."):  # only the two names a URL resolves are refused
+        await create_org(api, {"name": name})
+    assert await names(api) == before + [".a", "a.", "..."]
+
+
+async def test_get_of_one_organization_takes_fields_as_lists_do(api):
+    resp = await api.get(org_url("CASES"), params={"_fields": "is_admin,created_at"}, headers=key(api.admin))
+    assert resp.status == 200, await resp.text()
+    listed = await api.get(ORGS, params={"_fields": "is_admin,created_at", "name": "CASES"}, headers=key(api.admin))
+    assert [await resp.json()] == (await listed.json())["data"]
+    assert set(await resp.json()) == {"id", "is_admin", "created_at"}
+    body = await error(await api.get(org_url("CASES"), params={"_fields": "token_sha256"}, headers=key(api.admin)), 400)
+    assert body["error"] == "unknown field 'token_sha256' in _fields"
+    await error(await api.get(org_url("CASES"), params={"_fields": "name"}, headers=key(api.cases)), 403)
+

@@ -680,3 +680,24 @@ async def test_without_authentication_an_unknown_organization_is_400(open_api, g
     resp = await open_api.post(STATS, json={"type": "risk", "data": 1, "organization": given})
     assert "organization" in (await error(resp, 400))["errors"]
     assert await open_everything(open_api) == []
+
+
+async def test_get_of_one_stat_takes_fields_as_lists_do(api):
+    resp = await api.post("/api/v2/stats/", json={"type": "risk", "anr": 4, "data": {"x": 1}}, headers=key(api.cases))
+    stat = await resp.json()
+    url = f"/api/v2/stats/{stat['id']}/"
+    resp = await api.get(url, params={"_fields": "type,data"}, headers=key(api.cases))
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"id": stat["id"], "type": "risk", "data": {"x": 1}}
+    resp = await api.get(url, params={"_fields": "link,anr"}, headers=key(api.cases))
+    assert await resp.json() == {"id": stat["id"], "link": stat["link"], "anr": 4}
+    listed = await api.get("/api/v2/stats/", params={"_fields": "type,links"}, headers=key(api.cases))
+    one = await api.get(url, params={"_fields": "type,links"}, headers=key(api.cases))
+    assert [await one.json()] == (await listed.json())["data"]
+    assert await (await api.get(url, headers=key(api.cases))).json() == stat  # without it, the whole stat
+    for params, reason in (({"_fields": "colour"}, "unknown field 'colour' in _fields"),
+                           ({"_fields": "type", "type": "risk"}, "unknown query parameter 'type'")):
+        body = await assert_error_object(await api.get(url, params=params, headers=key(api.cases)), 400, "stats")
+        assert body["error"] == reason
+    resp = await api.get(url, params={"_fields": "type"}, headers=key(api.other))
+    await assert_error_object(resp, 404, "stats")  # another organization's stat stays hidden

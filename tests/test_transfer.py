@@ -79,6 +79,36 @@ def test_export_to_a_file(tmp_path, server):
     assert (me["name"], me["token"]) == ("CASES", token)  # the imported hash still accepts the key
 
 
+def test_export_to_a_folder_says_to_name_a_file(tmp_path):
+    database = tmp_path / "a.json"
+    create_org(database, "CASES")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    for output in (str(folder), str(folder) + "/", str(tmp_path / "missing") + "/"):
+        result = cli("export", "--output", output, "--database", str(database))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (f"statsd: error: --output {output} is a folder; name the file to write,"
+                                         f" e.g. --output {os.path.join(output, 'statsd-export.json')}")
+    assert os.listdir(folder) == []
+    suggested = os.path.join(str(folder), "statsd-export.json")
+    assert cli("export", "--output", suggested, "--database", str(database)).returncode == 0
+    assert json.loads(open(suggested).read())["format"] == "statsd-export"
+
+
+def test_export_into_a_pipe_closed_early_prints_no_error(tmp_path):
+    database = tmp_path / "a.json"
+    create_org(database, "CASES")
+    seed = write_export(tmp_path / "seed.json", [stat("CASES", data={"pad": "x" * 500}) for _ in range(2000)])
+    assert cli("import", str(seed), "--database", str(database)).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "statsd.py"), "export", "--database", str(database)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == b'{"format":'  # what `| head -c 10` reads, then it leaves
+    proc.stdout.close()
+    _, errors = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert errors.decode() == ""  # no "Broken pipe", no traceback, no "Exception ignored"
+
+
 def test_importing_twice_changes_nothing(tmp_path):
     database = tmp_path / "a.json"
     create_org(database, "CASES")

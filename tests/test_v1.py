@@ -6,6 +6,8 @@ import uuid
 import pytest
 from conftest import assert_error_object, key
 
+import statsd
+
 MONARC = "MONARC/2.13.1"
 TYPES = ("risk", "threat", "vulnerability", "cartography", "compliance")
 V1_STAT_KEYS = {"uuid", "anr", "type", "date", "data"}
@@ -112,9 +114,10 @@ async def test_the_front_office_collection_job(api):
     # 5. the service check and the sharing switch
     resp = await api.get("/api/v1/client/me", headers=monarc(api.cases))
     assert resp.status == 200
-    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "user", "is_sharing_enabled": True}
+    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "1", "is_sharing_enabled": True}
     resp = await api.patch("/api/v1/client/me", json={"is_sharing_enabled": False}, headers=monarc(api.cases))
-    assert resp.status in (200, 201, 204)
+    assert resp.status == 200  # one of the 200, 201 and 204 the front office takes; statsd answers 200
+    assert await resp.json() == {"name": "CASES", "token": api.cases, "role": "1", "is_sharing_enabled": False}
     resp = await api.get("/api/v1/client/me", headers=monarc(api.cases))
     assert (await resp.json())["is_sharing_enabled"] is False
 
@@ -289,6 +292,28 @@ async def test_delete_removes_only_the_callers_stats_of_that_analysis(api):
     assert len(await v2_stats(api, api.admin)) == 2
 
 
+async def test_get_by_analysis_answers_the_callers_stats_of_it_and_an_admin_all(api):
+    anr, elsewhere = str(uuid.uuid4()), str(uuid.uuid4())
+    mine = await post(api, api.cases, [{"anr": anr, "type": kind, "date": "2024-05-0" + str(i), "data": i}
+                                       for i, kind in enumerate(("risk", "threat"), 1)])
+    await post(api, api.cases, [{"anr": elsewhere, "type": "risk", "date": today(), "data": "elsewhere"}])
+    theirs = await post(api, api.other, [{"anr": anr, "type": "risk", "date": "2024-05-03", "data": "other"}])
+    for path in (f"/api/v1/stats/{anr}", f"/api/v1/stats/{anr}/", f"/api/v1/stats/{anr.upper()}"):
+        resp = await api.get(path, headers=monarc(api.cases))
+        assert resp.status == 200, await resp.text()
+        assert await resp.json() == mine["data"]  # a list of v1 stats, oldest first, whatever their type or date
+    resp = await api.get(f"/api/v1/stats/{anr}", headers=monarc(api.admin))
+    assert await resp.json() == mine["data"] + theirs["data"]
+    resp = await api.get(f"/api/v1/stats/{uuid.uuid4()}", headers=monarc(api.cases))
+    assert resp.status == 200 and await resp.json() == []
+    resp = await api.get("/api/v1/stats/not-a-uuid", headers=monarc(api.cases))
+    assert "'not-a-uuid' is not an analysis UUID" in (await v1_errors(resp, 400))["Error"]
+    await v1_errors(await api.get(f"/api/v1/stats/{anr}", headers={"User-Agent": MONARC}), 401)
+    await v1_errors(await api.get(f"/api/v1/stats/{anr}", headers=monarc("not-a-key-of-anybody")), 403)
+    resp = await api.get(f"/api/v1/stats/{anr}", params={"type": "risk"}, headers=monarc(api.cases))
+    assert "unknown query parameter 'type'" in (await v1_errors(resp, 400))["Error"]
+
+
 # --- batch POST ---
 
 async def test_a_partly_failing_batch_is_207_with_per_item_results(api):
@@ -321,6 +346,16 @@ async def test_an_empty_batch_is_201_and_a_non_list_body_is_400(api):
     assert await v2_stats(api, api.cases) == []
 
 
+async def test_a_bad_v1_anr_is_called_a_uuid_not_an_integer_or_uuid(api):
+    items = [{"anr": bad, "type": "risk", "date": today(), "data": 1} for bad in ("", "x", 12, None, [])]
+    body = await post(api, api.cases, items, 207)
+    for result in body["results"]:
+        assert result["status"] == 400
+        assert result["errors"]["anr"] == "must be the analysis' UUID, as a string"
+        assert "integer" not in result["error"]
+    assert await v2_stats(api, api.cases) == []
+
+
 async def test_a_batch_may_carry_uuids_and_integer_anrs_are_refused(api):
     given = str(uuid.uuid4())
     body = await post(api, api.cases, [{"uuid": given, "anr": str(uuid.uuid4()), "type": "risk", "date": today(),
@@ -343,16 +378,46 @@ async def test_parameters_work_in_the_query_string_as_in_the_body(api):
     assert [s["data"] for s in from_body["data"]] == [0, 1]
 
 
-@pytest.mark.parametrize("params, query", [
-    ({}, {}), ({"type": "weather"}, {}), ({"type": "risk", "colour": 1}, {}),
-    ({"type": "risk"}, {"type": "risk"}), ({"type": "risk", "date_from": "2024-13-01"}, {}),
-    ({"type": "risk", "anrs": ["x"]}, {}), ({"type": "risk", "anrs": "abc"}, {}),
-    ({"type": "risk", "limit": -1}, {}), ({"type": "risk", "get_last": "maybe"}, {}),
-    ({}, {"type": "risk", "offset": "x"}),
+@pytest.mark.parametrize("params, query, reason", [
+    ({}, {}, "type is required"), ({"type": "weather"}, {}, "type: 'weather' is not one of"),
+    ({"type": "risk", "colour": 1}, {}, "unknown parameter(s): colour"),
+    ({"type": "risk"}, {"type": "risk"}, "'type' is given both in the body and in the query string"),
+    ({"type": "risk", "date_from": "2024-13-01"}, {}, "date_from: '2024-13-01' is not a date"),
+    ({"type": "risk", "anrs": ["x"]}, {}, "anrs: 'x' is not an analysis UUID"),
+    ({"type": "risk", "anr": ""}, {}, "anr: '' is not an analysis UUID"),
+    ({"type": "risk", "anrs": "abc"}, {}, "anrs must be a list"),
+    ({"type": "risk", "limit": -1}, {}, "limit: -1 is not a non-negative integer"),
+    ({"type": "risk", "get_last": "maybe"}, {}, "get_last: 'maybe' is not true or false"),
+    ({}, {"type": "risk", "offset": "x"}, "offset: 'x' is not a non-negative integer"),
 ])
-async def test_bad_parameters_are_400(api, params, query):
+async def test_bad_parameters_are_400(api, params, query, reason):
+    await post(api, api.cases, [{"anr": str(uuid.uuid4()), "type": "risk", "date": today(), "data": 1}])
     resp = await api.get("/api/v1/stats/", json=params or None, params=query, headers=monarc(api.cases))
-    await v1_errors(resp, 400)
+    body = await v1_errors(resp, 400)
+    assert reason in body["Error"], body["Error"]
+    assert "data" not in body and "metadata" not in body
+
+
+async def test_strings_from_php_are_read_as_upstream_reads_them(api):
+    """PHP sends numbers and booleans as strings: numeric strings for offset, limit, group_by_anr and
+    local_stats_only, and "true"/"false" (and 1/0, "" for false) for get_last, in the JSON body."""
+    anr = str(uuid.uuid4())
+    await post(api, api.cases, [{"anr": anr, "type": "risk", "date": today(), "data": i} for i in range(5)])
+    body = await get(api, api.cases, {"type": "risk", "offset": "1", "limit": " 2 ", "group_by_anr": "1"})
+    assert body["metadata"] == {"count": "2", "offset": "1", "limit": "2"}
+    assert [s["data"] for s in body["data"]] == [1, 2]
+    for word, last in (("true", True), ("TRUE", True), ("1", True), ("on", True), (1, True), (True, True),
+                       ("false", False), ("0", False), ("", False), (0, False), (False, False)):
+        body = await get(api, api.cases, {"type": "risk", "get_last": word, "limit": "3"})
+        assert [s["data"] for s in body["data"]] == ([4] if last else [0, 1, 2]), word
+    data = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages", "local_stats_only": "0"})
+    assert data["current"]["informational"] == {"Low risks": 0, "Medium risks": 0, "High risks": 0}
+    for params, reason in (({"offset": "1.5"}, "offset: '1.5' is not"), ({"limit": "ten"}, "limit: 'ten' is not"),
+                           ({"limit": "-1"}, "limit: '-1' is not"), ({"group_by_anr": "2"}, "group_by_anr: '2'"),
+                           ({"get_last": "2"}, "get_last: '2' is not"), ({"get_last": 2}, "get_last: 2 is not"),
+                           ({"get_last": []}, "get_last: [] is not"), ({"colour": "1"}, "unknown parameter(s): colour")):
+        resp = await api.get("/api/v1/stats/", json={"type": "risk", **params}, headers=monarc(api.cases))
+        assert reason in (await v1_errors(resp, 400))["Error"]
 
 
 async def test_without_dates_the_last_three_months_are_read(api):
@@ -393,11 +458,45 @@ async def test_get_last_returns_each_analysis_latest_stats_whatever_the_dates(ap
     assert [s["data"] for s in body["data"]] == ["b-only"]
 
 
+async def test_get_last_keeps_one_stat_per_analysis_the_newest_of_its_latest_date(api):
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    await post(api, api.cases, [{"anr": a, "type": "risk", "date": "2024-03-01", "data": "a first"},
+                                {"anr": a, "type": "risk", "date": "2024-03-01", "data": "a second"},
+                                {"anr": a, "type": "risk", "date": "2024-01-01", "data": "a older date"},
+                                {"anr": b, "type": "risk", "date": "2024-02-01", "data": "b first"}])
+    await post(api, api.cases, [{"anr": b, "type": "risk", "date": "2024-02-01", "data": "b newer"},
+                                {"anr": a, "type": "threat", "date": "2024-03-01", "data": "a threat"}])
+    body = await get(api, api.cases, {"type": "risk", "get_last": True})
+    assert [s["data"] for s in body["data"]] == ["a second", "b newer"]
+    assert body["metadata"] == {"count": "2", "offset": "0", "limit": "0"}
+    body = await get(api, api.cases, {"type": "threat", "get_last": True})
+    assert [s["data"] for s in body["data"]] == ["a threat"]
+
+
+async def test_get_last_prefers_the_later_created_stat_over_the_later_stored_one(api):
+    """A stat imported or pushed late keeps its created_at: newest means created last."""
+    anr = str(uuid.uuid4())
+    resp = await api.post("/api/v2/stats/", json={"anr": anr, "type": "risk", "date": "2024-03-01", "data": "later"},
+                          headers=key(api.cases))
+    assert resp.status == 201
+    later = await resp.json()
+    store = api.app[statsd.STORE_KEY]
+    older = {**later, "uuid": str(uuid.uuid4()), "id": "f" * 24, "data": "earlier",
+             "created_at": "2001-01-01T00:00:00.000000", "updated_at": "2001-01-01T00:00:00.000000"}
+    del older["link"], older["links"]
+    await store.commit([("stats", store.stats.new_doc_id(), older)])  # stored after, created before
+    body = await get(api, api.cases, {"type": "risk", "get_last": True})
+    assert [s["data"] for s in body["data"]] == ["later"]
+
+
 # --- client/me ---
 
 async def test_client_me_of_an_admin_says_admin(api):
+    """The role is upstream's number as a string: "2" admin, "1" user."""
     resp = await api.get("/api/v1/client/me", headers=monarc(api.admin))
-    assert await resp.json() == {"name": "admin", "token": api.admin, "role": "admin", "is_sharing_enabled": True}
+    assert await resp.json() == {"name": "admin", "token": api.admin, "role": "2", "is_sharing_enabled": True}
+    doc = await (await api.get("/api/v2/openapi.json")).json()
+    assert doc["components"]["schemas"]["V1Client"]["properties"]["role"]["enum"] == ["1", "2"]
 
 
 async def test_client_me_accepts_its_own_body_back_and_refuses_other_changes(api):
@@ -406,7 +505,7 @@ async def test_client_me_accepts_its_own_body_back_and_refuses_other_changes(api
     resp = await api.patch("/api/v1/client/me", json={**me, "is_sharing_enabled": False}, headers=monarc(api.cases))
     assert resp.status == 200 and (await resp.json())["is_sharing_enabled"] is False
     for bad in ({"is_sharing_enabled": "no"}, {}, {"is_sharing_enabled": True, "name": "RENAMED"},
-                {"is_sharing_enabled": True, "role": "admin"}, [True]):
+                {"is_sharing_enabled": True, "role": "2"}, [True]):
         resp = await api.patch("/api/v1/client/me", json=bad, headers=monarc(api.cases))
         await v1_errors(resp, 400)
     resp = await api.get("/api/v1/client/me", headers=monarc(api.cases))
@@ -514,24 +613,43 @@ async def test_risk_averages_on_date(api):
                                                             {"date": "2024-02-10", "value": 0}]
 
 
+async def test_risk_processors_count_only_the_three_named_levels(api):
+    data = risk_data((2, 4, 6))
+    data["risks"]["current"]["informational"] += [{"level": "Critical risks", "value": 50},
+                                                  {"level": "low risks", "value": 50}, {"level": 7, "value": 50}]
+    await post(api, api.cases, [{"anr": A1, "type": "risk", "date": "2024-01-10", "data": data}])
+    averages = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages"})
+    assert averages["current"]["informational"] == {"Low risks": 2, "Medium risks": 4, "High risks": 6}
+    on_date = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages_on_date"})
+    assert on_date["current"]["informational"] == {
+        "Low risks": [{"date": "2024-01-10", "value": 2}], "Medium risks": [{"date": "2024-01-10", "value": 4}],
+        "High risks": [{"date": "2024-01-10", "value": 6}]}
+
+
 async def test_processed_with_no_matching_stats_is_an_empty_list(api):
     data = await processed(api, api.cases, {"type": "risk", "processor": "risk_averages"})
     assert data == []
 
 
-@pytest.mark.parametrize("params", [
-    {"type": "threat", "processor": "risk_averages"},
-    {"type": "risk", "processor": "risk_medians"},
-    {"type": "risk"},
-    {"processor": "risk_averages"},
-    {"type": "risk", "processor": "risk_averages_on_date", "processor_params": {"risks_type": "strategic"}},
-    {"type": "risk", "processor": "risk_averages_on_date", "processor_params": {"colour": "red"}},
-    {"type": "risk", "processor": "risk_averages", "processor_params": {"risks_type": "operational"}},
-    {"type": "risk", "processor": "risk_averages", "processor_params": "operational"},
-    {"type": "risk", "processor": "risk_averages", "date_from": "yesterday"},
+@pytest.mark.parametrize("params, reason", [
+    ({"type": "threat", "processor": "risk_averages"}, "Processor 'risk_averages' can not be used with type 'threat'."),
+    ({"type": "risk", "processor": "risk_medians"}, "processor: 'risk_medians' is not one of"),
+    ({"type": "risk"}, "processor is required"),
+    ({"processor": "risk_averages"}, "type is required"),
+    ({"type": "risk", "processor": "risk_averages_on_date", "processor_params": {"risks_type": "strategic"}},
+     "risks_type must be informational or operational"),
+    ({"type": "risk", "processor": "risk_averages_on_date", "processor_params": {"colour": "red"}},
+     "unknown parameter(s) colour"),
+    ({"type": "risk", "processor": "risk_averages", "processor_params": {"risks_type": "operational"}},
+     "risk_averages takes no parameter"),
+    ({"type": "risk", "processor": "risk_averages", "processor_params": "operational"},
+     "processor_params must be a JSON object"),
+    ({"type": "risk", "processor": "risk_averages", "date_from": "yesterday"}, "date_from: 'yesterday' is not a date"),
 ])
-async def test_bad_processed_requests_are_400(api, params):
-    await processed(api, api.cases, {"type": None, "processor": None, **params}, status=400)
+async def test_bad_processed_requests_are_400(api, params, reason):
+    await load_processing_set(api)  # stats the processor would find, were the request right
+    body = await processed(api, api.cases, {"type": None, "processor": None, **params}, status=400)
+    assert reason in body["Error"], body["Error"]
 
 
 async def test_the_processors_list_needs_no_key(api):
