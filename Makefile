@@ -26,7 +26,7 @@ bench: $(BIN)/statsd
 
 # The real MONARC workload, statsd beside the upstream statsservice (installed into bench/.monarc).
 bench-monarc: $(BIN)/statsd
-	$(BIN)/python bench/monarc.py
+	BENCH_COMMAND='make bench-monarc' $(BIN)/python bench/monarc.py
 
 binary: $(BIN)/statsd
 	packaging/build.sh

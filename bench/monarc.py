@@ -20,7 +20,8 @@ and saves it under bench/results/.
 
 Environment: BENCH_SIZES (default 10000,100000), BENCH_MILLION=1 (also 1M),
 BENCH_SIDE=statsd (skip the upstream), BENCH_DURATION (wrk seconds, default 5),
-BENCH_ITEMS (threats/vulnerabilities per analysis, default 40).
+BENCH_ITEMS (threats/vulnerabilities per analysis, default 40), BENCH_ORDER_KEYS (keys of the
+hostile `_order_by`, default 20; fewer if statsd refuses that many).
 """
 import argparse
 import csv
@@ -114,7 +115,10 @@ def install_peer() -> None:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--ignore-requires-python",
                         "--no-binary", "statsservice", f"statsservice=={PEER_VERSION}", "-d", dl], check=True)
         with tarfile.open(os.path.join(dl, f"statsservice-{PEER_VERSION}.tar.gz")) as tar:
-            tar.extractall(PEER, filter="data")
+            try:
+                tar.extractall(PEER, filter="data")
+            except TypeError:  # Python before 3.11.4: no extraction filters (the sdist is PyPI's)
+                tar.extractall(PEER)
     wanted = hashlib.sha256(open(REQUIREMENTS, "rb").read()).hexdigest()
     marker = os.path.join(PEER_VENV, ".bench-requirements")
     if not os.path.exists(marker) or open(marker).read() != wanted:
@@ -472,6 +476,13 @@ def cpu_ticks(pids: list) -> int:
     return total
 
 
+def mem_available_mb() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -725,20 +736,24 @@ def processor_requests(today: dt.date) -> list:
                                ("risk", "risk_averages"), ("risk", "risk_averages_on_date"))]
 
 
-def statsd_hostile(server: Server, key: str, today: dt.date, notes: list) -> list:
+def statsd_hostile(server: Server, key: str, today: dt.date, notes: list, size: int) -> list:
     """The most expensive requests statsd's API allows: v2 full scans over data, the longest _order_by it
     accepts, processors."""
     scans = [("GET", "/api/v2/stats/?data__0__count__gt=3", None),
              ("GET", "/api/v2/stats/?type=threat&data__5__averageRate__gt=50", None)]
     order = None
-    for n in (args_order_keys(), 50, 20, 10, 5, 3, 2, 1):
+    wanted = args_order_keys()
+    for n in sorted({wanted} | {k for k in (10, 5, 3, 2, 1) if k < wanted}, reverse=True):
         keys = ",".join(f"{'-' if k % 2 else ''}data__{k}__count" for k in range(n))
         path = f"/api/v2/stats/?_order_by={keys}&_limit=1"
+        t0 = time.perf_counter()
         status, raw = call(server.port, "GET", path, None, headers(key), timeout=600)
         if status == 200:
             order = ("GET", path, None)
-            notes.append(f"hostile load on statsd: `_order_by` with {n} keys (data__0__count,-data__1__count,...)")
+            notes.append(f"{size:,} statsd: the hostile load's `_order_by` has {n} keys"
+                         f" (data__0__count,-data__1__count,...; answered in {(time.perf_counter() - t0):.1f} s alone)")
             break
+        notes.append(f"{size:,} statsd: `_order_by` with {n} keys answered {status}: {raw[:200].decode(errors='replace')}")
     return scans + ([order] if order else []) + processor_requests(today)
 
 
@@ -811,7 +826,7 @@ def run_side(side: str, server: Server, meta: dict, today: dt.date, args, notes:
             out[name] = measure(server, side, size, name, method, path, body, keys[who], mode, args, notes)
     server.wait_idle()
     out["rss"] = rss_mb(server.pids())
-    hostile = statsd_hostile(server, keys["admin"], today, notes) if side == "statsd" else processor_requests(today)
+    hostile = statsd_hostile(server, keys["admin"], today, notes, size) if side == "statsd" else processor_requests(today)
     server.wait_idle()
     r = cheap_under_load(server, keys["org"], hostile, args, f"{side}-{size}")
     out["cheap under hostile load"] = r
@@ -913,8 +928,17 @@ def machine() -> str:
 
 # ---------------------------------------------------------------- main ---
 
-def bench_size(size: int, args, pg, today: dt.date, notes: list) -> dict:
+def bench_size(size: int, args, pg, today: dt.date, notes: list, previous: dict) -> dict:
     log(f"== {size:,} stats")
+    # statsd import reads the whole export at once and the server holds it: skip what cannot fit,
+    # by statsd's RSS per byte of database on the largest size done (else 5), plus the export itself.
+    done = [r for r in previous.values() if r.get("statsd", {}).get("rss")]
+    per_byte = max(done, key=lambda r: r["db_mb"])["statsd"]["rss"] / max(done, key=lambda r: r["db_mb"])["db_mb"] \
+        if done else 5
+    need = (per_byte + 1) * size * (300 + 210 * args.items) / 2**20
+    available = 0.9 * mem_available_mb()
+    if need > available:
+        raise RuntimeError(f"skipped: statsd would need about {need:,.0f} MB and {available:,.0f} MB are available")
     meta = generate(size, args.seed, args.items, today)
     res = {"meta": meta}
     db, took = load_statsd(size)
@@ -926,6 +950,9 @@ def bench_size(size: int, args, pg, today: dt.date, notes: list) -> dict:
         res["statsd"] = run_side("statsd", server, meta, today, args, notes, size)
     finally:
         server.stop()
+        for extra in ("", ".lock", ".journal", ".tmp"):  # a working copy: the export is kept
+            if os.path.exists(db + extra):
+                os.remove(db + extra)
     res["statsd"].update(startup=startup, load=took)
     if args.side == "both":
         took = load_upstream(pg, size)
@@ -994,7 +1021,8 @@ def main(argv=None) -> int:
     args.command = [os.path.relpath(sys.argv[0])] + sys.argv[1:]
     env_used = [f"{k}={os.environ[k]}" for k in ("BENCH_SIZES", "BENCH_MILLION", "BENCH_SIDE", "BENCH_DURATION",
                                                   "BENCH_ITEMS", "BENCH_ORDER_KEYS") if os.environ.get(k)]
-    args.command = env_used + ["python"] + args.command
+    args.command = env_used + (os.environ["BENCH_COMMAND"].split() if os.environ.get("BENCH_COMMAND") and not argv
+                               and len(sys.argv) == 1 else ["python"] + args.command)
     started = time.monotonic()
     for d in (WORK, RUN, RESULTS):
         os.makedirs(d, exist_ok=True)
@@ -1014,7 +1042,7 @@ def main(argv=None) -> int:
             peer_config(pg.port, pg.password)
         for size in (int(s) for s in args.sizes.split(",") if s.strip()):
             try:
-                results[size] = bench_size(size, args, pg, today, notes)
+                results[size] = bench_size(size, args, pg, today, notes, results)
             except RuntimeError as e:
                 notes.append(f"{size:,} stats: stopped: {e}")
                 log(notes[-1])
