@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench binary binary-test clean
+.PHONY: run test bench bench-monarc binary binary-test clean
 
 $(BIN)/statsd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(VENV)/.test-deps
 
 bench: $(BIN)/statsd
 	PYTHON=$(abspath $(BIN)/python) bash bench/run.sh
+
+# The real MONARC workload, statsd beside the upstream statsservice (installed into bench/.monarc).
+bench-monarc: $(BIN)/statsd
+	BENCH_COMMAND='make bench-monarc' $(BIN)/python bench/monarc.py
 
 binary: $(BIN)/statsd
 	packaging/build.sh
