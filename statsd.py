@@ -617,6 +617,16 @@ class StatDates:
         return sorted(doc_id for entries in chosen
                       for _, doc_id in entries[bisect.bisect_left(entries, low):bisect.bisect_right(entries, high)])
 
+    def any_between(self, kind: str, date_from: str | None, date_to: str | None, *,
+                    organization: str | None = None, anrs: Iterable | None = None) -> bool:
+        """Whether any stat of one type is dated within the bounds (of the organization, or the analyses)."""
+        if anrs is not None:
+            chosen = [self.lists.get((kind, "anr", anr), []) for anr in anrs]
+        else:
+            chosen = [self.lists.get((kind,) if organization is None else (kind, "organization", organization), [])]
+        low, high = (date_from or "",), (date_to or "\uffff", math.inf)
+        return any(bisect.bisect_left(entries, low) < bisect.bisect_right(entries, high) for entries in chosen)
+
     def latest_first(self, kind: str, anr) -> Iterable[tuple[str, int]]:
         """(date, doc_id) of one analysis's stats of this type, latest date first."""
         return reversed(self.lists.get((kind, "anr", anr), []))
@@ -912,6 +922,11 @@ class Store:
         if anrs is not None and organization is not None:
             return [doc for doc in found if doc.get("organization") == organization]
         return list(found)
+
+    def has_stats(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
+                  organization: str | None = None, anrs: Iterable | None = None) -> bool:
+        """Whether stats_between would find any (of another organization too, when anrs are given)."""
+        return self.dates.any_between(kind, date_from, date_to, organization=organization, anrs=anrs)
 
     def latest_stats(self, kind: str, *, organization: str | None = None, anrs: Iterable | None = None) -> list[dict]:
         """Per analysis, its stat of this type with the latest date (the newest created on a tie), in creation order."""
@@ -2700,6 +2715,14 @@ def org_body(body, errors: dict, *, creating: bool) -> tuple[dict, str | None]:
     return clean, token
 
 
+def new_token() -> str:
+    """A random API key; never one starting with "-", which a command line would read as an option."""
+    token = secrets.token_urlsafe(64)
+    while token.startswith("-"):
+        token = secrets.token_urlsafe(64)
+    return token
+
+
 def _unused_token_hash(store: Store, token: str) -> str:
     """The hash to store for a new token; 409 if another organization holds it."""
     digest = hash_token(token)
@@ -2740,7 +2763,7 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
     """A new organization record (only its token's hash) and its clear token."""
     if store.organization(name) is not None:
         raise ApiError(409, f"Conflict: an organization named {name!r} already exists")
-    token = token or secrets.token_urlsafe(64)
+    token = token or new_token()
     now = utcnow()
     doc = {"name": name, "token_sha256": _unused_token_hash(store, token), "is_admin": is_admin,
            "created_at": now, "updated_at": now}
@@ -3687,7 +3710,7 @@ async def processed_stats(store: Store, kind: str, processor: str, params: dict,
     """A processor's data over the stats of one type (of one organization, of some analyses) within the dates."""
     days = await store.measures_by_day(kind, date_from, date_to, organization=organization, anrs=anrs)
     data = V1_PROCESSORS[processor](days, store.aggregates.labels, params)
-    return data if days else []
+    return data if days or store.has_stats(kind, date_from, date_to, organization=organization, anrs=anrs) else []
 
 
 async def v1_processed(request: web.Request) -> web.Response:
