@@ -768,9 +768,12 @@ class StatAggregates:
         self.labels: dict[str, list] = {}  # object uuid -> [item of its latest stat, stats naming it]
         self.version = 0  # changes with every write that changes a sum
         self._sorted: dict[str, list[str]] = {}
+        self.answers: dict[tuple, tuple[int, Any]] = {}  # processor answers, valid while version holds
         self.counted: set | None = set()  # while the first count runs: the doc ids counted so far
         self.pairs: list = []  # what load gave, for the first count
         self.ready: asyncio.Event | None = None
+
+    MAX_ANSWERS = 256
 
     def added(self, doc_id: int, doc: dict) -> None:
         if self.counted is not None:
@@ -3624,11 +3627,13 @@ def _mean(total: int, count: int) -> float:
     return total / (EXACT * count)
 
 
-def object_averages_on_date(days: list, labels: dict, processor: str, params: dict) -> list:
+async def object_averages_on_date(days: list, labels: dict, processor: str, params: dict) -> list:
     """Per object: the means of its measures per day and over all the days."""
     _no_params(params, processor)
     objects: dict[str, tuple[list, list]] = {}
+    budget = LoopBudget()
     for day, bucket in days:
+        await budget.spend()
         for uuid, (count, *sums) in bucket.items():
             entry = objects.get(uuid)
             if entry is None:
@@ -3643,14 +3648,14 @@ def object_averages_on_date(days: list, labels: dict, processor: str, params: di
             for uuid, (values, totals) in objects.items()]
 
 
-def threat_average_on_date(days: list, labels: dict, params: dict) -> list:
+async def threat_average_on_date(days: list, labels: dict, params: dict) -> list:
     """Averages of count, maxRisk and averageRate of each threat, per date and overall, across all analyses."""
-    return object_averages_on_date(days, labels, "threat_average_on_date", params)
+    return await object_averages_on_date(days, labels, "threat_average_on_date", params)
 
 
-def vulnerability_average_on_date(days: list, labels: dict, params: dict) -> list:
+async def vulnerability_average_on_date(days: list, labels: dict, params: dict) -> list:
     """Averages of count, maxRisk and averageRate of each vulnerability, per date and overall, across all analyses."""
-    return object_averages_on_date(days, labels, "vulnerability_average_on_date", params)
+    return await object_averages_on_date(days, labels, "vulnerability_average_on_date", params)
 
 
 def _risk_means(sums: dict) -> dict:
@@ -3661,7 +3666,7 @@ def _risk_means(sums: dict) -> dict:
     return result
 
 
-def risk_averages(days: list, labels: dict, params: dict) -> dict:
+async def risk_averages(days: list, labels: dict, params: dict) -> dict:
     """Averages of the number of risks per level (current/residual, informational/operational, low/medium/high)."""
     _no_params(params, "risk_averages")
     sums: dict[tuple, list] = {}
@@ -3684,7 +3689,7 @@ def _risk_selection(params: dict, name: str, choices: tuple) -> tuple:
     return tuple(choice for choice in choices if choice in parts)
 
 
-def risk_averages_on_date(days: list, labels: dict, params: dict) -> dict:
+async def risk_averages_on_date(days: list, labels: dict, params: dict) -> dict:
     """Averages of the number of risks per level and date. Parameters: risks_type (informational or
     operational), risks_state (current or residual)."""
     unknown = sorted(set(params) - {"risks_type", "risks_state"})
@@ -3708,9 +3713,22 @@ V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulner
 async def processed_stats(store: Store, kind: str, processor: str, params: dict, *, date_from: str | None = None,
                           date_to: str | None = None, anrs: set | None = None, organization: str | None = None):
     """A processor's data over the stats of one type (of one organization, of some analyses) within the dates."""
+    aggregates = store.aggregates
+    key = (kind, processor, orjson.dumps(params, option=orjson.OPT_SORT_KEYS), date_from, date_to,
+           None if anrs is None else tuple(sorted(anrs)), organization)
+    kept = aggregates.answers.get(key)
+    if kept is not None and kept[0] == aggregates.version:
+        return kept[1]
+    version = aggregates.version
     days = await store.measures_by_day(kind, date_from, date_to, organization=organization, anrs=anrs)
-    data = V1_PROCESSORS[processor](days, store.aggregates.labels, params)
-    return data if days or store.has_stats(kind, date_from, date_to, organization=organization, anrs=anrs) else []
+    data = await V1_PROCESSORS[processor](days, aggregates.labels, params)
+    if not days and not store.has_stats(kind, date_from, date_to, organization=organization, anrs=anrs):
+        data = []
+    if version == aggregates.version and store.aggregates is aggregates:  # no write landed meanwhile
+        if len(aggregates.answers) >= aggregates.MAX_ANSWERS:
+            aggregates.answers.clear()
+        aggregates.answers[key] = (version, data)
+    return data
 
 
 async def v1_processed(request: web.Request) -> web.Response:
