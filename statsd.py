@@ -2211,7 +2211,9 @@ def _oa_v1_schemas(config: Config) -> dict:
             "description": " ".join(func.__doc__.split()),
             "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
                            "processor_params": params, "date_from": day, "date_to": day,
-                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one}}))
+                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one,
+                           "organization": {"type": "string", "description": "statsd only: the stats of this"
+                                            " organization alone (an ordinary one may name only itself)"}}}))
     v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
                "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
                               "date": day, "data": {}}}
@@ -2419,7 +2421,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 V1_TYPES = ("risk", "vulnerability", "threat", "cartography", "compliance")
 V1_LIST_PARAMS = ("type", "anrs", "anr", "date_from", "date_to", "get_last", "offset", "limit", "group_by_anr")
 V1_PROCESSED_PARAMS = ("type", "processor", "processor_params", "date_from", "date_to", "anrs",
-                       "local_stats_only")
+                       "local_stats_only", "organization")
 V1_UNAUTHORIZED = "Unauthorized - Authentication required."
 V1_FORBIDDEN = "Forbidden - Authentication failed."
 MONARC_MIN_VERSION = (2, 10, 2)
@@ -2844,9 +2846,85 @@ V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulner
                                                   risk_averages, risk_averages_on_date)}
 
 
+def processed_stats(store: Store, kind: str, processor: str, params: dict, *, date_from: str | None = None,
+                    date_to: str | None = None, anrs: set | None = None, organization: str | None = None):
+    """The `data` of a v1 processor over the stats of type `kind` ([] when no stat matches).
+
+    Only the stats dated from `date_from` to `date_to` (YYYY-MM-DD, both included, by their
+    v1 date), of the `anrs` when given, of `organization` when given (else of every
+    organization). A bad `params` is a 400 even when no stat matches. Every processor
+    number statsd answers or draws (/api/v1/stats/processed/, the dashboard) comes from here.
+    """
+    stats = store.stats
+    docs = [d for d in (stats.docs[i] for i in stats.indexes["type"].lookup(kind))
+            if (organization is None or d.get("organization") == organization)
+            and (anrs is None or d.get("anr") in anrs)
+            and (date_from is None or stat_date(d) >= date_from) and (date_to is None or stat_date(d) <= date_to)]
+    data = V1_PROCESSORS[processor](docs, params)
+    return data if docs else []
+
+
+# aggregates the dashboard overview reads (simple walks here; kept up to date elsewhere later)
+
+def stat_counts_by_month(store: Store, organization: str | None, months: int = 12) -> dict:
+    """{type: {"YYYY-MM": count}} of the stats dated in the last `months` calendar months.
+
+    By v1 stat date, from the first day of the month `months - 1` before today's (server
+    local time) to the end of this month; of `organization` when given, else of all. Every
+    type with at least one stat in that window maps each of the `months` months, oldest
+    first, to its count (0 included); other types are left out.
+    """
+    today = date.today()
+    keys = [months_before(today.replace(day=1), back).isoformat()[:7] for back in range(months - 1, -1, -1)]
+    first, last = keys[0] + "-01", keys[-1] + "-31"
+    stats = store.stats
+    docs = (stats.docs[i] for i in stats.indexes["organization"].lookup(organization)) \
+        if organization is not None else stats.docs.values()
+    counts: dict[str, dict[str, int]] = {}
+    for doc in docs:
+        day = stat_date(doc)
+        if first <= day <= last:
+            by_month = counts.get(doc["type"])
+            if by_month is None:
+                by_month = counts[doc["type"]] = dict.fromkeys(keys, 0)
+            by_month[day[:7]] += 1
+    return counts
+
+
+def organization_activity(store: Store, organization: str | None) -> list[dict]:
+    """Per organization (only `organization` when given), by name: {"name", "analyses" (its
+    distinct anrs, sorted by their text), "stats" (how many), "latest" (its latest v1 stat
+    date, or None)}. Without `organization`, stats that belong to no organization (with
+    authentication off) come last under the name None, when there are any.
+    """
+    names = [organization] if organization is not None else sorted(doc["name"] for doc in store.orgs.docs.values())
+    rows = {name: {"name": name, "analyses": set(), "stats": 0, "latest": None} for name in names
+            if store.orgs.get(name) is not None}
+    stats = store.stats
+    docs = (stats.docs[i] for i in stats.indexes["organization"].lookup(organization)) \
+        if organization is not None else stats.docs.values()
+    for doc in docs:
+        name = doc.get("organization")
+        row = rows.get(name)
+        if row is None:
+            if organization is not None or name is not None:
+                continue
+            row = rows[None] = {"name": None, "analyses": set(), "stats": 0, "latest": None}
+        row["stats"] += 1
+        if "anr" in doc:
+            row["analyses"].add(doc["anr"])
+        day = stat_date(doc)
+        if row["latest"] is None or day > row["latest"]:
+            row["latest"] = day
+    for row in rows.values():
+        row["analyses"] = sorted(row["analyses"], key=str)
+    return list(rows.values())
+
+
 async def v1_processed(request: web.Request) -> web.Response:
-    """GET stats/processed/: a processor applied to the stats of one type, over every organization."""
-    v1_caller(request)
+    """GET stats/processed/: a processor applied to the stats of one type, over every organization
+    (or one: `organization`, a statsd addition; an ordinary organization may name only its own)."""
+    caller = v1_caller(request)
     params = await v1_params(request, V1_PROCESSED_PARAMS)
     kind, anrs = v1_type(params), v1_anrs(params)
     processor = params.get("processor", MISSING)
@@ -2861,10 +2939,15 @@ async def v1_processed(request: web.Request) -> web.Response:
         raise bad_request("processor_params must be a JSON object")
     date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
     v1_count(params, "local_stats_only", (0, 1))  # every stat here is local
-    docs = [d for d in v1_stats_of_type(request, kind, anrs, None)
-            if (date_from is None or stat_date(d) >= date_from) and (date_to is None or stat_date(d) <= date_to)]
-    data = V1_PROCESSORS[processor](docs, processor_params)
-    return json_response({"type": kind, "processor": processor, "data": data if docs else []})
+    organization = params.get("organization")
+    if organization is not None:
+        if not isinstance(organization, str):
+            raise bad_request("organization must be an organization name")
+        if not caller.sees_all and organization != caller.organization:
+            raise ApiError(403, "Forbidden: an ordinary organization may ask only for its own organization")
+    data = processed_stats(request.app[STORE_KEY], kind, processor, processor_params, date_from=date_from,
+                           date_to=date_to, anrs=anrs, organization=organization)
+    return json_response({"type": kind, "processor": processor, "data": data})
 
 
 async def v1_processors(request: web.Request) -> web.Response:
