@@ -3270,32 +3270,42 @@ def _clean_svg(nonce: str | None):
 def render_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
     """The chart as SVG text: drawn by pygal with no script (js=[]) and nothing from elsewhere."""
     import pygal
-    colors = CHART_COLORS
-    if chart.kind == "bar" and all(name in RISK_LEVEL_COLORS for name, _ in chart.series):
-        colors = [RISK_LEVEL_COLORS[name] for name, _ in chart.series]
-    elif chart.kind == "bar":
-        colors = ("#2f6db5", "#8fbbe8")
+    narrow = chart.name.startswith(("risks-", "evolution-risks-"))  # shown two side by side
+    width = 600 if narrow else 900
+    names = [name for name, _ in chart.series]
+    colors, dashed = list(CHART_COLORS), set()
+    if chart.kind == "bar":
+        colors = ["#2f6db5", "#8fbbe8"]
+    elif narrow:  # risk levels over time: a level's colour, residual dashed
+        colors = [RISK_LEVEL_COLORS[level + " risks"] for level in (name.split()[0] for name in names)]
+        dashed = {name for name in names if name.endswith("residual")}
+    longest = max((len(name) for name in names), default=1)
+    columns = max(1, min(len(names), (width - 40) // (8 * min(longest, 40) + 40)))
+    legend_rows = 0 if chart.kind == "hbar" else -(-len(names) // columns)
     options = dict(js=[], css=["file://style.css", "file://graph.css"], disable_xml_declaration=not standalone,
                    style=_pygal_style(colors), show_legend=chart.kind != "hbar", legend_at_bottom=True,
-                   legend_at_bottom_columns=min(4, max(1, len(chart.series))), truncate_legend=40,
-                   margin=12, spacing=8, print_values=chart.kind in ("hbar", "bar"),
+                   legend_at_bottom_columns=columns, truncate_legend=40, margin=14, spacing=10,
+                   print_values=chart.kind in ("hbar", "bar"),
                    value_formatter=lambda v: format_number(v) if v is not None else "",
                    formatter=lambda v: format_number(v) if v is not None else "", no_data_text="No data",
                    title=chart.title if standalone else None, explicit_size=standalone)
     if chart.kind == "hbar":
         height = 90 + 34 * max(1, len(chart.labels))
-        graph = pygal.HorizontalBar(width=860, height=height, truncate_label=48, **options)
+        graph = pygal.HorizontalBar(width=width, height=height, truncate_label=48, **options)
         graph.x_labels = list(reversed(chart.labels))  # pygal draws the first at the bottom
         for name, values in chart.series:
             graph.add(name, list(reversed(values)))
     else:
         cls = {"bar": pygal.Bar, "stacked": pygal.StackedBar, "line": pygal.Line}[chart.kind]
-        extra = {"show_dots": True, "dots_size": 3, "stroke_style": {"width": 2}} if chart.kind == "line" else {}
-        graph = cls(width=860, height=380 if chart.kind != "line" else 420, x_label_rotation=0 if len(chart.labels) <= 12 else 30,
-                    truncate_label=14, **extra, **options)
+        extra = {"show_dots": True, "dots_size": 3, "stroke_style": {"width": 2.5}} if chart.kind == "line" else {}
+        height = (340 if narrow else 380) + 26 * legend_rows
+        graph = cls(width=width, height=height, x_label_rotation=0 if len(chart.labels) <= 12 else 35,
+                    truncate_label=14, show_minor_x_labels=not narrow or len(chart.labels) <= 6,
+                    x_labels_major_every=2 if narrow and len(chart.labels) > 6 else None, **extra, **options)
         graph.x_labels = list(chart.labels)
         for name, values in chart.series:
-            graph.add(name, list(values))
+            more = {"stroke_style": {"width": 2.5, "dasharray": "7,5"}} if name in dashed else {}
+            graph.add(name, list(values), **more)
     graph.add_xml_filter(_clean_svg(nonce))
     svg = graph.render(is_unicode=True)
     if not standalone:
@@ -3604,7 +3614,7 @@ async def _overview(request: web.Request) -> web.Response:
     activity = [] if viewer.anonymous else organization_activity(store, ctx.organization)
     silent_before = date.fromordinal(date.today().toordinal() - SILENT_DAYS).isoformat()
     for row in activity:
-        row["silent"] = row["latest"] is None or row["latest"] < silent_before
+        row["silent"] = row["latest"] is not None and row["latest"] < silent_before
     storage = {"database": _file_size(store.path), "journal": _file_size(store.journal_path),
                "checkpoint": _file_time(store.path), "stats": len(store.stats.docs),
                "organizations": len(store.orgs.docs)}
@@ -4013,7 +4023,7 @@ DASHBOARD_TEMPLATES = {
         <td>{% if row.analyses %}<details><summary>{{ row.analyses|length }}</summary><ul class="anrs">{% for anr in row.analyses[:200] %}<li><a href="{{ prefix }}/explorer?anr={{ anr|string|urlencode }}">{{ anr }}</a></li>{% endfor %}{% if row.analyses|length > 200 %}<li>…</li>{% endif %}</ul></details>{% else %}0{% endif %}</td>
         <td>{{ row.stats|number }}</td>
         <td>{{ row.latest or "never" }}</td>
-        <td>{% if row.silent %}<span class="badge warn" title="no stat dated in the last {{ silent_days }} days">silent &gt; {{ silent_days }} days</span>{% else %}<span class="badge ok">active</span>{% endif %}</td>
+        <td>{% if row.silent %}<span class="badge warn" title="no stat dated in the last {{ silent_days }} days">silent &gt; {{ silent_days }} days</span>{% elif row.latest is none %}<span class="badge">no stats yet</span>{% else %}<span class="badge ok">active</span>{% endif %}</td>
       </tr>
     {% else %}
       <tr><td colspan="5" class="empty">No organization yet.</td></tr>

@@ -355,7 +355,8 @@ def test_dashboard_pages_from_the_binary(box):
             assert text in html, path
             assert ("<svg" in html) == (path != "/dashboard/explorer"), path
             assert "<script" not in html
-        request = urllib.request.Request(server.url + "/dashboard/landscape?top=5", headers={"Cookie": cookie})
+        request = urllib.request.Request(server.url + "/dashboard/landscape?top=5",
+                                         headers={"Cookie": cookie, "Accept-Language": "en-GB,en;q=0.9"})
         with NO_PROXY_OPENER.open(request, timeout=30) as r:
             html = r.read().decode()
         threats_chart = html.split('data-chart="threats"')[1].split("</figure>")[0]
