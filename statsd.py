@@ -3267,7 +3267,27 @@ def _clean_svg(nonce: str | None):
     return clean
 
 
+SVG_CACHE: dict = {}  # chart content -> SVG text drawn for it (a pure function of it), bounded
+SVG_CACHE_MAX = 256
+NONCE_PLACEHOLDER = "statsd-nonce-placeholder"
+
+
 def render_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
+    """The chart as SVG text; the same numbers are drawn once, then served from SVG_CACHE."""
+    key = (chart.name, chart.kind, chart.title, tuple(chart.labels),
+           tuple((name, tuple(values)) for name, values in chart.series), standalone, nonce is None)
+    svg = SVG_CACHE.get(key)
+    if svg is None:
+        svg = draw_svg(chart, None if nonce is None else NONCE_PLACEHOLDER, standalone)
+        if len(SVG_CACHE) >= SVG_CACHE_MAX:
+            SVG_CACHE.clear()
+        SVG_CACHE[key] = svg
+    if nonce is not None:  # the <style> element comes first, before any text of the chart
+        svg = svg.replace(f'nonce="{NONCE_PLACEHOLDER}"', f'nonce="{nonce}"', 1)
+    return svg
+
+
+def draw_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
     """The chart as SVG text: drawn by pygal with no script (js=[]) and nothing from elsewhere."""
     import pygal
     narrow = chart.name.startswith(("risks-", "evolution-risks-"))  # shown two side by side
@@ -3297,7 +3317,8 @@ def render_svg(chart: Chart, nonce: str | None = None, standalone: bool = False)
             graph.add(name, list(reversed(values)))
     else:
         cls = {"bar": pygal.Bar, "stacked": pygal.StackedBar, "line": pygal.Line}[chart.kind]
-        extra = {"show_dots": True, "dots_size": 3, "stroke_style": {"width": 2.5}} if chart.kind == "line" else {}
+        extra = {"show_dots": len(chart.labels) <= 6, "dots_size": 3, "stroke_style": {"width": 2.5}} \
+            if chart.kind == "line" else {}
         height = (340 if narrow else 380) + 26 * legend_rows
         graph = cls(width=width, height=height, x_label_rotation=0 if len(chart.labels) <= 12 else 35,
                     truncate_label=14, show_minor_x_labels=not narrow or len(chart.labels) <= 6,
