@@ -2273,7 +2273,14 @@ def _oa_operations(config: Config) -> dict:
     ops = {
         ("GET", "/"): {"summary": "Service index (with Accept: application/json; browsers get the dashboard's"
                               " overview page)", "security": [],
-                       "responses": _oa_ok(200, "name, version and entry points", {"type": "object"})},
+                       "responses": {"200": {"description": "name, version and entry points (JSON), or the"
+                                                            " dashboard's overview (HTML)",
+                                             "content": {"application/json": {"schema": {"type": "object"}},
+                                                         "text/html": {"schema": {"type": "string"}}}},
+                                     "303": {"description": "a browser not logged in is sent to the dashboard's"
+                                                            " login page",
+                                             "headers": {"Location": {"schema": {"type": "string"}}}},
+                                     **_oa_errors(429)}},
         ("GET", OPENAPI_PATH): {"summary": "This OpenAPI description", "security": [],
                                 "responses": {**_oa_ok(200, "OpenAPI 3.1 document", {"type": "object"}),
                                               **_oa_errors(400, 429, 500)}},
@@ -3274,15 +3281,33 @@ NONCE_PLACEHOLDER = "statsd-nonce-placeholder"
 
 def render_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
     """The chart as SVG text; the same numbers are drawn once, then served from SVG_CACHE."""
-    key = (chart.name, chart.kind, chart.title, tuple(chart.labels),
-           tuple((name, tuple(values)) for name, values in chart.series), standalone, nonce is None)
-    svg = SVG_CACHE.get(key)
+    svg = cached_svg(chart, nonce, standalone)
     if svg is None:
         svg = draw_svg(chart, None if nonce is None else NONCE_PLACEHOLDER, standalone)
         if len(SVG_CACHE) >= SVG_CACHE_MAX:
             SVG_CACHE.clear()
-        SVG_CACHE[key] = svg
-    if nonce is not None:  # the <style> element comes first, before any text of the chart
+        SVG_CACHE[_svg_key(chart, nonce, standalone)] = svg
+        svg = cached_svg(chart, nonce, standalone) or svg
+    return svg
+
+
+async def render_svg_async(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
+    """render_svg, drawing a chart not in the cache in a worker thread: pygal takes 10 to 60 ms
+    a chart, and the event loop keeps serving other requests meanwhile."""
+    svg = cached_svg(chart, nonce, standalone)
+    if svg is not None:
+        return svg
+    return await asyncio.get_running_loop().run_in_executor(None, render_svg, chart, nonce, standalone)
+
+
+def _svg_key(chart: Chart, nonce: str | None, standalone: bool) -> tuple:
+    return (chart.name, chart.kind, chart.title, tuple(chart.labels),
+            tuple((name, tuple(values)) for name, values in chart.series), standalone, nonce is None)
+
+
+def cached_svg(chart: Chart, nonce: str | None, standalone: bool) -> str | None:
+    svg = SVG_CACHE.get(_svg_key(chart, nonce, standalone))
+    if svg is not None and nonce is not None:  # the <style> element comes first, before any text
         svg = svg.replace(f'nonce="{NONCE_PLACEHOLDER}"', f'nonce="{nonce}"', 1)
     return svg
 
@@ -3536,7 +3561,8 @@ def chart_evolution(ctx: ChartContext, kind: str) -> Chart:
     chosen = top_objects(whole, sel.by, sel.order, sel.series)
     per_month = []
     for _, first, last in months:
-        per_month.append({item["object"]: item["averages"][sel.by] for item in ctx.processed(kind, processor, first, last)})
+        answer = ctx.processed(kind, processor, first, last)
+        per_month.append({item["object"]: item["averages"][sel.by] for item in answer})
     plural = "threats" if kind == "threat" else "vulnerabilities"
     names = VULNERABILITY_MEASURE_NAMES if kind == "vulnerability" else MEASURE_NAMES
     series = [(_object_label(item, ctx.languages), [values.get(item["object"]) for values in per_month])
@@ -3600,9 +3626,9 @@ class ShownChart:
     svg: Any
 
 
-def shown(request: web.Request, chart: Chart) -> ShownChart:
+async def shown(request: web.Request, chart: Chart) -> ShownChart:
     from markupsafe import Markup
-    return ShownChart(chart, Markup(render_svg(chart, request[NONCE_KEY])))
+    return ShownChart(chart, Markup(await render_svg_async(chart, request[NONCE_KEY])))
 
 
 # the pages
@@ -3642,7 +3668,7 @@ async def _overview(request: web.Request) -> web.Response:
     chart = chart_stats_by_month(ctx)
     return render_page(request, "overview.html", {
         "title": "Overview", "page": "overview", "viewer": viewer, "sel": sel,
-        "choices": choices_for(request, viewer, sel), "chart": shown(request, chart),
+        "choices": choices_for(request, viewer, sel), "chart": await shown(request, chart),
         "activity": activity, "storage": storage, "silent_days": SILENT_DAYS,
         "json_url": chart.json_url})
 
@@ -3666,7 +3692,7 @@ async def dashboard_landscape(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=True)
     sel = page_selection(request, viewer, "landscape")
     ctx = ChartContext(request, viewer, sel)
-    charts = {name: shown(request, CHARTS[name][1](ctx)) for name in PAGE_CHARTS["landscape"]}
+    charts = {name: await shown(request, CHARTS[name][1](ctx)) for name in PAGE_CHARTS["landscape"]}
     return render_page(request, "landscape.html", {
         "title": "Current landscape", "page": "landscape", "viewer": viewer, "sel": sel, "charts": charts,
         "choices": choices_for(request, viewer, sel), "periods": PERIOD_DAYS, "tops": TOP_CHOICES,
@@ -3678,7 +3704,7 @@ async def dashboard_evolution(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=True)
     sel = page_selection(request, viewer, "evolution")
     ctx = ChartContext(request, viewer, sel)
-    charts = {name: shown(request, CHARTS[name][1](ctx)) for name in PAGE_CHARTS["evolution"]}
+    charts = {name: await shown(request, CHARTS[name][1](ctx)) for name in PAGE_CHARTS["evolution"]}
     return render_page(request, "evolution.html", {
         "title": "Evolution", "page": "evolution", "viewer": viewer, "sel": sel, "charts": charts,
         "choices": choices_for(request, viewer, sel), "months": EVOLUTION_MONTHS, "series": SERIES_CHOICES,
@@ -3700,8 +3726,8 @@ async def dashboard_chart(request: web.Request) -> web.Response:
     if extension == "csv":
         return web.Response(text=render_csv(chart), content_type="text/csv", charset="utf-8", headers=headers)
     headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"  # no script can run
-    return web.Response(text=render_svg(chart, standalone=True), content_type="image/svg+xml", charset="utf-8",
-                        headers=headers)
+    svg = await render_svg_async(chart, standalone=True)
+    return web.Response(text=svg, content_type="image/svg+xml", charset="utf-8", headers=headers)
 
 
 EXPLORER_COLUMNS = ("created_at", "organization", "anr", "type", "date")
@@ -3792,7 +3818,7 @@ async def dashboard_organization(request: web.Request) -> web.Response:
     activity = organization_activity(store, name)[0]
     return render_page(request, "organization.html", {
         "title": f"Organization {name}", "page": "explorer", "viewer": viewer, "org": org, "activity": activity,
-        "chart": shown(request, chart_stats_by_month(ctx)),
+        "chart": await shown(request, chart_stats_by_month(ctx)),
         "explorer_url": f"{DASHBOARD_PREFIX}/explorer?{urlencode({'organization': name})}",
         "json_url": org_path(name) if viewer.chooses_organization else
         f"{API_PREFIX}/stats/?{urlencode({'organization': name})}"})
