@@ -39,7 +39,7 @@ import zlib
 from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
 from typing import Any, Callable, Iterable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import limits
 import orjson
@@ -104,6 +104,7 @@ class Config:
     default_limit: int = 100
     max_limit: int = 1000
     max_body_size: int = 16 * 1024 * 1024
+    dashboard: str = "key"
 
     @classmethod
     def load(cls, path: str | None = None, environ=None, overrides=None) -> "Config":
@@ -162,6 +163,8 @@ class Config:
             raise ConfigError(f"max_body_size must be at least 1024 bytes, not {self.max_body_size}")
         if not self.database:
             raise ConfigError("database must be a file path")
+        if self.dashboard not in ("key", "public", "off"):
+            raise ConfigError(f"dashboard must be \"key\", \"public\" or \"off\", not {self.dashboard!r}")
         if self.rate_limit:
             self.rate_limit_item()
         for proxy in self.trusted_proxies:
@@ -925,6 +928,29 @@ class Store:
         if anrs is not None and organization is not None:
             return [doc for doc in found if doc.get("organization") == organization]
         return list(found)
+
+    def stat_types(self) -> list[str]:
+        """The types that stats have, sorted."""
+        return sorted(key[0] for key in self.dates.lists if len(key) == 1 and isinstance(key[0], str))
+
+    def count_between(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
+                      organization: str | None = None) -> int:
+        """How many stats of one type are dated within the bounds (of one organization)."""
+        entries = self.dates.lists.get((kind,) if organization is None else (kind, "organization", organization), [])
+        low, high = (date_from or "",), (date_to or "\uffff", math.inf)
+        return bisect.bisect_right(entries, high) - bisect.bisect_left(entries, low)
+
+    def activity(self, organization: str | None) -> dict:
+        """{"analyses" (sorted by their text), "stats", "latest" (date or None)} of an organization
+        (None: of the stats that belong to none)."""
+        analyses, count, latest = set(), 0, None
+        for kind in self.stat_types():
+            entries = self.dates.lists.get((kind, "organization", organization))
+            if entries:
+                count += len(entries)
+                latest = max(latest or "", entries[-1][0])
+                analyses.update(anr for anr in self.dates.anrs.get((kind, organization), {}) if anr is not None)
+        return {"analyses": sorted(analyses, key=str), "stats": count, "latest": latest}
 
     def has_stats(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
                   organization: str | None = None, anrs: Iterable | None = None) -> bool:
@@ -2151,7 +2177,8 @@ async def api_middleware(request: web.Request, handler):
     One middleware rather than three, since every request pays for each one.
     """
     limit_headers = None
-    if request.app[RATE_LIMIT_KEY] is not None and request.path.startswith("/api/"):
+    if request.app[RATE_LIMIT_KEY] is not None and (request.path.startswith("/api/") or (
+            is_dashboard_path(request.path) and request.app[CONFIG_KEY].dashboard != "off")):
         limit_headers, refusal = await count_request(request)
         if refusal is not None:
             return refusal
@@ -2179,7 +2206,7 @@ async def api_middleware(request: web.Request, handler):
 
 
 async def count_request(request: web.Request) -> tuple[dict, web.Response | None]:
-    """Count an /api/ request per client and endpoint: its X-Rate-Limit-* headers, and a 429 if over."""
+    """Count an /api/ or dashboard request per client and endpoint: its X-Rate-Limit-* headers, and a 429 if over."""
     item = request.app[RATE_LIMIT_KEY]
     limiter: Limiter = request.app[LIMITER_KEY]
     key = (client_address(request), endpoint_of(request))
@@ -2829,9 +2856,12 @@ INDEX_TITLES = {"api": "Stats API v2 (needs a key)", "openapi": "OpenAPI descrip
 def index_links(request: web.Request) -> dict[str, str]:
     """The entry points of the service, as absolute URLs."""
     base = base_url(request)
-    return {"api": base + API_PREFIX + "/", "stats": base + API_PREFIX + "/stats/",
-            "organizations": base + API_PREFIX + "/organizations/", "openapi": base + OPENAPI_PATH,
-            "v1": base + V1_PREFIX + "/", "dashboard": base + DASHBOARD_PATH}
+    links = {"api": base + API_PREFIX + "/", "stats": base + API_PREFIX + "/stats/",
+             "organizations": base + API_PREFIX + "/organizations/", "openapi": base + OPENAPI_PATH,
+             "v1": base + V1_PREFIX + "/", "dashboard": base + DASHBOARD_PATH}
+    if request.app[CONFIG_KEY].dashboard == "off":
+        del links["dashboard"]
+    return links
 
 
 def accepted_quality(accept: str, media: str) -> float:
@@ -2857,16 +2887,15 @@ INDEX_HTML = """<!DOCTYPE html>
 <li><a href="{api}">{api_title}</a></li>
 <li><a href="{openapi}">{openapi_title}</a></li>
 <li><a href="{v1}">{v1_title}</a></li>
-<li><a href="{dashboard}">{dashboard_title}</a></li>
-</ul></body></html>
+</ul><p>The dashboard is off (config key <code>dashboard</code>).</p></body></html>
 """
 
 
 async def index(request: web.Request) -> web.Response:
-    """/: an HTML page of links for a browser, else (curl, scripts) the same as JSON."""
+    """/: JSON links to the entry points; with the dashboard off, a browser gets them as an HTML page."""
     accept = request.headers.get("Accept", "*/*")
     if accepted_quality(accept, "text/html") > accepted_quality(accept, "application/json"):
-        paths = {"api": API_PREFIX + "/", "openapi": OPENAPI_PATH, "v1": V1_PREFIX + "/", "dashboard": DASHBOARD_PATH}
+        paths = {"api": API_PREFIX + "/", "openapi": OPENAPI_PATH, "v1": V1_PREFIX + "/"}
         page = INDEX_HTML.format(version=__version__, **paths,
                                  **{f"{name}_title": title for name, title in INDEX_TITLES.items()})
         return web.Response(text=page, content_type="text/html", charset="utf-8")
@@ -3084,7 +3113,9 @@ def _oa_v1_schemas(config: Config) -> dict:
             "description": " ".join(func.__doc__.split()),
             "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
                            "processor_params": params, "date_from": day, "date_to": day,
-                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one}}))
+                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one,
+                           "organization": {"type": "string", "description": "statsd only: the stats of this"
+                                            " organization alone (an ordinary one may name only itself)"}}}))
     v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
                "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
                               "date": day, "data": {}}}
@@ -3140,11 +3171,16 @@ def _oa_operations(config: Config) -> dict:
         "data": {"type": "array", "items": _oa_ref("OrganizationFields")}, "has_more": {"type": "boolean"}}}
     s, o, v = API_PREFIX + "/stats/", API_PREFIX + "/organizations/", V1_PREFIX
     ops = {
-        ("GET", "/"): {"summary": "Service index: HTML links for a browser (Accept: text/html), else JSON",
-                       "security": [],
-                       "responses": {"200": {"description": "name, version and links to the entry points", "content": {
-                           "application/json": {"schema": {"type": "object", "required": ["links"]}},
-                           "text/html": {"schema": {"type": "string"}}}}}},
+        ("GET", "/"): {"summary": "Service index (with Accept: application/json; browsers get the dashboard's"
+                              " overview page)", "security": [],
+                       "responses": {"200": {"description": "name, version and entry points (JSON), or the"
+                                                            " dashboard's overview (HTML)",
+                                             "content": {"application/json": {"schema": {"type": "object"}},
+                                                         "text/html": {"schema": {"type": "string"}}}},
+                                     "303": {"description": "a browser not logged in is sent to the dashboard's"
+                                                            " login page",
+                                             "headers": {"Location": {"schema": {"type": "string"}}}},
+                                     **_oa_errors(429)}},
         ("GET", API_PREFIX + "/"): {"summary": "API index: the caller's organization and links to the entry points",
                                     "responses": {**_oa_ok(200, "organization, is_admin and links", {
                                         "type": "object", "required": ["organization", "is_admin", "links"]}),
@@ -3243,9 +3279,11 @@ def openapi_path(canonical: str) -> str:
 
 
 def app_routes(app: web.Application) -> set[tuple[str, str]]:
-    """(method, documented path) of every route of the app (HEAD, added by aiohttp with GET, aside)."""
+    """(method, documented path) of every route of the app (HEAD, added by aiohttp with GET, aside;
+    the dashboard's HTML pages under /dashboard/ too: they are no API)."""
     return {(r.method, openapi_path(r.resource.canonical)) for r in app.router.routes()
-            if r.method != "HEAD" and r.resource is not None}
+            if r.method != "HEAD" and r.resource is not None
+            and not r.resource.canonical.startswith(DASHBOARD_PREFIX)}
 
 
 def openapi_document(app: web.Application, server: str = "") -> dict:
@@ -3313,7 +3351,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 V1_TYPES = ("risk", "vulnerability", "threat", "cartography", "compliance")
 V1_LIST_PARAMS = ("type", "anrs", "anr", "date_from", "date_to", "get_last", "offset", "limit", "group_by_anr")
 V1_PROCESSED_PARAMS = ("type", "processor", "processor_params", "date_from", "date_to", "anrs",
-                       "local_stats_only")
+                       "local_stats_only", "organization")
 V1_UNAUTHORIZED = "Unauthorized - Authentication required."
 V1_FORBIDDEN = "Forbidden - Authentication failed."
 MONARC_MIN_VERSION = (2, 10, 2)
@@ -3731,9 +3769,44 @@ async def processed_stats(store: Store, kind: str, processor: str, params: dict,
     return data
 
 
+def stat_counts_by_month(store: Store, organization: str | None, months: int = 12) -> dict:
+    """{type: {"YYYY-MM": count}} of the stats dated in the last `months` calendar months.
+
+    By v1 stat date, from the first day of the month `months - 1` before today's (server
+    local time) to the end of this month; of `organization` when given, else of all. Every
+    type with at least one stat in that window maps each of the `months` months, oldest
+    first, to its count (0 included); other types are left out.
+    """
+    today = date.today()
+    keys = [months_before(today.replace(day=1), back).isoformat()[:7] for back in range(months - 1, -1, -1)]
+    counts: dict[str, dict[str, int]] = {}
+    for kind in store.stat_types():
+        by_month = {month: store.count_between(kind, month + "-01", month + "-31", organization=organization)
+                    for month in keys}
+        if any(by_month.values()):
+            counts[kind] = by_month
+    return counts
+
+
+def organization_activity(store: Store, organization: str | None) -> list[dict]:
+    """Per organization (only `organization` when given), by name: {"name", "analyses" (its
+    distinct anrs, sorted by their text), "stats" (how many), "latest" (its latest v1 stat
+    date, or None)}. Without `organization`, stats that belong to no organization (with
+    authentication off) come last under the name None, when there are any.
+    """
+    names = [organization] if organization is not None else sorted(doc["name"] for doc in store.organizations())
+    rows = [{"name": name, **store.activity(name)} for name in names if store.organization(name) is not None]
+    if organization is None:
+        orphans = store.activity(None)
+        if orphans["stats"]:
+            rows.append({"name": None, **orphans})
+    return rows
+
+
 async def v1_processed(request: web.Request) -> web.Response:
-    """GET stats/processed/: a processor applied to the stats of one type, over every organization."""
-    v1_caller(request)
+    """GET stats/processed/: a processor applied to the stats of one type, over every organization
+    (or one: `organization`, a statsd addition; an ordinary organization may name only its own)."""
+    caller = v1_caller(request)
     params = await v1_params(request, V1_PROCESSED_PARAMS)
     kind, anrs = v1_type(params), v1_anrs(params)
     processor = params.get("processor", MISSING)
@@ -3748,8 +3821,14 @@ async def v1_processed(request: web.Request) -> web.Response:
         raise bad_request("processor_params must be a JSON object")
     date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
     v1_count(params, "local_stats_only", (0, 1))  # every stat here is local
-    data = await processed_stats(request.app[STORE_KEY], kind, processor, processor_params,
-                                 date_from=date_from, date_to=date_to, anrs=anrs)
+    organization = params.get("organization")
+    if organization is not None:
+        if not isinstance(organization, str):
+            raise bad_request("organization must be an organization name")
+        if not caller.sees_all and organization != caller.organization:
+            raise ApiError(403, "Forbidden: an ordinary organization may ask only for its own organization")
+    data = await processed_stats(request.app[STORE_KEY], kind, processor, processor_params, date_from=date_from,
+                                 date_to=date_to, anrs=anrs, organization=organization)
     return json_response({"type": kind, "processor": processor, "data": data})
 
 
@@ -3768,6 +3847,1408 @@ async def v1_processors(request: web.Request) -> web.Response:
     """GET stats/processed/list (no key): the processors and what they compute."""
     return json_response([{"name": name, "description": " ".join(func.__doc__.split())}
                           for name, func in V1_PROCESSORS.items()])
+
+
+# ------------------------------------------------------------ dashboard ---
+# HTML pages over the same store, rendered on the server: jinja2 templates (autoescape on)
+# and the stylesheet live in DASHBOARD_TEMPLATES below, charts are pygal SVG drawn inline,
+# so this module (and the one-file binary) carries everything and nothing is loaded from
+# another host. No page needs JavaScript, and no page has any: the Content-Security-Policy
+# forbids every script. Processor numbers come only from processed_stats; the overview's
+# from stat_counts_by_month and organization_activity.
+
+DASHBOARD_PREFIX = "/dashboard"
+DASHBOARD_MODES = ("key", "public", "off")
+SESSION_COOKIE = "statsd_session"
+LOGIN_RATE_LIMIT = "10/minute"  # login attempts per client address, whatever rate_limit says
+LABEL_LANGUAGES = {"fr": "label1", "en": "label2", "de": "label3", "nl": "label4"}  # as MONARC numbers them
+PERIOD_DAYS = (30, 90, 365)
+TOP_CHOICES = (5, 10, 15)
+SERIES_CHOICES = (5, 10, 20)  # evolution lines, at most 20
+EVOLUTION_MONTHS = (6, 12, 24)
+SILENT_DAYS = 7
+MEASURE_NAMES = {"averageRate": "probability (averageRate)", "count": "occurrence (count)",
+                 "maxRisk": "max. associated risk (maxRisk)"}
+VULNERABILITY_MEASURE_NAMES = {**MEASURE_NAMES, "averageRate": "qualification (averageRate)"}
+EXPLORER_LIMITS = (10, 25, 50, 100)
+STAT_PAGE_MAX_DATA = 256 * 1024  # bytes of pretty-printed data shown on a stat's page
+SESSIONS_KEY = web.AppKey("dashboard_sessions", object)
+TEMPLATES_KEY = web.AppKey("dashboard_templates", object)
+LOGIN_LIMIT_KEY = web.AppKey("dashboard_login_limit", object)
+
+
+def is_dashboard_path(path: str) -> bool:
+    return path == "/" or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
+
+
+@dataclass
+class Session:
+    token_sha256: str  # the key's hash, never the key: the organization is found again on each request
+    expires: float
+
+
+class Sessions:
+    """Dashboard sessions in memory: random id -> the key's hash and an expiry.
+
+    At most MAX at once; when full, expired ones are dropped, then the oldest.
+    A restart ends every session.
+    """
+
+    MAX = 10000
+
+    def __init__(self, lifetime: float = 8 * 3600):
+        self.lifetime = lifetime
+        self.by_id: dict[str, Session] = {}
+
+    def new(self, token_sha256: str) -> str:
+        if len(self.by_id) >= self.MAX:
+            now = time.time()
+            self.by_id = {sid: s for sid, s in self.by_id.items() if s.expires > now}
+            while len(self.by_id) >= self.MAX:
+                del self.by_id[next(iter(self.by_id))]
+        sid = secrets.token_urlsafe(32)
+        self.by_id[sid] = Session(token_sha256, time.time() + self.lifetime)
+        return sid
+
+    def get(self, sid: str | None) -> Session | None:
+        session = self.by_id.get(sid) if sid else None
+        if session is not None and session.expires <= time.time():
+            del self.by_id[sid]
+            return None
+        return session
+
+    def end(self, sid: str | None) -> None:
+        if sid:
+            self.by_id.pop(sid, None)
+
+
+@dataclass
+class Viewer:
+    """Who looks at the dashboard: an organization, anyone (public mode), or everyone (no auth)."""
+
+    organization: str | None
+    is_admin: bool
+    anonymous: bool = False  # "public" mode, not logged in: aggregated pages only
+    auth_off: bool = False
+
+    @property
+    def chooses_organization(self) -> bool:
+        """Whether organizations are listed and chosen (admins, and everyone with authentication off)."""
+        return (self.is_admin or self.auth_off) and not self.anonymous
+
+    def scope(self, chosen: str | None) -> str | None:
+        """The organization whose stats are counted (None: all of them)."""
+        if self.anonymous:
+            return None
+        return chosen if self.chooses_organization else self.organization
+
+
+class DashboardError(Exception):
+    """An error page: status and what to tell the person."""
+
+    def __init__(self, status: int, message: str, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class LoginNeeded(Exception):
+    """The page needs a logged-in organization: send the browser to the login page."""
+
+
+def dashboard_viewer(request: web.Request) -> Viewer | None:
+    """The viewer of this request from its session cookie (None: not logged in).
+
+    The organization is looked up again from the key's hash on every request, so a
+    rotated or deleted key ends its sessions at once, and a demoted admin is demoted.
+    """
+    if not request.app[CONFIG_KEY].api_key_authentication:
+        return Viewer(None, True, auth_off=True)
+    sessions: Sessions = request.app[SESSIONS_KEY]
+    sid = request.cookies.get(SESSION_COOKIE)
+    session = sessions.get(sid)
+    if session is None:
+        return None
+    org = request.app[STORE_KEY].organization_with_token(session.token_sha256)
+    if org is None or not hmac.compare_digest(org["token_sha256"], session.token_sha256):
+        sessions.end(sid)
+        return None
+    return Viewer(org["name"], bool(org.get("is_admin")))
+
+
+def page_viewer(request: web.Request, aggregated: bool) -> Viewer:
+    """The viewer, or LoginNeeded; anyone may see the aggregated pages in "public" mode."""
+    viewer = dashboard_viewer(request)
+    if viewer is not None:
+        return viewer
+    if aggregated and request.app[CONFIG_KEY].dashboard == "public":
+        return Viewer(None, False, anonymous=True)
+    raise LoginNeeded()
+
+
+def dashboard_handler(func):
+    """A dashboard route: its security headers on every answer, errors as HTML pages."""
+    @functools.wraps(func)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        nonce = secrets.token_urlsafe(16)
+        request[NONCE_KEY] = nonce
+        try:
+            response = await func(request)
+        except LoginNeeded:
+            target = request.path_qs if request.method == "GET" else "/"
+            response = see_other(DASHBOARD_PREFIX + "/login?" + urlencode({"next": target}))
+        except (DashboardError, ApiError) as e:
+            response = render_page(request, "error.html", {"title": f"Error {e.status}", "status": e.status,
+                                                           "message": e.message, "viewer": None, "page": "error"},
+                                   status=e.status)
+            response.headers.update(e.headers)
+        if "Content-Security-Policy" not in response.headers:
+            response.headers["Content-Security-Policy"] = (
+                f"default-src 'none'; img-src 'self' data:; style-src 'self' 'nonce-{nonce}';"
+                " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+    return handle
+
+
+NONCE_KEY = web.RequestKey("dashboard_nonce", str)
+
+
+def see_other(location: str) -> web.Response:
+    """A 303 redirect (after a form, or to the login page)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def dashboard_templates():
+    """The jinja2 environment of the dashboard, built once per app (autoescape on everywhere)."""
+    import jinja2  # imported here: only the dashboard needs it
+    env = jinja2.Environment(loader=jinja2.DictLoader(DASHBOARD_TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["number"] = format_number
+    env.filters["size"] = format_size
+    env.globals.update(prefix=DASHBOARD_PREFIX, version=__version__)
+    return env
+
+
+def render_page(request: web.Request, template: str, context: dict, status: int = 200) -> web.Response:
+    env = request.app[TEMPLATES_KEY]
+    html = env.get_template(template).render(nonce=request.get(NONCE_KEY, ""), config=request.app[CONFIG_KEY],
+                                             path=request.path, **context)
+    return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+
+def format_number(value) -> str:
+    """A number as a page shows it: integers as they are, others with at most two decimals."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:,.2f}".rstrip("0").rstrip(".")
+    return f"{int(value):,}"
+
+
+def format_size(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    raise AssertionError(size)
+
+
+def preferred_languages(request: web.Request) -> list[str]:
+    """The primary language tags of Accept-Language, best first (at most 20 read)."""
+    ranked = []
+    for position, part in enumerate(request.headers.get("Accept-Language", "").split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        params = params.strip()
+        if params.startswith("q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+            q = q if math.isfinite(q) else 0.0
+        tag = tag.strip().split("-")[0].lower()
+        if tag and q > 0:
+            ranked.append((-q, position, tag))
+    return [tag for _, _, tag in sorted(ranked)]
+
+
+def label_of(labels: dict, languages: list[str], fallback: str = "") -> str:
+    """The label in the first language asked for that has one, else the first present."""
+    if not isinstance(labels, dict):
+        return fallback
+    for language in languages:
+        name = LABEL_LANGUAGES.get(language)
+        value = labels.get(name) if name else None
+        if isinstance(value, str) and value.strip():
+            return value
+    for name in ("label1", "label2", "label3", "label4"):
+        value = labels.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+    return fallback
+
+
+# charts: numbers in, pygal SVG or CSV out
+
+@dataclass
+class Chart:
+    """One chart: categories (x labels) and named series of numbers, plus where its data comes from."""
+
+    name: str
+    title: str
+    kind: str  # "hbar" (horizontal bars), "bar" (grouped), "stacked", "line"
+    labels: list
+    series: list  # [(name, [number or None per label])]
+    category: str  # the header of the label column in the CSV
+    query: str = ""  # the page's query string, for the export links
+    json_url: str = ""
+    keys: list | None = None  # an identifier per label (threat uuid), for the CSV
+    key_name: str = "uuid"
+    note: str = ""
+    label_links: list | None = None  # a JSON link per label (evolution months), for the table
+
+    @property
+    def empty(self) -> bool:
+        return not self.labels or all(v is None for _, values in self.series for v in values)
+
+    def export_url(self, extension: str) -> str:
+        return f"{DASHBOARD_PREFIX}/charts/{self.name}.{extension}" + (f"?{self.query}" if self.query else "")
+
+    def rows(self):
+        """(label, values) per label, for the table and the CSV."""
+        for i, label in enumerate(self.labels):
+            yield label, [values[i] for _, values in self.series]
+
+
+CHART_COLORS = ("#2f6db5", "#e07b39", "#3a9e6f", "#c94f5a", "#7b5ea7", "#c9a227", "#4fa3c7", "#8c6d4f",
+                "#d46fa8", "#6b8e23", "#5a6b7d", "#b5452f", "#2a9d8f", "#9467bd", "#e9c46a", "#264653",
+                "#f4a261", "#8ab17d", "#bc6c25", "#577590")
+RISK_LEVEL_COLORS = {"Low risks": "#3a9e6f", "Medium risks": "#e0a030", "High risks": "#c94f5a"}
+
+
+def _pygal_style(colors=CHART_COLORS):
+    import pygal.style
+    return pygal.style.Style(
+        background="#ffffff", plot_background="#ffffff", foreground="#3b4452", foreground_strong="#1d2430",
+        foreground_subtle="#c9d1dc", opacity=".92", opacity_hover="1", transition="0ms", colors=tuple(colors),
+        font_family='"DejaVu Sans", "Liberation Sans", Arial, sans-serif', label_font_size=12,
+        major_label_font_size=12, value_font_size=11, legend_font_size=12, title_font_size=15,
+        tooltip_font_size=12, value_colors=("#1d2430",), guide_stroke_color="#e3e8ef",
+        major_guide_stroke_color="#c9d1dc")
+
+
+def _clean_svg(nonce: str | None):
+    """A pygal XML filter: no script, no comment, no style attribute; the <style> gets the nonce."""
+    from xml.etree import ElementTree
+
+    def clean(root):
+        for parent in root.iter():
+            for child in list(parent):
+                if child.tag is ElementTree.Comment or child.tag is ElementTree.ProcessingInstruction \
+                        or str(child.tag).rsplit("}", 1)[-1] in ("script", "foreignObject"):
+                    parent.remove(child)
+            parent.attrib.pop("style", None)
+            if nonce and str(parent.tag).rsplit("}", 1)[-1] == "style":
+                parent.set("nonce", nonce)
+        return root
+    return clean
+
+
+SVG_CACHE: dict = {}  # chart content -> SVG text drawn for it (a pure function of it), bounded
+SVG_CACHE_MAX = 256
+NONCE_PLACEHOLDER = "statsd-nonce-placeholder"
+
+
+def render_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
+    """The chart as SVG text; the same numbers are drawn once, then served from SVG_CACHE."""
+    svg = cached_svg(chart, nonce, standalone)
+    if svg is None:
+        svg = draw_svg(chart, None if nonce is None else NONCE_PLACEHOLDER, standalone)
+        if len(SVG_CACHE) >= SVG_CACHE_MAX:
+            SVG_CACHE.clear()
+        SVG_CACHE[_svg_key(chart, nonce, standalone)] = svg
+        svg = cached_svg(chart, nonce, standalone) or svg
+    return svg
+
+
+async def render_svg_async(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
+    """render_svg, drawing a chart not in the cache in a worker thread: pygal takes 10 to 60 ms
+    a chart, and the event loop keeps serving other requests meanwhile."""
+    svg = cached_svg(chart, nonce, standalone)
+    if svg is not None:
+        return svg
+    return await asyncio.get_running_loop().run_in_executor(None, render_svg, chart, nonce, standalone)
+
+
+def _svg_key(chart: Chart, nonce: str | None, standalone: bool) -> tuple:
+    return (chart.name, chart.kind, chart.title, tuple(chart.labels),
+            tuple((name, tuple(values)) for name, values in chart.series), standalone, nonce is None)
+
+
+def cached_svg(chart: Chart, nonce: str | None, standalone: bool) -> str | None:
+    svg = SVG_CACHE.get(_svg_key(chart, nonce, standalone))
+    if svg is not None and nonce is not None:  # the <style> element comes first, before any text
+        svg = svg.replace(f'nonce="{NONCE_PLACEHOLDER}"', f'nonce="{nonce}"', 1)
+    return svg
+
+
+def draw_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
+    """The chart as SVG text: drawn by pygal with no script (js=[]) and nothing from elsewhere."""
+    import pygal
+    narrow = chart.name.startswith(("risks-", "evolution-risks-"))  # shown two side by side
+    width = 600 if narrow else 900
+    names = [name for name, _ in chart.series]
+    colors, dashed = list(CHART_COLORS), set()
+    if chart.kind == "bar":
+        colors = ["#2f6db5", "#8fbbe8"]
+    elif narrow:  # risk levels over time: a level's colour, residual dashed
+        colors = [RISK_LEVEL_COLORS[level + " risks"] for level in (name.split()[0] for name in names)]
+        dashed = {name for name in names if name.endswith("residual")}
+    longest = max((len(name) for name in names), default=1)
+    columns = max(1, min(len(names), (width - 40) // (8 * min(longest, 40) + 40)))
+    legend_rows = 0 if chart.kind == "hbar" else -(-len(names) // columns)
+    options = dict(js=[], css=["file://style.css", "file://graph.css"], disable_xml_declaration=not standalone,
+                   style=_pygal_style(colors), show_legend=chart.kind != "hbar", legend_at_bottom=True,
+                   legend_at_bottom_columns=columns, truncate_legend=40, margin=14, spacing=10,
+                   print_values=chart.kind in ("hbar", "bar"),
+                   value_formatter=lambda v: format_number(v) if v is not None else "",
+                   formatter=lambda v: format_number(v) if v is not None else "", no_data_text="No data",
+                   title=chart.title if standalone else None, explicit_size=standalone)
+    if chart.kind == "hbar":
+        height = 90 + 34 * max(1, len(chart.labels))
+        graph = pygal.HorizontalBar(width=width, height=height, truncate_label=48, **options)
+        graph.x_labels = list(reversed(chart.labels))  # pygal draws the first at the bottom
+        for name, values in chart.series:
+            graph.add(name, list(reversed(values)))
+    else:
+        cls = {"bar": pygal.Bar, "stacked": pygal.StackedBar, "line": pygal.Line}[chart.kind]
+        extra = {"show_dots": len(chart.labels) <= 6, "dots_size": 3, "stroke_style": {"width": 2.5}} \
+            if chart.kind == "line" else {}
+        height = (340 if narrow else 380) + 26 * legend_rows
+        graph = cls(width=width, height=height, x_label_rotation=0 if len(chart.labels) <= 12 else 35,
+                    truncate_label=14, show_minor_x_labels=not narrow or len(chart.labels) <= 6,
+                    x_labels_major_every=2 if narrow and len(chart.labels) > 6 else None, **extra, **options)
+        graph.x_labels = list(chart.labels)
+        for name, values in chart.series:
+            more = {"stroke_style": {"width": 2.5, "dasharray": "7,5"}} if name in dashed else {}
+            graph.add(name, list(values), **more)
+    graph.add_xml_filter(_clean_svg(nonce))
+    svg = graph.render(is_unicode=True)
+    if not standalone:
+        svg = svg.replace("<title>Pygal</title>", f"<title>{html_escape(chart.title)}</title>", 1)
+    return svg
+
+
+def html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def render_csv(chart: Chart) -> str:
+    """The chart's numbers as CSV (full precision). Text cells that a spreadsheet would read as
+    a formula get a leading apostrophe: labels are written by clients and may be hostile."""
+    import csv
+    import io
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    header = [chart.category] + ([chart.key_name] if chart.keys is not None else []) + [n for n, _ in chart.series]
+    writer.writerow([_csv_text(h) for h in header])
+    for i, (label, values) in enumerate(chart.rows()):
+        key = [_csv_text(str(chart.keys[i]))] if chart.keys is not None else []
+        writer.writerow([_csv_text(str(label)), *key, *("" if v is None else repr(v) if isinstance(v, float) else v
+                                                       for v in values)])
+    return out.getvalue()
+
+
+def _csv_text(text: str) -> str:
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+# what the pages ask for
+
+@dataclass
+class Selection:
+    """The choices of a landscape or evolution page (or of the overview), validated."""
+
+    organization: str | None = None  # chosen (None: all those the viewer may see)
+    anr: str | None = None
+    period: str = "90"
+    date_from: str | None = None
+    date_to: str | None = None
+    top: int = 10
+    by: str = "averageRate"
+    order: str = "highest"
+    months: int = 12
+    series: int = 10
+    params: dict = field(default_factory=dict)  # the choices as given, for links
+
+    @property
+    def anrs(self) -> set | None:
+        return {self.anr} if self.anr else None
+
+
+PAGE_PARAMS = {"overview": ("organization",),
+               "landscape": ("organization", "anr", "period", "date_from", "date_to", "top", "by", "order"),
+               "evolution": ("organization", "anr", "months", "by", "order", "series")}
+
+
+def _choice(params: dict, name: str, choices, default):
+    raw = params.get(name)
+    if raw is None:
+        return default
+    for choice in choices:
+        if raw == str(choice):
+            return choice
+    raise DashboardError(400, f"{name}: {raw!r} is not one of {', '.join(map(str, choices))}")
+
+
+def page_selection(request: web.Request, viewer: Viewer, page: str) -> Selection:
+    """The page's choices from its query string; anything unknown or out of range is a 400."""
+    allowed = PAGE_PARAMS[page]
+    params = {}
+    for name, raw in request.query.items():
+        if name not in allowed:
+            raise DashboardError(400, f"unknown query parameter {name!r} (this page takes {', '.join(allowed)})")
+        if name in params:
+            raise DashboardError(400, f"query parameter {name!r} is given more than once")
+        if raw.strip():
+            params[name] = raw.strip()  # an empty form field is no choice
+    sel = Selection(params=params)
+    organization = params.get("organization")
+    if organization is not None:
+        if viewer.anonymous:
+            raise DashboardError(403, "choosing an organization needs a key: log in")
+        if not viewer.chooses_organization and organization != viewer.organization:
+            raise DashboardError(403, "an ordinary organization sees only its own stats")
+        if request.app[STORE_KEY].organization(organization) is None:
+            raise DashboardError(404, f"no organization named {organization!r}")
+        sel.organization = organization if viewer.chooses_organization else None
+    if "anr" in params:
+        if viewer.anonymous:
+            raise DashboardError(403, "choosing an analysis needs a key: log in")
+        sel.anr = parse_uuid(params["anr"])
+        if sel.anr is None:
+            raise DashboardError(400, f"anr: {params['anr']!r} is not an analysis UUID")
+    if page == "landscape":
+        custom = "date_from" in params or "date_to" in params
+        sel.period = _choice(params, "period", [*map(str, PERIOD_DAYS), "custom"], "custom" if custom else "90")
+        if sel.period == "custom":
+            sel.date_from, sel.date_to = params.get("date_from"), params.get("date_to")
+            for name in ("date_from", "date_to"):
+                if getattr(sel, name) is not None and parse_date(getattr(sel, name)) is None:
+                    raise DashboardError(400, f"{name}: {getattr(sel, name)!r} is not a date written YYYY-MM-DD")
+            if sel.date_from and sel.date_to and sel.date_from > sel.date_to:
+                raise DashboardError(400, "date_from is after date_to")
+        else:
+            today = date.today()
+            sel.date_from = date.fromordinal(today.toordinal() - int(sel.period)).isoformat()
+            sel.date_to = today.isoformat()
+        sel.top = _choice(params, "top", TOP_CHOICES, 10)
+    if page == "evolution":
+        sel.months = _choice(params, "months", EVOLUTION_MONTHS, 12)
+        sel.series = _choice(params, "series", SERIES_CHOICES, 10)
+    if page in ("landscape", "evolution"):
+        sel.by = _choice(params, "by", tuple(MEASURE_NAMES), "averageRate")
+        sel.order = _choice(params, "order", ("highest", "lowest"), "highest")
+    return sel
+
+
+class ChartContext:
+    """What building a page's charts needs; processed_stats answers are reused within the request."""
+
+    def __init__(self, request: web.Request, viewer: Viewer, sel: Selection):
+        self.request, self.viewer, self.sel = request, viewer, sel
+        self.store: Store = request.app[STORE_KEY]
+        self.languages = preferred_languages(request)
+        self.query = urlencode(sel.params)
+        self.memo: dict = {}
+
+    @property
+    def organization(self) -> str | None:
+        return self.viewer.scope(self.sel.organization)
+
+    async def processed(self, kind: str, processor: str, date_from: str | None, date_to: str | None):
+        key = (kind, processor, date_from, date_to)
+        if key not in self.memo:
+            self.memo[key] = await processed_stats(self.store, kind, processor, {}, date_from=date_from, date_to=date_to,
+                                             anrs=self.sel.anrs, organization=self.organization)
+        return self.memo[key]
+
+    def processed_url(self, kind: str, processor: str, date_from: str | None, date_to: str | None) -> str:
+        """The /api/v1/stats/processed/ call that answers the same numbers."""
+        params = {"type": kind, "processor": processor}
+        if date_from:
+            params["date_from"] = date_from
+        if date_to:
+            params["date_to"] = date_to
+        if self.sel.anr:
+            params["anrs"] = self.sel.anr
+        if self.organization is not None:
+            params["organization"] = self.organization
+        return f"{V1_PREFIX}/stats/processed/?{urlencode(params)}"
+
+
+def _object_label(item: dict, languages: list[str]) -> str:
+    return label_of(item.get("labels"), languages, str(item.get("object", "")))
+
+
+def top_objects(items: list, by: str, order: str, count: int) -> list:
+    """The `count` objects of a *_average_on_date answer with the highest (lowest) average `by`."""
+    ranked = sorted(items, key=lambda item: (item["averages"][by], item["object"]), reverse=order == "highest")
+    return ranked[:count]
+
+
+async def chart_top(ctx: ChartContext, kind: str) -> Chart:
+    sel = ctx.sel
+    processor = f"{kind}_average_on_date"
+    items = top_objects(await ctx.processed(kind, processor, sel.date_from, sel.date_to), sel.by, sel.order, sel.top)
+    names = VULNERABILITY_MEASURE_NAMES if kind == "vulnerability" else MEASURE_NAMES
+    plural = "threats" if kind == "threat" else "vulnerabilities"
+    return Chart(plural, f"Top {sel.top} {plural} by {names[sel.by]}, {sel.order} first", "hbar",
+                 [_object_label(item, ctx.languages) for item in items],
+                 [(sel.by, [item["averages"][sel.by] for item in items])],
+                 kind, ctx.query, ctx.processed_url(kind, processor, sel.date_from, sel.date_to),
+                 keys=[item["object"] for item in items])
+
+
+async def chart_risks(ctx: ChartContext, risk_kind: str) -> Chart:
+    sel = ctx.sel
+    data = await ctx.processed("risk", "risk_averages", sel.date_from, sel.date_to)
+    states = [(state, [data[state][risk_kind][level] if data else None for level in RISK_LEVELS])
+              for state in RISK_STATES]
+    title = "Information risks" if risk_kind == "informational" else "Operational risks"
+    return Chart(f"risks-{risk_kind}", f"{title}: mean number of risks per analysis, current and residual", "bar",
+                 [level.split()[0] for level in RISK_LEVELS], states, "level", ctx.query,
+                 ctx.processed_url("risk", "risk_averages", sel.date_from, sel.date_to))
+
+
+def evolution_months(sel: Selection) -> list[tuple[str, str, str]]:
+    """(YYYY-MM, first day, last day) of the months shown, oldest first (this month last)."""
+    today = date.today().replace(day=1)
+    out = []
+    for back in range(sel.months - 1, -1, -1):
+        first = months_before(today, back)
+        following = months_before(first, -1)
+        out.append((first.isoformat()[:7], first.isoformat(), date.fromordinal(following.toordinal() - 1).isoformat()))
+    return out
+
+
+async def chart_evolution(ctx: ChartContext, kind: str) -> Chart:
+    """Monthly means of the top objects: each month's value is the processor's over that month."""
+    sel = ctx.sel
+    months = evolution_months(sel)
+    processor = f"{kind}_average_on_date"
+    whole = await ctx.processed(kind, processor, months[0][1], months[-1][2])
+    chosen = top_objects(whole, sel.by, sel.order, sel.series)
+    per_month = []
+    for _, first, last in months:
+        answer = await ctx.processed(kind, processor, first, last)
+        per_month.append({item["object"]: item["averages"][sel.by] for item in answer})
+    plural = "threats" if kind == "threat" else "vulnerabilities"
+    names = VULNERABILITY_MEASURE_NAMES if kind == "vulnerability" else MEASURE_NAMES
+    series = [(_object_label(item, ctx.languages), [values.get(item["object"]) for values in per_month])
+              for item in chosen]
+    return Chart(f"evolution-{plural}", f"{len(chosen)} {sel.order} {plural} by {names[sel.by]}, month by month",
+                 "line", [m for m, _, _ in months], series, "month", ctx.query,
+                 ctx.processed_url(kind, processor, months[0][1], months[-1][2]),
+                 label_links=[ctx.processed_url(kind, processor, first, last) for _, first, last in months],
+                 note="Each point is the mean over the stats dated in that month (the processor asked for"
+                      " that month alone); the series are the top ones over the whole window.")
+
+
+async def chart_evolution_risks(ctx: ChartContext, risk_kind: str) -> Chart:
+    months = evolution_months(ctx.sel)
+    series = []
+    answers = [await ctx.processed("risk", "risk_averages", first, last) for _, first, last in months]
+    for state in RISK_STATES:
+        for level in RISK_LEVELS:
+            series.append((f"{level.split()[0]} {state}",
+                           [answer[state][risk_kind][level] if answer else None for answer in answers]))
+    title = "Information risks" if risk_kind == "informational" else "Operational risks"
+    return Chart(f"evolution-risks-{risk_kind}", f"{title} by level, month by month (mean per analysis)", "line",
+                 [m for m, _, _ in months], series, "month", ctx.query,
+                 ctx.processed_url("risk", "risk_averages", months[0][1], months[-1][2]),
+                 label_links=[ctx.processed_url("risk", "risk_averages", first, last) for _, first, last in months])
+
+
+def chart_stats_by_month(ctx: ChartContext) -> Chart:
+    counts = stat_counts_by_month(ctx.store, ctx.organization, 12)
+    months = evolution_months(replace(ctx.sel, months=12))
+    labels = [m for m, _, _ in months]
+    series = [(kind, [by_month.get(m, 0) for m in labels]) for kind, by_month in sorted(counts.items())]
+    params = {"date__gte": months[0][1], "_fields": "type,date,organization", "_limit": "1000"}
+    if ctx.organization is not None:
+        params["organization"] = ctx.organization
+    owner = f" of {ctx.organization}" if ctx.organization is not None else ""
+    return Chart("stats-by-month", f"Stats{owner} by type and month, last 12 months", "stacked", labels, series,
+                 "month", ctx.query, f"{API_PREFIX}/stats/?{urlencode(params)}",
+                 note="By the stat's date (else its year and day, else the day it was received).")
+
+
+CHARTS = {
+    "stats-by-month": ("overview", lambda ctx: asyncio.sleep(0, chart_stats_by_month(ctx))),
+    "threats": ("landscape", lambda ctx: chart_top(ctx, "threat")),
+    "vulnerabilities": ("landscape", lambda ctx: chart_top(ctx, "vulnerability")),
+    "risks-informational": ("landscape", lambda ctx: chart_risks(ctx, "informational")),
+    "risks-operational": ("landscape", lambda ctx: chart_risks(ctx, "operational")),
+    "evolution-threats": ("evolution", lambda ctx: chart_evolution(ctx, "threat")),
+    "evolution-vulnerabilities": ("evolution", lambda ctx: chart_evolution(ctx, "vulnerability")),
+    "evolution-risks-informational": ("evolution", lambda ctx: chart_evolution_risks(ctx, "informational")),
+    "evolution-risks-operational": ("evolution", lambda ctx: chart_evolution_risks(ctx, "operational")),
+}
+PAGE_CHARTS = {page: [name for name, (p, _) in CHARTS.items() if p == page] for page in PAGE_PARAMS}
+
+
+@dataclass
+class ShownChart:
+    """A chart as a page shows it: the chart and its inline SVG."""
+
+    chart: Chart
+    svg: Any
+
+
+async def shown(request: web.Request, chart: Chart) -> ShownChart:
+    from markupsafe import Markup
+    return ShownChart(chart, Markup(await render_svg_async(chart, request[NONCE_KEY])))
+
+
+# the pages
+
+def choices_for(request: web.Request, viewer: Viewer, sel: Selection) -> dict:
+    """The organizations and analyses the viewer may choose among (bounded lists)."""
+    if viewer.anonymous:
+        return {"organizations": [], "analyses": []}
+    store: Store = request.app[STORE_KEY]
+    organizations = sorted(o["name"] for o in store.organizations()) if viewer.chooses_organization \
+        else [viewer.organization]
+    activity = organization_activity(store, viewer.scope(sel.organization))
+    analyses = sorted({str(anr) for row in activity for anr in row["analyses"] if parse_uuid(str(anr))})
+    return {"organizations": organizations[:1000], "analyses": analyses[:1000]}
+
+
+async def dashboard_overview(request: web.Request) -> web.Response:
+    """`/`: the JSON service index for clients asking for JSON, else the overview page."""
+    accept = request.headers.get("Accept", "*/*")
+    if accepted_quality(accept, "text/html") <= accepted_quality(accept, "application/json"):
+        return await index(request)  # curl and scripts (Accept: */*) get JSON; browsers prefer text/html
+    return await _overview(request)
+
+
+@dashboard_handler
+async def _overview(request: web.Request) -> web.Response:
+    viewer = page_viewer(request, aggregated=True)
+    sel = page_selection(request, viewer, "overview")
+    ctx = ChartContext(request, viewer, sel)
+    store: Store = request.app[STORE_KEY]
+    activity = [] if viewer.anonymous else organization_activity(store, ctx.organization)
+    silent_before = date.fromordinal(date.today().toordinal() - SILENT_DAYS).isoformat()
+    for row in activity:
+        row["silent"] = row["latest"] is not None and row["latest"] < silent_before
+    sizes = store.file_sizes()
+    storage = {"database": sizes["database"], "journal": sizes["journal"] + sizes["folding"],
+               "checkpoint": _file_time(store.path), "stats": store.count_stats(),
+               "organizations": len(store.organizations())}
+    chart = chart_stats_by_month(ctx)
+    return render_page(request, "overview.html", {
+        "title": "Overview", "page": "overview", "viewer": viewer, "sel": sel,
+        "choices": choices_for(request, viewer, sel), "chart": await shown(request, chart),
+        "activity": activity, "storage": storage, "silent_days": SILENT_DAYS,
+        "json_url": chart.json_url})
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _file_time(path: str) -> str | None:
+    try:
+        return datetime.fromtimestamp(os.path.getmtime(path), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except OSError:
+        return None
+
+
+@dashboard_handler
+async def dashboard_landscape(request: web.Request) -> web.Response:
+    viewer = page_viewer(request, aggregated=True)
+    sel = page_selection(request, viewer, "landscape")
+    ctx = ChartContext(request, viewer, sel)
+    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS["landscape"]}
+    return render_page(request, "landscape.html", {
+        "title": "Current landscape", "page": "landscape", "viewer": viewer, "sel": sel, "charts": charts,
+        "choices": choices_for(request, viewer, sel), "periods": PERIOD_DAYS, "tops": TOP_CHOICES,
+        "measures": MEASURE_NAMES, "json_url": charts["threats"].chart.json_url})
+
+
+@dashboard_handler
+async def dashboard_evolution(request: web.Request) -> web.Response:
+    viewer = page_viewer(request, aggregated=True)
+    sel = page_selection(request, viewer, "evolution")
+    ctx = ChartContext(request, viewer, sel)
+    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS["evolution"]}
+    return render_page(request, "evolution.html", {
+        "title": "Evolution", "page": "evolution", "viewer": viewer, "sel": sel, "charts": charts,
+        "choices": choices_for(request, viewer, sel), "months": EVOLUTION_MONTHS, "series": SERIES_CHOICES,
+        "measures": MEASURE_NAMES, "json_url": charts["evolution-threats"].chart.json_url})
+
+
+@dashboard_handler
+async def dashboard_chart(request: web.Request) -> web.Response:
+    """A chart of a page, alone, as SVG or CSV: /dashboard/charts/NAME.svg?the page's choices."""
+    name, extension = request.match_info["name"], request.match_info["ext"]
+    if name not in CHARTS or extension not in ("svg", "csv"):
+        raise DashboardError(404, f"no chart {name}.{extension}")
+    page, build = CHARTS[name]
+    viewer = page_viewer(request, aggregated=True)
+    ctx = ChartContext(request, viewer, page_selection(request, viewer, page))
+    chart = await build(ctx)
+    filename = f"statsd-{name}-{date.today().isoformat()}.{extension}"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if extension == "csv":
+        return web.Response(text=render_csv(chart), content_type="text/csv", charset="utf-8", headers=headers)
+    headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"  # no script can run
+    svg = await render_svg_async(chart, standalone=True)
+    return web.Response(text=svg, content_type="image/svg+xml", charset="utf-8", headers=headers)
+
+
+EXPLORER_COLUMNS = ("created_at", "organization", "anr", "type", "date")
+EXPLORER_ORDERS = {"-created_at": "newest first", "created_at": "oldest first", "-date": "latest date first",
+                   "date": "earliest date first", "type": "type", "organization": "organization"}
+
+
+@dashboard_handler
+async def dashboard_explorer(request: web.Request) -> web.Response:
+    """The stats as a table: the same query parameters as /api/v2/stats/ (empty ones ignored)."""
+    viewer = page_viewer(request, aggregated=False)
+    config: Config = request.app[CONFIG_KEY]
+    params = {}
+    for name, raw in request.query.items():
+        if name in params:
+            raise DashboardError(400, f"query parameter {name!r} is given more than once")
+        if raw != "" and name != "api_key":
+            params[name] = raw
+    params.setdefault("_limit", "25")
+    query = parse_query(params, STAT_FIELDS, config)
+    if not viewer.chooses_organization:
+        query = replace(query, filters=[Filter(("organization",), "exact", viewer.organization), *query.filters])
+    page, more = await request.app[STORE_KEY].find("stats", query)
+    rows = [{"id": d["id"], "data": _data_summary(parsed_data(d)), **{c: d.get(c) for c in EXPLORER_COLUMNS}}
+            for d in page]
+
+    def with_params(**changes) -> str:
+        merged = {**params, **{k: str(v) for k, v in changes.items()}}
+        return f"{DASHBOARD_PREFIX}/explorer?{urlencode(merged)}"
+    form_fields = ("type", "organization", "anr", "date__gte", "date__lte", "_order_by", "_limit")
+    hidden = {k: v for k, v in params.items() if k not in form_fields and k not in ("_skip", "offset")}
+    store: Store = request.app[STORE_KEY]
+    return render_page(request, "explorer.html", {
+        "title": "Explorer", "page": "explorer", "viewer": viewer, "rows": rows, "params": params,
+        "hidden": hidden, "skip": query.skip, "limit": query.limit, "more": more,
+        "previous": with_params(_skip=max(0, query.skip - query.limit)) if query.skip else None,
+        "next": with_params(_skip=query.skip + query.limit) if more else None,
+        "organizations": sorted(o["name"] for o in store.organizations())[:1000] if viewer.chooses_organization
+        else [],
+        "types": store.stat_types()[:200], "orders": EXPLORER_ORDERS,
+        "limits": EXPLORER_LIMITS, "json_url": f"{API_PREFIX}/stats/?{urlencode(params)}"})
+
+
+def _data_summary(data) -> str:
+    if isinstance(data, list):
+        return f"list of {len(data)}"
+    if isinstance(data, dict):
+        keys = list(data)
+        return "{" + ", ".join(map(str, keys[:4])) + (", …" if len(keys) > 4 else "") + "}"
+    text = orjson.dumps(data).decode()
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+@dashboard_handler
+async def dashboard_stat(request: web.Request) -> web.Response:
+    viewer = page_viewer(request, aggregated=False)
+    only = set(request.query) - {"api_key"}
+    if only:
+        raise DashboardError(400, f"unknown query parameter(s): {', '.join(sorted(only))}")
+    stat_id = request.match_info["id"]
+    doc = request.app[STORE_KEY].stat(stat_id)
+    if doc is None or not (viewer.chooses_organization or doc.get("organization") == viewer.organization):
+        raise DashboardError(404, f"no stat with id {stat_id!r}")
+    pretty = orjson.dumps(parsed_data(doc), option=orjson.OPT_INDENT_2).decode()
+    truncated = len(pretty) > STAT_PAGE_MAX_DATA
+    fields_shown = [(name, doc[name]) for name in ("id", "uuid", "organization", "anr", "type", "date", "day",
+                                                   "week", "month", "quarter", "year", "created_at", "updated_at")
+                    if name in doc]
+    return render_page(request, "stat.html", {
+        "title": f"Stat {doc['id']}", "page": "explorer", "viewer": viewer, "doc": doc, "fields": fields_shown,
+        "pretty": pretty[:STAT_PAGE_MAX_DATA], "truncated": truncated, "v1_date": stat_date(doc),
+        "json_url": stat_path(doc["id"])})
+
+
+@dashboard_handler
+async def dashboard_organization(request: web.Request) -> web.Response:
+    viewer = page_viewer(request, aggregated=False)
+    only = set(request.query) - {"api_key"}
+    if only:
+        raise DashboardError(400, f"unknown query parameter(s): {', '.join(sorted(only))}")
+    name = request.match_info["name"]
+    store: Store = request.app[STORE_KEY]
+    org = store.organization(name)
+    if org is None or not (viewer.chooses_organization or name == viewer.organization):
+        raise DashboardError(404, f"no organization named {name!r}")
+    sel = Selection(organization=name, params={"organization": name})
+    ctx = ChartContext(request, viewer, sel)
+    activity = organization_activity(store, name)[0]
+    return render_page(request, "organization.html", {
+        "title": f"Organization {name}", "page": "explorer", "viewer": viewer, "org": org, "activity": activity,
+        "chart": await shown(request, chart_stats_by_month(ctx)),
+        "explorer_url": f"{DASHBOARD_PREFIX}/explorer?{urlencode({'organization': name})}",
+        "json_url": org_path(name) if viewer.chooses_organization else
+        f"{API_PREFIX}/stats/?{urlencode({'organization': name})}"})
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: a path on this site only (never //host or /\\host)."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")) \
+            or any(ord(c) < 33 or c == "\\" for c in target):
+        return "/"
+    return target
+
+
+def same_origin(request: web.Request) -> bool:
+    """Whether a POST comes from a page of this site (its Origin, else its Referer)."""
+    base = base_url(request)
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin == base
+    referer = urlsplit(request.headers.get("Referer", ""))
+    return bool(referer.scheme) and f"{referer.scheme}://{referer.netloc}" == base
+
+
+def _check_same_origin(request: web.Request) -> None:
+    if not same_origin(request):
+        raise DashboardError(403, "this form must be sent from a page of this site (Origin or Referer"
+                                  " of another site, or none)")
+
+
+@dashboard_handler
+async def dashboard_login(request: web.Request) -> web.Response:
+    """GET: the login form. POST: check the key, start a session, go where the person was going."""
+    config: Config = request.app[CONFIG_KEY]
+    target = safe_next(request.query.get("next"))
+    context = {"title": "Log in", "page": "login", "viewer": None, "next": target, "error": None,
+               "json_url": f"{V1_PREFIX}/client/me"}
+    if not config.api_key_authentication:
+        return see_other(target)
+    if request.method == "GET":
+        return render_page(request, "login.html", context)
+    _check_same_origin(request)
+    item = request.app[LOGIN_LIMIT_KEY]
+    limiter: Limiter = request.app[LIMITER_KEY]
+    address = client_address(request)
+    if not await limiter.moving_window.hit(item, "dashboard-login", address):
+        stats = await limiter.moving_window.get_window_stats(item, "dashboard-login", address)
+        retry = str(max(1, math.ceil(stats.reset_time - time.time())))
+        raise DashboardError(429, f"too many login attempts from your address: at most {item}; try again in"
+                                  f" {retry} s", {"Retry-After": retry})
+    form = await request.post()
+    token = form.get("api_key")
+    target = safe_next(form.get("next") if isinstance(form.get("next"), str) else None)
+    caller = _caller_for(request.app[STORE_KEY], token) if isinstance(token, str) and token else None
+    if caller is None:
+        return render_page(request, "login.html", {**context, "next": target,
+                                                   "error": "That key belongs to no organization."}, status=401)
+    sessions: Sessions = request.app[SESSIONS_KEY]
+    sessions.end(request.cookies.get(SESSION_COOKIE))  # a fresh id at each login
+    response = see_other(target)
+    response.set_cookie(SESSION_COOKIE, sessions.new(caller.token_sha256), max_age=int(sessions.lifetime),
+                        path="/", httponly=True, samesite="Strict", secure=base_url(request).startswith("https:"))
+    return response
+
+
+@dashboard_handler
+async def dashboard_logout(request: web.Request) -> web.Response:
+    _check_same_origin(request)
+    request.app[SESSIONS_KEY].end(request.cookies.get(SESSION_COOKIE))
+    response = see_other(DASHBOARD_PREFIX + "/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@dashboard_handler
+async def dashboard_css(request: web.Request) -> web.Response:
+    return web.Response(text=DASHBOARD_TEMPLATES["dashboard.css"], content_type="text/css", charset="utf-8",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+
+@dashboard_handler
+async def dashboard_home(request: web.Request) -> web.Response:
+    return see_other("/")
+
+
+def add_dashboard_routes(app: web.Application) -> None:
+    """The dashboard's routes (none when dashboard = "off"); `/` is the overview."""
+    config: Config = app[CONFIG_KEY]
+    if config.dashboard == "off":
+        app.router.add_get("/", index)
+        return
+    app[SESSIONS_KEY] = Sessions()
+    app[TEMPLATES_KEY] = dashboard_templates()
+    app[LOGIN_LIMIT_KEY] = limits.parse(LOGIN_RATE_LIMIT)
+    app.router.add_get("/", dashboard_overview)
+    routes = [("GET", "", dashboard_home), ("GET", "/landscape", dashboard_landscape),
+              ("GET", "/evolution", dashboard_evolution), ("GET", "/explorer", dashboard_explorer),
+              ("GET", "/stats/{id}", dashboard_stat), ("GET", "/organizations/{name}", dashboard_organization),
+              ("GET", "/login", dashboard_login), ("POST", "/login", dashboard_login),
+              ("POST", "/logout", dashboard_logout)]
+    add_routes(app, DASHBOARD_PREFIX, routes)
+    app.router.add_get(DASHBOARD_PREFIX + "/static/dashboard.css", dashboard_css)
+    app.router.add_get(DASHBOARD_PREFIX + r"/charts/{name:[a-z-]+}.{ext:[a-z]+}", dashboard_chart)
+
+
+# The dashboard's templates and stylesheet, carried by this module (no data files to ship).
+DASHBOARD_TEMPLATES = {
+    "layout.html": """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="same-origin">
+<title>{{ title }} · statsd</title>
+<link rel="stylesheet" href="{{ prefix }}/static/dashboard.css">
+</head>
+<body class="page-{{ page }}">
+<header class="top">
+  <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>statsd <small>MONARC statistics</small></a>
+  {% if viewer is not none %}
+  <nav aria-label="pages">
+    <a href="/"{% if page == 'overview' %} aria-current="page"{% endif %}>Overview</a>
+    <a href="{{ prefix }}/landscape"{% if page == 'landscape' %} aria-current="page"{% endif %}>Current landscape</a>
+    <a href="{{ prefix }}/evolution"{% if page == 'evolution' %} aria-current="page"{% endif %}>Evolution</a>
+    {% if not viewer.anonymous %}<a href="{{ prefix }}/explorer"{% if page == 'explorer' %} aria-current="page"{% endif %}>Explorer</a>{% endif %}
+  </nav>
+  <div class="who">
+    {% if viewer.anonymous %}
+      <span class="badge">public view</span> <a class="button" href="{{ prefix }}/login?next={{ path|urlencode }}">Log in</a>
+    {% elif viewer.auth_off %}
+      <span class="badge warn">authentication off</span>
+    {% else %}
+      <a class="org" href="{{ prefix }}/organizations/{{ viewer.organization|urlencode }}">{{ viewer.organization }}</a>
+      {% if viewer.is_admin %}<span class="badge">admin</span>{% endif %}
+      <form method="post" action="{{ prefix }}/logout" class="inline"><button type="submit">Log out</button></form>
+    {% endif %}
+  </div>
+  {% endif %}
+</header>
+<main>
+{% block content %}{% endblock %}
+</main>
+<footer>
+  statsd {{ version }}{% if json_url is defined and json_url %} · <a class="json-link" href="{{ json_url }}">the JSON API call behind this page</a>{% endif %}
+  · works offline, without JavaScript
+</footer>
+</body>
+</html>
+""",
+    "macros.html": """{% macro chart_figure(c) %}
+<figure class="chart card" id="chart-{{ c.chart.name }}" data-chart="{{ c.chart.name }}">
+  <figcaption>
+    <h3>{{ c.chart.title }}</h3>
+    <span class="exports">
+      <a href="{{ c.chart.export_url('csv') }}" download class="export-csv">CSV</a>
+      <a href="{{ c.chart.export_url('svg') }}" download class="export-svg">SVG</a>
+      <a href="{{ c.chart.json_url }}" class="export-json">JSON</a>
+    </span>
+  </figcaption>
+  {% if c.chart.empty %}
+  <p class="empty">No stats for this selection.</p>
+  {% else %}
+  <div class="svg">{{ c.svg }}</div>
+  {% endif %}
+  {% if c.chart.note %}<p class="note">{{ c.chart.note }}</p>{% endif %}
+  {% if not c.chart.empty %}
+  <details>
+    <summary>The numbers</summary>
+    <div class="table-wrap"><table class="numbers">
+      <thead><tr><th>{{ c.chart.category }}</th>{% for name, _ in c.chart.series %}<th>{{ name }}</th>{% endfor %}</tr></thead>
+      <tbody>
+      {% for label, values in c.chart.rows() %}
+        <tr><th scope="row">{% if c.chart.label_links %}<a href="{{ c.chart.label_links[loop.index0] }}">{{ label }}</a>{% else %}{{ label }}{% endif %}</th>
+        {% for v in values %}<td>{{ v|number }}</td>{% endfor %}</tr>
+      {% endfor %}
+      </tbody>
+    </table></div>
+  </details>
+  {% endif %}
+</figure>
+{% endmacro %}
+
+{% macro scope_fields(sel, choices, viewer) %}
+  {% if choices.organizations|length > 1 %}
+  <label>Organization
+    <select name="organization">
+      <option value="">all</option>
+      {% for name in choices.organizations %}<option value="{{ name }}"{% if sel.organization == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
+    </select>
+  </label>
+  {% endif %}
+  {% if not viewer.anonymous %}
+  <label>Analysis
+    <select name="anr">
+      <option value="">all</option>
+      {% for anr in choices.analyses %}<option value="{{ anr }}"{% if sel.anr == anr %} selected{% endif %}>{{ anr }}</option>{% endfor %}
+    </select>
+  </label>
+  {% endif %}
+{% endmacro %}
+
+{% macro measure_fields(sel, measures) %}
+  <label>By
+    <select name="by">
+      {% for key, name in measures.items() %}<option value="{{ key }}"{% if sel.by == key %} selected{% endif %}>{{ name }}</option>{% endfor %}
+    </select>
+  </label>
+  <label>Order
+    <select name="order">
+      <option value="highest"{% if sel.order == 'highest' %} selected{% endif %}>highest first</option>
+      <option value="lowest"{% if sel.order == 'lowest' %} selected{% endif %}>lowest first</option>
+    </select>
+  </label>
+{% endmacro %}
+""",
+    "overview.html": """{% extends "layout.html" %}
+{% from "macros.html" import chart_figure, scope_fields %}
+{% block content %}
+<h1>Overview</h1>
+<p class="lead">What this statsd has collected{% if sel.organization %} from <strong>{{ sel.organization }}</strong>{% elif viewer.organization and not viewer.chooses_organization %} from <strong>{{ viewer.organization }}</strong>{% endif %}.</p>
+{% if choices.organizations|length > 1 %}
+<form method="get" action="/" class="controls card">
+  <label>Organization
+    <select name="organization">
+      <option value="">all</option>
+      {% for name in choices.organizations %}<option value="{{ name }}"{% if sel.organization == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
+    </select>
+  </label>
+  <button type="submit">Show</button>
+</form>
+{% endif %}
+<section class="tiles">
+  <div class="tile card"><span class="value">{{ storage.stats|number }}</span><span class="label">stats in all</span></div>
+  <div class="tile card"><span class="value">{{ storage.organizations|number }}</span><span class="label">organizations</span></div>
+  <div class="tile card"><span class="value">{% if storage.database is not none %}{{ storage.database|size }}{% else %}none yet{% endif %}</span><span class="label">database file</span></div>
+  <div class="tile card"><span class="value">{% if storage.journal is not none %}{{ storage.journal|size }}{% else %}none{% endif %}</span><span class="label">journal</span></div>
+  <div class="tile card"><span class="value small">{{ storage.checkpoint or "never" }}</span><span class="label">last checkpoint</span></div>
+  <div class="tile card"><span class="value small">{{ version }}</span><span class="label">statsd version</span></div>
+</section>
+{{ chart_figure(chart) }}
+{% if not viewer.anonymous %}
+<section class="card">
+  <h2>Organizations and analyses</h2>
+  <div class="table-wrap"><table class="activity">
+    <thead><tr><th>organization</th><th>analyses</th><th>stats</th><th>latest stat</th><th></th></tr></thead>
+    <tbody>
+    {% for row in activity %}
+      <tr{% if row.silent %} class="silent"{% endif %}>
+        <th scope="row">{% if row.name is none %}<em>no organization</em>{% else %}<a href="{{ prefix }}/organizations/{{ row.name|urlencode }}">{{ row.name }}</a>{% endif %}</th>
+        <td>{% if row.analyses %}<details><summary>{{ row.analyses|length }}</summary><ul class="anrs">{% for anr in row.analyses[:200] %}<li><a href="{{ prefix }}/explorer?anr={{ anr|string|urlencode }}">{{ anr }}</a></li>{% endfor %}{% if row.analyses|length > 200 %}<li>…</li>{% endif %}</ul></details>{% else %}0{% endif %}</td>
+        <td>{{ row.stats|number }}</td>
+        <td>{{ row.latest or "never" }}</td>
+        <td>{% if row.silent %}<span class="badge warn" title="no stat dated in the last {{ silent_days }} days">silent &gt; {{ silent_days }} days</span>{% elif row.latest is none %}<span class="badge">no stats yet</span>{% else %}<span class="badge ok">active</span>{% endif %}</td>
+      </tr>
+    {% else %}
+      <tr><td colspan="5" class="empty">No organization yet.</td></tr>
+    {% endfor %}
+    </tbody>
+  </table></div>
+</section>
+{% endif %}
+{% endblock %}
+""",
+    "landscape.html": """{% extends "layout.html" %}
+{% from "macros.html" import chart_figure, scope_fields, measure_fields %}
+{% block content %}
+<h1>Current landscape</h1>
+<p class="lead">Threats, vulnerabilities and risks of the analyses{% if viewer.organization and not viewer.chooses_organization %} of <strong>{{ viewer.organization }}</strong>{% endif %},
+from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p>
+<form method="get" action="{{ prefix }}/landscape" class="controls card">
+  <label>Period
+    <select name="period">
+      {% for days in periods %}<option value="{{ days }}"{% if sel.period == days|string %} selected{% endif %}>last {{ days }} days</option>{% endfor %}
+      <option value="custom"{% if sel.period == 'custom' %} selected{% endif %}>custom (dates below)</option>
+    </select>
+  </label>
+  <label>From <input type="date" name="date_from" value="{{ sel.date_from if sel.period == 'custom' and sel.date_from else '' }}"></label>
+  <label>To <input type="date" name="date_to" value="{{ sel.date_to if sel.period == 'custom' and sel.date_to else '' }}"></label>
+  {{ scope_fields(sel, choices, viewer) }}
+  <label>Top
+    <select name="top">
+      {% for n in tops %}<option value="{{ n }}"{% if sel.top == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
+    </select>
+  </label>
+  {{ measure_fields(sel, measures) }}
+  <button type="submit">Show</button>
+</form>
+<div class="grid one">
+  {{ chart_figure(charts['threats']) }}
+  {{ chart_figure(charts['vulnerabilities']) }}
+</div>
+<div class="grid two">
+  {{ chart_figure(charts['risks-informational']) }}
+  {{ chart_figure(charts['risks-operational']) }}
+</div>
+<section class="card explain">
+  <h2>Reading these charts</h2>
+  <dl>
+    <dt>Probability (<code>averageRate</code>)</dt><dd>for a threat, the probability (likelihood) the analysts gave it; for a vulnerability, its qualification: how easily it can be exploited. MONARC sends the mean over the analysis; the bars show the mean over the stats selected.</dd>
+    <dt>Occurrence (<code>count</code>)</dt><dd>how many times the threat or vulnerability occurs in the analysis (in how many risks).</dd>
+    <dt>Max. associated risk (<code>maxRisk</code>)</dt><dd>the highest risk value associated with it in the analysis.</dd>
+    <dt>Risks</dt><dd>the mean number of information and operational risks per analysis at each level (low, medium, high), before treatment (current) and after the planned treatment (residual).</dd>
+  </dl>
+</section>
+{% endblock %}
+""",
+    "evolution.html": """{% extends "layout.html" %}
+{% from "macros.html" import chart_figure, scope_fields, measure_fields %}
+{% block content %}
+<h1>Evolution</h1>
+<p class="lead">Month by month over the last {{ sel.months }} months{% if viewer.organization and not viewer.chooses_organization %}, for <strong>{{ viewer.organization }}</strong>{% endif %}.</p>
+<form method="get" action="{{ prefix }}/evolution" class="controls card">
+  <label>Months
+    <select name="months">
+      {% for n in months %}<option value="{{ n }}"{% if sel.months == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
+    </select>
+  </label>
+  {{ scope_fields(sel, choices, viewer) }}
+  <label>Lines
+    <select name="series">
+      {% for n in series %}<option value="{{ n }}"{% if sel.series == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
+    </select>
+  </label>
+  {{ measure_fields(sel, measures) }}
+  <button type="submit">Show</button>
+</form>
+<div class="grid one">
+  {{ chart_figure(charts['evolution-threats']) }}
+  {{ chart_figure(charts['evolution-vulnerabilities']) }}
+</div>
+<div class="grid two">
+  {{ chart_figure(charts['evolution-risks-informational']) }}
+  {{ chart_figure(charts['evolution-risks-operational']) }}
+</div>
+{% endblock %}
+""",
+    "explorer.html": """{% extends "layout.html" %}
+{% block content %}
+<h1>Explorer</h1>
+<p class="lead">The stats{% if not viewer.chooses_organization %} of <strong>{{ viewer.organization }}</strong>{% endif %}, with the query parameters of <a href="{{ json_url }}"><code>/api/v2/stats/</code></a>: any filter of the API (<code>data__total__current__operational__gt=5</code>, <code>type__in=risk,threat</code>, ...) can be added to this page's address.</p>
+<form method="get" action="{{ prefix }}/explorer" class="controls card">
+  <label>Type
+    <select name="type">
+      <option value="">all</option>
+      {% for t in types %}<option value="{{ t }}"{% if params.get('type') == t|string %} selected{% endif %}>{{ t }}</option>{% endfor %}
+    </select>
+  </label>
+  {% if organizations %}
+  <label>Organization
+    <select name="organization">
+      <option value="">all</option>
+      {% for name in organizations %}<option value="{{ name }}"{% if params.get('organization') == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
+    </select>
+  </label>
+  {% endif %}
+  <label>Analysis <input type="text" name="anr" size="20" value="{{ params.get('anr', '') }}" placeholder="UUID or number"></label>
+  <label>Date from <input type="date" name="date__gte" value="{{ params.get('date__gte', '') }}"></label>
+  <label>to <input type="date" name="date__lte" value="{{ params.get('date__lte', '') }}"></label>
+  <label>Order
+    <select name="_order_by">
+      <option value="">as received</option>
+      {% for key, name in orders.items() %}<option value="{{ key }}"{% if params.get('_order_by') == key %} selected{% endif %}>{{ name }}</option>{% endfor %}
+    </select>
+  </label>
+  <label>Per page
+    <select name="_limit">
+      {% for n in limits %}<option value="{{ n }}"{% if limit == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
+    </select>
+  </label>
+  {% for name, value in hidden.items() %}<input type="hidden" name="{{ name }}" value="{{ value }}">{% endfor %}
+  <button type="submit">Show</button>
+  {% if hidden %}<span class="note">also: {% for name, value in hidden.items() %}<code>{{ name }}={{ value }}</code> {% endfor %}(<a href="{{ prefix }}/explorer">clear</a>)</span>{% endif %}
+</form>
+<section class="card">
+<div class="table-wrap"><table class="stats">
+  <thead><tr><th>id</th><th>received</th><th>organization</th><th>analysis</th><th>type</th><th>date</th><th>data</th></tr></thead>
+  <tbody>
+  {% for row in rows %}
+    <tr>
+      <td><a href="{{ prefix }}/stats/{{ row.id|urlencode }}"><code>{{ row.id }}</code></a></td>
+      <td>{{ (row.created_at or '')[:19]|replace('T', ' ') }}</td>
+      <td>{% if row.organization is not none %}<a href="{{ prefix }}/organizations/{{ row.organization|urlencode }}">{{ row.organization }}</a>{% endif %}</td>
+      <td>{% if row.anr is not none %}<code>{{ row.anr }}</code>{% endif %}</td>
+      <td>{{ row.type }}</td>
+      <td>{{ row.date or '' }}</td>
+      <td class="data">{{ row.data }}</td>
+    </tr>
+  {% else %}
+    <tr><td colspan="7" class="empty">No stat matches.</td></tr>
+  {% endfor %}
+  </tbody>
+</table></div>
+<nav class="pages" aria-label="pagination">
+  {% if previous %}<a class="button" rel="prev" href="{{ previous }}">← previous</a>{% endif %}
+  <span>{% if rows %}stats {{ skip + 1 }} to {{ skip + rows|length }}{% else %}nothing here{% endif %}</span>
+  {% if next %}<a class="button" rel="next" href="{{ next }}">next →</a>{% endif %}
+</nav>
+</section>
+{% endblock %}
+""",
+    "stat.html": """{% extends "layout.html" %}
+{% block content %}
+<h1>Stat <code>{{ doc.id }}</code></h1>
+<p class="lead"><a href="{{ json_url }}">Its JSON</a> · <a href="{{ prefix }}/explorer">back to the explorer</a></p>
+<section class="card">
+<table class="fields">
+  {% for name, value in fields %}
+  <tr><th scope="row">{{ name }}</th><td>{% if name == 'organization' %}<a href="{{ prefix }}/organizations/{{ value|urlencode }}">{{ value }}</a>{% else %}<code>{{ value }}</code>{% endif %}</td></tr>
+  {% endfor %}
+  <tr><th scope="row">v1 date</th><td><code>{{ v1_date }}</code></td></tr>
+</table>
+</section>
+<section class="card">
+<h2>data</h2>
+<pre class="json">{{ pretty }}</pre>
+{% if truncated %}<p class="note">Cut at {{ pretty|length|number }} characters: <a href="{{ json_url }}">the JSON</a> has all of it.</p>{% endif %}
+</section>
+{% endblock %}
+""",
+    "organization.html": """{% extends "layout.html" %}
+{% from "macros.html" import chart_figure %}
+{% block content %}
+<h1>Organization {{ org.name }}</h1>
+<p class="lead"><a href="{{ explorer_url }}">Its stats in the explorer</a> · <a href="{{ json_url }}">JSON</a></p>
+<section class="tiles">
+  <div class="tile card"><span class="value">{{ activity.stats|number }}</span><span class="label">stats</span></div>
+  <div class="tile card"><span class="value">{{ activity.analyses|length|number }}</span><span class="label">analyses</span></div>
+  <div class="tile card"><span class="value small">{{ activity.latest or "never" }}</span><span class="label">latest stat</span></div>
+  <div class="tile card"><span class="value small">{{ "admin" if org.is_admin else "ordinary" }}</span><span class="label">role</span></div>
+  <div class="tile card"><span class="value small">{{ "on" if org.get("is_sharing_enabled", true) else "off" }}</span><span class="label">sharing</span></div>
+  <div class="tile card"><span class="value small">{{ org.created_at[:10] }}</span><span class="label">created</span></div>
+</section>
+{{ chart_figure(chart) }}
+<section class="card">
+  <h2>Analyses</h2>
+  {% if activity.analyses %}
+  <ul class="anrs columns">{% for anr in activity.analyses[:1000] %}<li><a href="{{ prefix }}/explorer?{{ {'organization': org.name, 'anr': anr|string}|urlencode }}"><code>{{ anr }}</code></a></li>{% endfor %}</ul>
+  {% else %}<p class="empty">No analysis has sent stats.</p>{% endif %}
+</section>
+{% endblock %}
+""",
+    "login.html": """{% extends "layout.html" %}
+{% block content %}
+<section class="card login">
+  <h1>Log in</h1>
+  <p>Give the API key of your organization. The browser keeps only a random session id
+  (for 8 hours, or until you log out or the key changes), never the key.</p>
+  {% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+  <form method="post" action="{{ prefix }}/login">
+    <input type="hidden" name="next" value="{{ next }}">
+    <label>API key <input type="password" name="api_key" autocomplete="off" required autofocus size="48"></label>
+    <button type="submit">Log in</button>
+  </form>
+  {% if config.dashboard == 'public' %}<p class="note">Without a key: <a href="/">the public overview</a>, <a href="{{ prefix }}/landscape">landscape</a> and <a href="{{ prefix }}/evolution">evolution</a>.</p>{% endif %}
+</section>
+{% endblock %}
+""",
+    "error.html": """{% extends "layout.html" %}
+{% block content %}
+<section class="card">
+  <h1>{{ status }}</h1>
+  <p class="error" role="alert">{{ message }}</p>
+  <p><a href="/">Back to the overview</a></p>
+</section>
+{% endblock %}
+""",
+    "dashboard.css": """:root {
+  --ink: #1d2430; --muted: #5b6675; --line: #dfe4ea; --bg: #f3f5f8; --card: #ffffff;
+  --brand: #1f3f68; --brand-2: #2f6db5; --warn: #b4541c; --ok: #2f7d4f; --error: #a32630;
+  font-family: "DejaVu Sans", "Liberation Sans", Arial, sans-serif;
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink); font-size: 15px; line-height: 1.45; }
+a { color: var(--brand-2); }
+code, pre { font-family: "DejaVu Sans Mono", "Liberation Mono", monospace; font-size: 0.9em; }
+header.top { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 28px; padding: 10px 28px;
+  background: var(--brand); color: #fff; }
+header.top a { color: #fff; text-decoration: none; }
+.brand { font-weight: bold; font-size: 20px; display: flex; align-items: center; gap: 10px; }
+.brand small { font-weight: normal; font-size: 13px; opacity: 0.75; }
+.logo { width: 22px; height: 22px; border-radius: 5px; display: inline-block;
+  background: linear-gradient(135deg, #8fbbe8 0 33%, #e07b39 33% 66%, #3a9e6f 66%); }
+header nav { display: flex; gap: 4px; flex-wrap: wrap; }
+header nav a { padding: 6px 12px; border-radius: 6px; opacity: 0.85; }
+header nav a:hover { background: rgba(255,255,255,0.12); opacity: 1; }
+header nav a[aria-current=page] { background: rgba(255,255,255,0.2); opacity: 1; font-weight: bold; }
+.who { margin-left: auto; display: flex; align-items: center; gap: 10px; }
+.who .org { font-weight: bold; }
+form.inline { display: inline; margin: 0; }
+button, .button { font: inherit; padding: 6px 14px; border-radius: 6px; border: 1px solid var(--brand-2);
+  background: var(--brand-2); color: #fff; cursor: pointer; text-decoration: none; display: inline-block; }
+header button { background: transparent; border-color: rgba(255,255,255,0.6); }
+main { max-width: 1240px; margin: 0 auto; padding: 20px 28px 40px; }
+h1 { margin: 8px 0 4px; font-size: 26px; }
+h2 { font-size: 18px; margin: 0 0 12px; }
+h3 { font-size: 15px; margin: 0; }
+.lead { color: var(--muted); margin: 0 0 18px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 16px 18px;
+  margin: 0 0 18px; box-shadow: 0 1px 2px rgba(20, 30, 50, 0.05); }
+.controls { display: flex; flex-wrap: wrap; gap: 10px 18px; align-items: flex-end; }
+.controls label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); gap: 3px; }
+.controls select, .controls input { font: inherit; font-size: 14px; padding: 5px 7px; border: 1px solid #c5ced9;
+  border-radius: 6px; background: #fff; color: var(--ink); max-width: 22em; }
+.tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 14px; margin-bottom: 18px; }
+.tile { margin: 0; display: flex; flex-direction: column; gap: 2px; }
+.tile .value { font-size: 24px; font-weight: bold; color: var(--brand); }
+.tile .value.small { font-size: 16px; padding-top: 6px; }
+.tile .label { color: var(--muted); font-size: 13px; }
+.grid.two { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 0 18px; }
+figure.chart { margin: 0 0 18px; }
+figure.chart figcaption { display: flex; justify-content: space-between; align-items: baseline; gap: 12px;
+  margin-bottom: 8px; }
+.exports a { font-size: 12px; margin-left: 6px; padding: 2px 8px; border: 1px solid var(--line); border-radius: 5px;
+  text-decoration: none; }
+.exports a:hover { background: var(--bg); }
+.svg svg { width: 100%; height: auto; display: block; }
+.note { color: var(--muted); font-size: 13px; }
+.empty { color: var(--muted); font-style: italic; padding: 24px 0; text-align: center; }
+details summary { cursor: pointer; color: var(--brand-2); font-size: 13px; margin-top: 6px; }
+.table-wrap { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+thead th { font-size: 12px; text-transform: uppercase; letter-spacing: 0.03em; color: var(--muted); }
+table.numbers td { text-align: right; font-variant-numeric: tabular-nums; }
+table.fields th { width: 10em; color: var(--muted); font-weight: normal; }
+td.data { color: var(--muted); max-width: 22em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+tr.silent th, tr.silent td { background: #fff8f0; }
+.badge { font-size: 11px; padding: 2px 8px; border-radius: 10px; background: #e6edf6; color: var(--brand); white-space: nowrap; }
+header .badge { background: rgba(255,255,255,0.2); color: #fff; }
+.badge.warn { background: #fde7d6; color: var(--warn); }
+.badge.ok { background: #dcf1e4; color: var(--ok); }
+ul.anrs { margin: 6px 0 0; padding-left: 18px; font-size: 13px; }
+ul.anrs.columns { columns: 2 24em; }
+pre.json { background: #f7f9fb; border: 1px solid var(--line); border-radius: 8px; padding: 12px; overflow: auto;
+  max-height: 70vh; white-space: pre; }
+.pages { display: flex; gap: 14px; align-items: center; justify-content: center; margin-top: 14px; }
+.login { max-width: 560px; margin: 40px auto; }
+.login form { display: flex; gap: 10px; align-items: flex-end; flex-wrap: wrap; }
+.login label { display: flex; flex-direction: column; gap: 4px; font-size: 13px; color: var(--muted); flex: 1; }
+.login input { font: inherit; padding: 7px 9px; border: 1px solid #c5ced9; border-radius: 6px; }
+.error { color: var(--error); font-weight: bold; }
+.explain dt { font-weight: bold; margin-top: 8px; }
+.explain dd { margin: 2px 0 0 0; color: var(--muted); }
+footer { text-align: center; color: var(--muted); font-size: 12px; padding: 0 0 30px; }
+""",
+}
 
 
 # ----------------------------------------------------------- app factory ---
@@ -3804,7 +5285,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
     ]
     add_routes(app, V1_PREFIX, v1_routes)
-    app.router.add_get("/", index)
+    add_dashboard_routes(app)
     app.router.add_get(OPENAPI_PATH, openapi_json)  # add_get answers HEAD too
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)

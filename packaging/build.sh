@@ -21,7 +21,7 @@ if [ ! -x "$BIN/python" ]; then
     "$BIN/pip" install --quiet --upgrade pip
 fi
 # The project and its run-time dependencies (what the binary will carry).
-if ! "$BIN/python" -c "import aiohttp, aiohttplimiter, limits, orjson, tinydb" 2>/dev/null; then
+if ! "$BIN/python" -c "import aiohttp, aiohttplimiter, limits, orjson, tinydb, jinja2, pygal" 2>/dev/null; then
     echo "build.sh: installing the project into $VENV" >&2
     "$BIN/pip" install --quiet -e .
 fi

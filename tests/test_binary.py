@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -314,6 +315,64 @@ def test_second_server_on_same_database_refused(box):
     finally:
         server.kill()
     assert_left_nothing_behind(box)
+
+
+def test_dashboard_pages_from_the_binary(box):
+    """The binary carries the dashboard: templates, stylesheet, pygal and its CSS."""
+    box.write_config(free_port())
+    token = box.create_org("acme", "--admin")
+    server = box.serve()
+    try:
+        threats = [{"uuid": f"00000000-0000-4000-8000-00000000000{i}", "label1": f"Menace {i}",
+                    "label2": f"Threat {i}", "label3": "", "label4": "", "count": i, "maxRisk": 10 * i,
+                    "averageRate": f"{i / 2}"} for i in range(1, 8)]
+        status, _, body = call("POST", server.url + "/api/v1/stats/", token=token, body=[
+            {"anr": "11111111-1111-4111-8111-111111111111", "type": "threat",
+             "date": time.strftime("%Y-%m-%d"), "data": threats}])
+        assert status == 201, body
+        with NO_PROXY_OPENER.open(server.url + "/", timeout=30) as r:  # a browser is sent to log in
+            assert r.status == 200 and r.url.startswith(server.url + "/dashboard/login")
+            assert "API key" in r.read().decode()
+        login = urllib.request.Request(server.url + "/dashboard/login", method="POST",
+                                       data=urllib.parse.urlencode({"api_key": token, "next": "/"}).encode(),
+                                       headers={"Origin": server.url})
+        no_redirect = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        try:
+            no_redirect.open(login, timeout=30)
+            pytest.fail("the login did not redirect")
+        except urllib.error.HTTPError as e:
+            assert e.code == 303, e.read()
+            cookie = e.headers["Set-Cookie"].split(";")[0]
+        assert token not in cookie
+        pages = {"/": "Overview", "/dashboard/landscape?top=5&by=count": "Top 5 threats",
+                 "/dashboard/evolution": "Evolution", "/dashboard/explorer": "Explorer"}
+        for path, text in pages.items():
+            request = urllib.request.Request(server.url + path, headers={"Cookie": cookie, "Accept-Language": "en"})
+            with NO_PROXY_OPENER.open(request, timeout=30) as r:
+                html = r.read().decode()
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/html"), path
+                assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+            assert text in html, path
+            assert ("<svg" in html) == (path != "/dashboard/explorer"), path
+            assert "<script" not in html
+        request = urllib.request.Request(server.url + "/dashboard/landscape?top=5",
+                                         headers={"Cookie": cookie, "Accept-Language": "en-GB,en;q=0.9"})
+        with NO_PROXY_OPENER.open(request, timeout=30) as r:
+            html = r.read().decode()
+        threats_chart = html.split('data-chart="threats"')[1].split("</figure>")[0]
+        assert threats_chart.count('<g class="bar">') == 5 and "Threat 7" in threats_chart
+        assert "#chart-" in threats_chart  # pygal's stylesheet, read from its data files, is in the SVG
+        with NO_PROXY_OPENER.open(server.url + "/dashboard/static/dashboard.css", timeout=30) as r:
+            assert r.status == 200 and "font-family" in r.read().decode()
+        assert server.stop() == 0, server.output()
+    finally:
+        server.kill()
+    assert_left_nothing_behind(box)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 # ------------------------------------------------------------ no network ---

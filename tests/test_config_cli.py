@@ -25,7 +25,7 @@ TOKEN_URLSAFE_64 = re.compile(r"[A-Za-z0-9_-]{86}")  # secrets.token_urlsafe(64)
 ISSUE_DEFAULTS = {
     "host": "127.0.0.1", "port": 5000, "database": "statsd.json", "api_key_authentication": True,
     "rate_limit": "300/15minutes", "trusted_proxies": [], "default_limit": 100, "max_limit": 1000,
-    "max_body_size": 16777216,
+    "max_body_size": 16777216, "dashboard": "key",
 }
 
 
@@ -265,13 +265,13 @@ def test_environment_overrides_every_key(tmp_path):
         "STATSD_HOST": "0.0.0.0", "STATSD_PORT": "8080", "STATSD_DATABASE": "/tmp/x.json",
         "STATSD_API_KEY_AUTHENTICATION": "false", "STATSD_RATE_LIMIT": "10/minute",
         "STATSD_TRUSTED_PROXIES": "10.0.0.1, 192.168.0.0/16", "STATSD_DEFAULT_LIMIT": "7",
-        "STATSD_MAX_LIMIT": "70", "STATSD_MAX_BODY_SIZE": "4096",
+        "STATSD_MAX_LIMIT": "70", "STATSD_MAX_BODY_SIZE": "4096", "STATSD_DASHBOARD": "public",
     }
     config = statsd.Config.load(write_toml(tmp_path / "c.toml", ""), environ=environ)
     assert config == statsd.Config(
         host="0.0.0.0", port=8080, database="/tmp/x.json", api_key_authentication=False,
         rate_limit="10/minute", trusted_proxies=["10.0.0.1", "192.168.0.0/16"], default_limit=7,
-        max_limit=70, max_body_size=4096)
+        max_limit=70, max_body_size=4096, dashboard="public")
 
 
 def test_an_empty_rate_limit_in_the_environment_turns_it_off(tmp_path):

@@ -12,10 +12,11 @@ METHODS = {"get", "put", "post", "delete", "patch"}
 
 
 def app_operations(app):
-    """(METHOD, path with one trailing slash) of every route the app answers (HEAD aside)."""
+    """(METHOD, path with one trailing slash) of every route the app answers (HEAD and the
+    dashboard's HTML pages under /dashboard/ aside)."""
     out = set()
     for route in app.router.routes():
-        if route.method == "HEAD":
+        if route.method == "HEAD" or route.resource.canonical.startswith(statsd.DASHBOARD_PREFIX):
             continue
         path = route.resource.canonical
         out.add((route.method, path if path == "/" or path.endswith(".json") else path.rstrip("/") + "/"))
@@ -60,6 +61,15 @@ async def test_every_route_also_answers_without_or_with_its_trailing_slash(api):
         assert answers[0] == answers[1], (method, path, answers)
         tried.add((method, path))
     assert len(tried) == len(app_operations(api.app)) - 2
+
+
+async def test_every_route_has_both_forms_except_the_dashboard_files(make_client):
+    client = await make_client()
+    paths = {r.resource.canonical for r in client.app.router.routes()}
+    files = {p for p in paths if p.startswith(statsd.DASHBOARD_PREFIX) and re.search(r"\.[a-z{}]+$", p)}
+    for path in paths - {"/", DOC} - files:  # the dashboard's stylesheet and chart files: one form
+        twin = path[:-1] if path.endswith("/") else path + "/"
+        assert twin in paths, path
 
 
 async def test_the_document_is_public_and_counted_by_the_rate_limit(make_client):

@@ -85,8 +85,8 @@ def stored(stat):
 def call(base, method, path, body=None, timeout=15):
     """(status, parsed JSON body or None) of one request to a real server."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data else {})
+    headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data else {})}
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
