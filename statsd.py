@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import fcntl
 import functools
@@ -500,10 +501,8 @@ class Store:
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise DatabaseLocked(
-                f"the database {self.path} is in use by another statsd process (pid {holder});"
-                " stop that server first, or make the change through its HTTP API"
-                " (/api/v2/organizations/ with an admin key)") from None
+            raise DatabaseLocked(f"the database {self.path} is in use by another statsd process"
+                                 f" (pid {holder})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
@@ -1884,9 +1883,9 @@ def check_token(token) -> str | None:
     return None
 
 
-def require_admin(request: web.Request) -> None:
+def require_admin(request: web.Request, what: str = "manage organizations") -> None:
     if not request[CALLER_KEY].is_admin:
-        raise ApiError(403, "Forbidden: only an admin organization may manage organizations")
+        raise ApiError(403, f"Forbidden: only an admin organization may {what}")
 
 
 def visible_org(request: web.Request) -> tuple[int, dict]:
@@ -1996,11 +1995,45 @@ async def update_org(request: web.Request) -> web.Response:
         errors["is_admin"] = "is required (PUT replaces the organization; use PATCH to change one field)"
     if errors:
         raise _fail(errors, "organization")
-    new = {**old, **clean, "updated_at": utcnow()}
-    if token is not None:
-        new["token_sha256"] = _unused_token_hash(store, token)
+    new = changed_organization(store, old, clean.get("is_admin"), token, keeps_admin(request))
     await store.commit([("organizations", doc_id, new)])
     return json_response(present_org(base_url(request), new, token=token))
+
+
+def keeps_admin(request: web.Request) -> bool:
+    """Whether the server must keep one admin organization: with authentication off anyone
+    manages organizations, and turning it on takes a restart, when the CLI can make one."""
+    return request.app[CONFIG_KEY].api_key_authentication
+
+
+def changed_organization(store: Store, old: dict, is_admin: bool | None, token: str | None,
+                         keep_admin: bool = True) -> dict:
+    """The record of `old` with is_admin (unless None) and a new token (unless None) set.
+
+    409 if that would demote the last admin (with `keep_admin`), or if another organization
+    holds the token.
+    """
+    new = {**old, "updated_at": utcnow()}
+    if is_admin is not None:
+        if keep_admin and old.get("is_admin") and not is_admin:
+            check_not_last_admin(store, old, "demoting")
+        new["is_admin"] = is_admin
+    if token is not None:
+        new["token_sha256"] = _unused_token_hash(store, token)
+    return new
+
+
+def admin_names(store: Store) -> list[str]:
+    """The names of the admin organizations (organizations are few: a scan is cheap)."""
+    return [doc["name"] for doc in store.orgs.docs.values() if doc.get("is_admin")]
+
+
+def check_not_last_admin(store: Store, doc: dict, doing: str) -> None:
+    """409 if `doc` is the only admin organization: without one, nobody could manage the others."""
+    if doc.get("is_admin") and admin_names(store) == [doc["name"]]:
+        raise ApiError(409, f"Conflict: {doc['name']!r} is the last admin organization; {doing} it"
+                            " would leave no one able to manage organizations: make another"
+                            " organization admin first")
 
 
 async def delete_org(request: web.Request) -> web.Response:
@@ -2009,13 +2042,16 @@ async def delete_org(request: web.Request) -> web.Response:
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
     doc_id, doc = visible_org(request)
-    ops = delete_organization_ops(store, doc_id, doc, cascade)
+    ops = delete_organization_ops(store, doc_id, doc, cascade, keeps_admin(request))
     await store.commit(ops)
     return web.Response(status=204)
 
 
-def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool) -> list:
-    """The ops deleting an organization (and its stats with cascade); 409 if it has stats."""
+def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool, keep_admin: bool = True) -> list:
+    """The ops deleting an organization (and its stats with cascade); 409 if it has stats, or
+    is the last admin (with `keep_admin`)."""
+    if keep_admin:
+        check_not_last_admin(store, doc, "deleting")
     owned = list(store.stats.indexes["organization"].lookup(doc["name"]))
     if owned and not cascade:
         raise ApiError(409, f"Conflict: organization {doc['name']!r} still has {len(owned)} stat(s);"
@@ -2964,6 +3000,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--token", help="the API key to use (at least 16 characters; default: a random one)")
     create.add_argument("--admin", action="store_true", help="may see all stats and manage organizations")
     command("list-organizations", cmd_list_orgs, "List the organizations and their number of stats.")
+    update = command("update-organization", cmd_update_org, "Make an organization admin or not, or give it"
+                     " a new API key (printed on the last line); the last admin cannot be demoted.")
+    update.add_argument("name", metavar="NAME")
+    role = update.add_mutually_exclusive_group()
+    role.add_argument("--admin", dest="admin", action="store_const", const=True, default=None,
+                      help="make it an admin organization")
+    role.add_argument("--no-admin", dest="admin", action="store_const", const=False,
+                      help="make it an ordinary organization")
+    update.add_argument("--rotate-token", action="store_true",
+                        help="give it a new random API key; the old one stops working")
     delete = command("delete-organization", cmd_delete_org, "Delete an organization.")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--cascade", action="store_true", help="also delete its stats")
@@ -2986,7 +3032,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(config: Config, args) -> int:
     store = Store(config.database)
-    store.lock()
+    with way_out(LOCK_HINTS["serve"]):
+        store.lock()
     app = create_app(config, store)
 
     def announce(_aiohttp_banner: str) -> None:  # called once the database is loaded and the port open
@@ -2999,11 +3046,44 @@ def cmd_serve(config: Config, args) -> int:
     return 0
 
 
-def _offline(config: Config, work) -> Any:
-    """Run `work(store)` on the database, which no server may hold meanwhile."""
+# what each command tells a person whose database a server holds
+LOCK_HINTS = {
+    "serve": "stop that server first, or serve another database (--database)",
+    "create-organization": "stop that server first, or create it through the server's API:"
+                           " POST /api/v2/organizations/ with an admin key",
+    "list-organizations": "stop that server first, or ask the server's API:"
+                          " GET /api/v2/organizations/ with an admin key",
+    "update-organization": "stop that server first, or change it through the server's API:"
+                           " PATCH /api/v2/organizations/{name}/ with an admin key and the body"
+                           " {{\"is_admin\": true|false}} or {{\"token\": \"NEW KEY\"}}",
+    "delete-organization": "stop that server first, or delete it through the server's API:"
+                           " DELETE /api/v2/organizations/{name}/ with an admin key"
+                           " (add ?cascade=true to delete its stats with it)",
+    "export": "take an online backup from the running server instead: statsd export --url URL"
+              " --token ADMIN_KEY [--output FILE] (it calls GET /api/v2/export)",
+    "import": "stop that server first: import restores into a stopped database only",
+    "push": "stop that server first: push reads a stopped database only",
+    "purge": "stop that server first, or ask the server's API: POST /api/v2/purge with an admin key",
+    "remove-duplicates": "stop that server first, or ask the server's API:"
+                         " POST /api/v2/remove-duplicates with an admin key",
+}
+
+
+@contextlib.contextmanager
+def way_out(hint: str):
+    """Add to a "database in use" error what this command's user can do instead."""
+    try:
+        yield
+    except DatabaseLocked as e:
+        raise DatabaseLocked(f"{e}; {hint}") from None
+
+
+def _offline(config: Config, work, busy: str) -> Any:
+    """Run `work(store)` on the database, which no server may hold meanwhile (else: `busy`)."""
     async def run():
         store = Store(config.database)
-        await store.start()
+        with way_out(busy):
+            await store.start()
         try:
             return await work(store)
         finally:
@@ -3021,7 +3101,7 @@ def cmd_create_org(config: Config, args) -> int:
         doc, token = new_organization(store, args.name, args.token, args.admin)
         await store.commit([("organizations", store.orgs.new_doc_id(), doc)])
         return token
-    token = _offline(config, work)
+    token = _offline(config, work, LOCK_HINTS["create-organization"])
     print(f"Created {'admin ' if args.admin else ''}organization {args.name!r} in {config.database}."
           " Its API key (shown only now; send it as the X-API-KEY header):")
     print(token)
@@ -3032,10 +3112,30 @@ def cmd_list_orgs(config: Config, args) -> int:
     async def work(store: Store):
         return [(d["name"], d["is_admin"], len(store.stats.indexes["organization"].lookup(d["name"])),
                  d["created_at"]) for d in store.orgs.docs.values()]
-    rows = _offline(config, work)
+    rows = _offline(config, work, LOCK_HINTS["list-organizations"])
     print(f"{'NAME':30} {'ADMIN':5} {'STATS':>8}  CREATED_AT")
     for name, is_admin, count, created in rows:
         print(f"{name:30} {'yes' if is_admin else 'no':5} {count:>8}  {created}")
+    return 0
+
+
+def cmd_update_org(config: Config, args) -> int:
+    if args.admin is None and not args.rotate_token:
+        raise ConfigError("nothing to change: give --admin, --no-admin or --rotate-token")
+    token = secrets.token_urlsafe(64) if args.rotate_token else None
+
+    async def work(store: Store):
+        doc_id = store.orgs.doc_id(args.name)
+        if doc_id is None:
+            raise ConfigError(f"no organization named {args.name!r} in {config.database}")
+        new = changed_organization(store, store.orgs.docs[doc_id], args.admin, token)
+        await store.commit([("organizations", doc_id, new)])
+        return new
+    new = _offline(config, work, LOCK_HINTS["update-organization"].format(name=quote(args.name, safe="")))
+    print(f"Updated organization {args.name!r} in {config.database}: {'admin' if new['is_admin'] else 'not admin'}"
+          + ("." if token is None else "; its new API key (shown only now; the old one no longer works):"))
+    if token is not None:
+        print(token)
     return 0
 
 
@@ -3047,7 +3147,7 @@ def cmd_delete_org(config: Config, args) -> int:
         ops = delete_organization_ops(store, doc_id, store.orgs.docs[doc_id], args.cascade)
         await store.commit(ops)
         return len(ops) - 1
-    deleted = _offline(config, work)
+    deleted = _offline(config, work, LOCK_HINTS["delete-organization"].format(name=quote(args.name, safe="")))
     print(f"Deleted organization {args.name!r}" + (f" and its {deleted} stat(s)." if deleted else "."))
     return 0
 
@@ -3070,7 +3170,7 @@ def cmd_export(config: Config, args) -> int:
     async def work(store: Store):
         return orjson.dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
             len(store.orgs.docs), len(store.stats.docs)
-    data, orgs, stats = _offline(config, work)
+    data, orgs, stats = _offline(config, work, LOCK_HINTS["export"])
     if args.output is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -3222,7 +3322,7 @@ def cmd_import(config: Config, args) -> int:
 
     async def work(store: Store):
         return await import_records(store, orgs, stats, progress)
-    counts = _offline(config, work)
+    counts = _offline(config, work, LOCK_HINTS["import"])
     print(f"Imported {counts['orgs']} organization(s) and {counts['stats']} stat(s) from {args.file} into"
           f" {config.database}; kept {counts['orgs_kept']} organization(s) and {counts['stats_kept']} stat(s)"
           " already there (same name, same uuid).")
@@ -3347,7 +3447,7 @@ def cmd_push(config: Config, args) -> int:
 
     async def work(store: Store):
         return await push_stats(store, args, state_path)
-    counts = _offline(config, work)
+    counts = _offline(config, work, LOCK_HINTS["push"])
     print(f"Pushed to {push_endpoint(args.url)}: {counts['sent']} stat(s) stored in {counts['chunks']}"
           f" chunk(s), {counts['already']} already there; not sent: {counts['not_shared']} of organizations"
           f" with sharing disabled, {counts['outside_dates']} outside the dates, {counts['not_v1']} that v1"
