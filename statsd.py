@@ -1307,6 +1307,7 @@ RATE_LIMIT_KEY = web.AppKey("rate_limit", object)
 TRUSTED_PROXIES_KEY = web.AppKey("trusted_proxies", list)
 LIMITER_KEY = web.AppKey("limiter", Limiter)
 CALLER_KEY = web.RequestKey("caller", Caller)
+LIMIT_HEADERS_KEY = web.RequestKey("limit_headers", dict)  # for answers whose headers leave before the handler returns
 STAT_VIEWS_KEY = web.AppKey("stat_views", object)
 STAT_QUERIES_KEY = web.AppKey("stat_queries", object)
 
@@ -1387,6 +1388,7 @@ async def api_middleware(request: web.Request, handler):
         limit_headers, refusal = await count_request(request)
         if refusal is not None:
             return refusal
+        request[LIMIT_HEADERS_KEY] = limit_headers
     try:
         authenticate(request)
         response = await handler(request)
@@ -1405,7 +1407,7 @@ async def api_middleware(request: web.Request, handler):
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         response = error_response(request, 500, "Internal Server Error: the failure was logged on the server")
-    if limit_headers is not None:
+    if limit_headers is not None and not response.prepared:
         response.headers.update(limit_headers)
     return response
 
@@ -2059,6 +2061,35 @@ def delete_organization_ops(store: Store, doc_id: int, doc: dict, cascade: bool,
     return [("stats", i, None) for i in owned] + [("organizations", doc_id, None)]
 
 
+async def export_all(request: web.Request) -> web.StreamResponse:
+    """The `statsd export` document of the running server: a snapshot taken at once, then streamed.
+
+    The snapshot is the current record objects (never changed in place), so it
+    holds each write whole or not at all. It is answered once everything in it
+    is on disk; then EXPORT_CHUNK records are serialized at a time, giving the
+    loop back between chunks.
+    """
+    require_admin(request, "export the database")
+    only_params(request)
+    store: Store = request.app[STORE_KEY]
+    orgs, stats = export_snapshot(store)
+    exported_at = utcnow()
+    await store.commit([])  # a barrier: every write in the snapshot is durable (else a 503 now)
+    resp = web.StreamResponse(headers={
+        **JSON_HEADERS, **request.get(LIMIT_HEADERS_KEY, {}),
+        "Content-Disposition": f'attachment; filename="statsd-export-{exported_at[:10]}.json"',
+        "X-Export-Organizations": str(len(orgs)), "X-Export-Stats": str(len(stats))})
+    await resp.prepare(request)
+    try:
+        for chunk in export_chunks(orgs, stats, exported_at):
+            await resp.write(chunk)
+            await asyncio.sleep(0)  # write() returns at once while the socket takes it all
+        await resp.write_eof()
+    except ConnectionError:
+        log.warning("export to %s stopped: the client went away", client_address(request))
+    return resp
+
+
 async def index(request: web.Request) -> web.Response:
     return json_response({"service": "statsd", "version": __version__,
                           "api": base_url(request) + API_PREFIX + "/",
@@ -2223,6 +2254,23 @@ def _oa_org_schemas() -> dict:
     }
 
 
+def _oa_operation_schemas() -> dict:
+    """The export document, and the options and reports of the retention calls."""
+    return {
+        "Export": {"type": "object", "required": ["format", "version", "statsd", "exported_at", "organizations",
+                                                  "stats"],
+                   "properties": {"format": {"const": EXPORT_FORMAT}, "version": {"const": 1},
+                                  "statsd": {"type": "string"}, "exported_at": {"type": "string"},
+                                  "organizations": {"type": "array", "items": {
+                                      "type": "object", "required": ["name", "token_sha256", "is_admin"],
+                                      "properties": {name: {"type": "boolean"} if name.startswith("is_")
+                                                     else {"type": "string"} for name in ORG_RECORD_FIELDS},
+                                      "additionalProperties": False}},
+                                  "stats": {"type": "array", "items": {
+                                      "type": "object", "description": "a stat record as stored (no links)"}}}},
+    }
+
+
 def _oa_v1_params(schema: dict) -> dict:
     """A v1 parameters object: a null optional parameter counts as absent (as upstream)."""
     props = {name: value if name in schema["required"] else {"anyOf": [value, {"type": "null"}]}
@@ -2347,6 +2395,13 @@ def _oa_operations(config: Config) -> dict:
                                                " cascade=true", "parameters": [org_name, cascade],
                                     "responses": {**_oa_ok(204, "deleted"),
                                                   **_oa_errors(400, 401, 409, 429, 500, 503, 507, *admin, *item)}},
+        ("GET", API_PREFIX + "/export/"): {
+            "summary": "Online backup (admin): the `statsd export` document of this server, a snapshot taken"
+                       " at one instant, streamed; `statsd import` restores it into a stopped database",
+            "responses": {**_oa_ok(200, "the export document (chunked)", _oa_ref("Export"), {
+                "X-Export-Organizations": {"schema": {"type": "string"}, "description": "organizations in it"},
+                "X-Export-Stats": {"schema": {"type": "string"}, "description": "stats in it"}}),
+                **_oa_errors(*read, *admin, 503)}},
         ("GET", v + "/stats/"): {"summary": "MONARC: stats of one type (parameters in a JSON body or the query"
                                             " string)", "requestBody": _oa_body(_oa_ref("V1Query")),
                                  "responses": {**_oa_ok(200, "stats", _oa_ref("V1Page")), **_oa_errors(*v1, 413, 415)}},
@@ -2437,7 +2492,8 @@ def openapi_document(app: web.Application, server: str = "") -> dict:
         "components": {
             "securitySchemes": {"ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
                                 "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"}},
-            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config)},
+            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config),
+                        **_oa_operation_schemas()},
             "responses": responses,
         },
     }
@@ -2934,6 +2990,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         ("GET", "/organizations", list_orgs), ("POST", "/organizations", create_org),
         ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
         ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
+        ("GET", "/export", export_all),
     ]
     add_routes(app, API_PREFIX, routes)
     v1_routes = [
@@ -3013,8 +3070,11 @@ def build_parser() -> argparse.ArgumentParser:
     delete = command("delete-organization", cmd_delete_org, "Delete an organization.")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--cascade", action="store_true", help="also delete its stats")
-    export = command("export", cmd_export, "Write every organization (token hashes only) and stat as JSON.")
-    export.add_argument("--output", metavar="FILE", help="file to write (default: stdout)")
+    export = command("export", cmd_export, "Write every organization (token hashes only) and stat as JSON:"
+                     " from the stopped database, or with --url and --token from a running server.")
+    export.add_argument("--output", metavar="FILE", help="file to write, atomically (default: stdout)")
+    export.add_argument("--url", help="base URL of a running statsd: take its online backup (GET /api/v2/export)")
+    export.add_argument("--token", help="an admin API key of that server (with --url)")
     load = command("import", cmd_import, "Load an export file; organizations (by name) and stats (by uuid)"
                    " already there are kept, so importing twice changes nothing.")
     load.add_argument("file", metavar="FILE")
@@ -3160,16 +3220,39 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
 
 
-def export_document(store: Store) -> dict:
-    """Every organization (token hashes only) and every stat, as stored."""
-    return {"format": EXPORT_FORMAT, "version": 1, "statsd": __version__, "exported_at": utcnow(),
-            "organizations": list(store.orgs.docs.values()), "stats": list(store.stats.docs.values())}
+EXPORT_CHUNK = 1000  # records serialized between two writes of a streamed export
+
+
+def export_snapshot(store: Store) -> tuple[list[dict], list[dict]]:
+    """Every organization and stat record, as stored, taken at one instant.
+
+    Records are replaced on write, never changed in place, so these lists stay
+    a consistent picture while the tables move on.
+    """
+    return list(store.orgs.docs.values()), list(store.stats.docs.values())
+
+
+def export_chunks(orgs: list[dict], stats: list[dict], exported_at: str) -> Iterable[bytes]:
+    """The export document (organizations with token hashes only, stats) in pieces of
+    at most EXPORT_CHUNK records; joined, they are one JSON document and a newline."""
+    head = orjson.dumps({"format": EXPORT_FORMAT, "version": 1, "statsd": __version__,
+                         "exported_at": exported_at, "organizations": orgs})
+    yield head[:-1] + b',"stats":['
+    for start in range(0, len(stats), EXPORT_CHUNK):
+        items = orjson.dumps(stats[start:start + EXPORT_CHUNK])[1:-1]  # without [ and ]
+        yield b"," + items if start else items
+    yield b"]}\n"
 
 
 def cmd_export(config: Config, args) -> int:
+    if (args.url is None) != (args.token is None):
+        raise ConfigError("--url and --token go together: the address of a running statsd and an admin key")
+    if args.url is not None:
+        return export_remote(args)
+
     async def work(store: Store):
-        return orjson.dumps(export_document(store), option=orjson.OPT_APPEND_NEWLINE), \
-            len(store.orgs.docs), len(store.stats.docs)
+        orgs, stats = export_snapshot(store)
+        return b"".join(export_chunks(orgs, stats, utcnow())), len(orgs), len(stats)
     data, orgs, stats = _offline(config, work, LOCK_HINTS["export"])
     if args.output is None:
         sys.stdout.buffer.write(data)
@@ -3181,6 +3264,78 @@ def cmd_export(config: Config, args) -> int:
             raise ConfigError(f"cannot write {args.output}: {e.strerror}") from None
         print(f"Exported {orgs} organization(s) and {stats} stat(s) from {config.database} to {args.output}.")
     return 0
+
+
+def export_endpoint(url: str) -> str:
+    """The GET /api/v2/export address of a statsd given by its base URL (or by that address)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"--url {url!r} must be an http:// or https:// address")
+    base = url.rstrip("/")
+    for suffix in ("/export", API_PREFIX):
+        base = base.removesuffix(suffix)
+    return base + API_PREFIX + "/export"
+
+
+def export_remote(args) -> int:
+    """`statsd export --url --token`: the running server's export, atomically to --output or to stdout."""
+    endpoint = export_endpoint(args.url)
+    if args.output is None:
+        asyncio.run(download_export(endpoint, args.token, sys.stdout.buffer.write))
+        sys.stdout.flush()
+        return 0
+    folder = os.path.dirname(os.path.abspath(args.output))
+    tmp = f"{args.output}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot write {args.output}: {e.strerror}") from None
+    try:
+        try:
+            counts = asyncio.run(download_export(endpoint, args.token, lambda data: _write_all(fd, data)))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, args.output)
+        _fsync_folder(folder)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ConfigError(f"cannot write {args.output}: {e.strerror or e}") from None
+        raise
+    print(f"Exported {counts[0]} organization(s) and {counts[1]} stat(s) from {endpoint} to {args.output}.")
+    return 0
+
+
+async def download_export(endpoint: str, token: str, sink) -> tuple[str, str]:
+    """Stream GET `endpoint` into `sink`; (organizations, stats) as the server counted them.
+    ConfigError when the server refuses or the document arrives incomplete."""
+    headers = {"X-API-KEY": token, "User-Agent": f"statsd/{__version__}"}
+    tail = b""
+    try:
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(sock_read=300)) as session:
+            async with session.get(endpoint) as resp:
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    try:
+                        text = orjson.loads(text)["error"]
+                    except (ValueError, KeyError, TypeError):
+                        text = text[:300]
+                    raise ConfigError(f"{endpoint} answered {resp.status}: {text}")
+                first = True
+                async for data in resp.content.iter_chunked(1 << 20):
+                    if first and not data.startswith(b'{"format":"%s"' % EXPORT_FORMAT.encode()):
+                        raise ConfigError(f"{endpoint} did not answer a statsd export")
+                    first = False
+                    sink(data)
+                    tail = (tail + data)[-3:]
+                counts = resp.headers.get("X-Export-Organizations", "?"), resp.headers.get("X-Export-Stats", "?")
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise ConfigError(f"{endpoint}: the export did not arrive whole ({e or type(e).__name__})") from None
+    if tail != b"]}\n":
+        raise ConfigError(f"{endpoint}: the export ended before its end")
+    return counts
 
 
 def read_export(path: str) -> tuple[list[dict], list[dict]]:
