@@ -2256,6 +2256,15 @@ def _oa_org_schemas() -> dict:
 
 def _oa_operation_schemas() -> dict:
     """The export document, and the options and reports of the retention calls."""
+    dry_run = {"type": "boolean", "description": "true: only count, delete nothing (default false)"}
+    count = {"type": "integer", "minimum": 0}
+    report = {"type": "object", "required": ["dry_run", "matched", "deleted", "organizations"], "properties": {
+        "dry_run": {"type": "boolean"}, "matched": count,
+        "deleted": {**count, "description": "0 on a dry run; fewer than matched when some of them were"
+                                            " changed or deleted by others meanwhile"},
+        "organizations": {"type": "array", "items": {
+            "type": "object", "required": ["organization", "matched", "deleted"],
+            "properties": {"organization": {"type": ["string", "null"]}, "matched": count, "deleted": count}}}}}
     return {
         "Export": {"type": "object", "required": ["format", "version", "statsd", "exported_at", "organizations",
                                                   "stats"],
@@ -2268,6 +2277,24 @@ def _oa_operation_schemas() -> dict:
                                       "additionalProperties": False}},
                                   "stats": {"type": "array", "items": {
                                       "type": "object", "description": "a stat record as stored (no links)"}}}},
+        "PurgeOptions": {"type": "object", "additionalProperties": False, "required": ["older_than"], "properties": {
+            "older_than": {**_oa_int(0, MAX_MONTHS), "description": "months; a stat dated exactly that many months"
+                                                                    " ago is kept"},
+            "organization": {"type": ["string", "null"], "description": "only this (existing) organization's stats"},
+            "dry_run": dry_run}},
+        "RemoveDuplicatesOptions": {"type": "object", "additionalProperties": False, "properties": {
+            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120,
+                     "description": "only stats of this type; a type no stat has matches none"},
+            "dry_run": dry_run}},
+        "PurgeReport": {**report, "required": [*report["required"], "older_than", "before", "organization"],
+                        "properties": {**report["properties"], "older_than": {"type": "integer"},
+                                       "before": {"type": "string", "format": "date",
+                                                  "description": "stats dated before this day matched"},
+                                       "organization": {"type": ["string", "null"]}}},
+        "RemoveDuplicatesReport": {**report, "required": [*report["required"], "type", "groups"],
+                                   "properties": {**report["properties"], "type": {"type": ["string", "null"]},
+                                                  "groups": {"type": "integer", "description": "groups that had"
+                                                             " duplicates (one stat of each is kept)"}}},
     }
 
 
@@ -2402,6 +2429,18 @@ def _oa_operations(config: Config) -> dict:
                 "X-Export-Organizations": {"schema": {"type": "string"}, "description": "organizations in it"},
                 "X-Export-Stats": {"schema": {"type": "string"}, "description": "stats in it"}}),
                 **_oa_errors(*read, *admin, 503)}},
+        ("POST", API_PREFIX + "/purge/"): {
+            "summary": "Retention (admin): delete the stats dated more than `older_than` months before today"
+                       " (UTC), in chunks; `dry_run` only counts",
+            "requestBody": _oa_body(_oa_ref("PurgeOptions")),
+            "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("PurgeReport")),
+                          **_oa_errors(*write, *admin)}},
+        ("POST", API_PREFIX + "/remove-duplicates/"): {
+            "summary": "Retention (admin): of the stats with the same organization, anr, type and date, keep the"
+                       " newest (latest created_at) and delete the others, in chunks; `dry_run` only counts",
+            "requestBody": _oa_body(_oa_ref("RemoveDuplicatesOptions"), required=False),
+            "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("RemoveDuplicatesReport")),
+                          **_oa_errors(*write, *admin)}},
         ("GET", v + "/stats/"): {"summary": "MONARC: stats of one type (parameters in a JSON body or the query"
                                             " string)", "requestBody": _oa_body(_oa_ref("V1Query")),
                                  "responses": {**_oa_ok(200, "stats", _oa_ref("V1Page")), **_oa_errors(*v1, 413, 415)}},
@@ -2965,6 +3004,188 @@ async def v1_processors(request: web.Request) -> web.Response:
                           for name, func in V1_PROCESSORS.items()])
 
 
+# ------------------------------------------------------------- retention ---
+# `statsd purge` / POST /api/v2/purge and `statsd remove-duplicates` /
+# POST /api/v2/remove-duplicates, offline and online alike. They reach the data
+# through stat_records and delete_stat_records only. The scan gives the loop
+# back every SCAN_SLICE records; deletions commit RETENTION_CHUNK stats at a
+# time, so other requests go on meanwhile.
+
+RETENTION_CHUNK = 1000  # stats deleted per commit
+SCAN_SLICE = 5000  # records examined between two yields to the loop
+MAX_MONTHS = 1200  # the largest --older-than / older_than: 100 years
+
+
+def stat_records(store: Store, organization: str | None = None, kind: str | None = None) -> list[dict]:
+    """The stored stat records (of one organization, of one type, when given), in creation
+    order, taken at one instant (records are replaced on write, never changed in place)."""
+    stats = store.stats
+    if organization is None and kind is None:
+        return list(stats.docs.values())
+    field, value = ("organization", organization) if organization is not None else ("type", kind)
+    docs = [stats.docs[i] for i in stats.indexes[field].lookup(value)]
+    if organization is not None and kind is not None:
+        docs = [d for d in docs if d.get("type") == kind]
+    return docs
+
+
+async def delete_stat_records(store: Store, records: list[dict], still: Callable[[dict], bool] | None = None
+                              ) -> list[dict]:
+    """Delete those of `records` still stored unchanged (and, given `still`, for which it holds
+    at that moment), RETENTION_CHUNK per commit; the records deleted."""
+    deleted: list[dict] = []
+    stats = store.stats
+    for start in range(0, len(records), RETENTION_CHUNK):
+        await store.writable()
+        ops, chunk = [], []
+        for doc in records[start:start + RETENTION_CHUNK]:  # no await from here to the commit
+            doc_id = stats.doc_id(doc["id"])
+            if doc_id is not None and stats.docs[doc_id] is doc and (still is None or still(doc)):
+                ops.append(("stats", doc_id, None))
+                chunk.append(doc)
+        if ops:
+            await store.commit(ops)
+            deleted += chunk
+        else:
+            await asyncio.sleep(0)
+    return deleted
+
+
+def stored_unchanged(store: Store, doc: dict) -> bool:
+    """Whether the stat record `doc` is still the one stored under its id."""
+    return store.stats.get(doc["id"]) is doc
+
+
+async def _scan(records: list[dict], keep: Callable[[dict], bool]) -> list[dict]:
+    """The records for which `keep` holds, giving the loop back every SCAN_SLICE records."""
+    out: list[dict] = []
+    for start in range(0, len(records), SCAN_SLICE):
+        out += filter(keep, records[start:start + SCAN_SLICE])
+        await asyncio.sleep(0)
+    return out
+
+
+def utc_today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+def _per_organization(matched: list[dict], deleted: list[dict]) -> list[dict]:
+    counts: dict[Any, list[int]] = {}
+    for i, docs in enumerate((matched, deleted)):
+        for doc in docs:
+            counts.setdefault(doc.get("organization"), [0, 0])[i] += 1
+    return [{"organization": name, "matched": m, "deleted": d} for name, (m, d) in counts.items()]
+
+
+async def purge_stats(store: Store, older_than: int, organization: str | None, dry_run: bool) -> dict:
+    """Delete the stats dated more than `older_than` months before today (UTC); the counts."""
+    before = months_before(utc_today(), older_than).isoformat()
+    matched = await _scan(stat_records(store, organization), lambda doc: stat_date(doc) < before)
+    deleted = [] if dry_run else await delete_stat_records(store, matched)
+    return {"older_than": older_than, "before": before, "organization": organization, "dry_run": dry_run,
+            "matched": len(matched), "deleted": len(deleted), "organizations": _per_organization(matched, deleted)}
+
+
+async def remove_duplicate_stats(store: Store, kind: str | None, dry_run: bool) -> dict:
+    """Of the stats with the same organization, anr, type and date, keep the newest (latest
+    created_at, then the latest stored) and delete the others; stats without an anr are no
+    one's duplicates. The counts."""
+    records = stat_records(store, kind=kind)
+    newest: dict[tuple, dict] = {}
+    duplicates: list[tuple[dict, tuple]] = []
+    for start in range(0, len(records), SCAN_SLICE):
+        for doc in records[start:start + SCAN_SLICE]:
+            if "anr" not in doc:
+                continue
+            group = (doc.get("organization"), doc["anr"], doc["type"], stat_date(doc))
+            kept = newest.get(group)
+            if kept is None:
+                newest[group] = doc
+            elif doc["created_at"] >= kept["created_at"]:
+                newest[group] = doc
+                duplicates.append((kept, group))
+            else:
+                duplicates.append((doc, group))
+        await asyncio.sleep(0)
+    keeper = {doc["id"]: newest[group] for doc, group in duplicates}
+    matched = [doc for doc, _ in duplicates]
+    deleted = [] if dry_run else await delete_stat_records(
+        store, matched, lambda doc: stored_unchanged(store, keeper[doc["id"]]))  # never the last of a group
+    return {"type": kind, "dry_run": dry_run, "groups": len({group for _, group in duplicates}),
+            "matched": len(matched), "deleted": len(deleted), "organizations": _per_organization(matched, deleted)}
+
+
+async def read_options(request: web.Request) -> dict:
+    """The JSON object of options of a POST; no body at all counts as {}."""
+    if not request.body_exists:
+        return {}
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object of options")
+    return body
+
+
+def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
+    errors = {name: "unknown option" for name in body if name not in allowed}
+    if "dry_run" in body and not isinstance(body["dry_run"], bool):
+        errors["dry_run"] = "must be true or false"
+    return errors
+
+
+def check_older_than(value) -> str | None:
+    if not _is_int(value) or not 0 <= value <= MAX_MONTHS:
+        return f"must be a whole number of months from 0 to {MAX_MONTHS}"
+    return None
+
+
+def check_organization_option(store: Store, value) -> str | None:
+    if not isinstance(value, str):
+        return "must be an organization name"
+    if store.orgs.get(value) is None:
+        return f"no organization named {value!r}"
+    return None
+
+
+async def purge_handler(request: web.Request) -> web.Response:
+    """POST /api/v2/purge {"older_than": MONTHS, "organization"?: NAME, "dry_run"?: bool}."""
+    require_admin(request, "purge stats")
+    only_params(request)
+    body = await read_options(request)
+    store: Store = request.app[STORE_KEY]
+    await ready_to_write(request)
+    require_admin(request, "purge stats")
+    errors = _option_errors(body, ("older_than", "organization", "dry_run"))
+    problem = check_older_than(body["older_than"]) if "older_than" in body else "is required"
+    if problem:
+        errors["older_than"] = problem
+    if body.get("organization") is not None:
+        problem = check_organization_option(store, body["organization"])
+        if problem:
+            errors["organization"] = problem
+    if errors:
+        raise _fail(errors, "purge options")
+    return json_response(await purge_stats(store, body["older_than"], body.get("organization"),
+                                           body.get("dry_run", False)))
+
+
+async def remove_duplicates_handler(request: web.Request) -> web.Response:
+    """POST /api/v2/remove-duplicates {"type"?: TYPE, "dry_run"?: bool}."""
+    require_admin(request, "remove duplicates")
+    only_params(request)
+    body = await read_options(request)
+    store: Store = request.app[STORE_KEY]
+    await ready_to_write(request)
+    require_admin(request, "remove duplicates")
+    errors = _option_errors(body, ("type", "dry_run"))
+    if body.get("type") is not None:
+        _, problem = check_stat_value("type", body["type"])
+        if problem:
+            errors["type"] = problem
+    if errors:
+        raise _fail(errors, "remove-duplicates options")
+    return json_response(await remove_duplicate_stats(store, body.get("type"), body.get("dry_run", False)))
+
+
 # ----------------------------------------------------------- app factory ---
 
 # aiohttp refuses a longer request line or header with a plain-text 400 before the app runs;
@@ -2990,7 +3211,8 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         ("GET", "/organizations", list_orgs), ("POST", "/organizations", create_org),
         ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
         ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
-        ("GET", "/export", export_all),
+        ("GET", "/export", export_all), ("POST", "/purge", purge_handler),
+        ("POST", "/remove-duplicates", remove_duplicates_handler),
     ]
     add_routes(app, API_PREFIX, routes)
     v1_routes = [
@@ -3075,6 +3297,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", metavar="FILE", help="file to write, atomically (default: stdout)")
     export.add_argument("--url", help="base URL of a running statsd: take its online backup (GET /api/v2/export)")
     export.add_argument("--token", help="an admin API key of that server (with --url)")
+    purge = command("purge", cmd_purge, "Delete the stats dated more than MONTHS months before today (UTC),"
+                    " and say how many per organization.")
+    purge.add_argument("--older-than", metavar="MONTHS", type=int, required=True,
+                       help=f"age in months, 0 to {MAX_MONTHS}: a stat dated exactly MONTHS months ago is kept")
+    purge.add_argument("--organization", metavar="NAME", help="only this organization's stats")
+    purge.add_argument("--dry-run", action="store_true", help="only count: delete nothing")
+    dedupe = command("remove-duplicates", cmd_remove_duplicates, "Of the stats with the same organization,"
+                     " analysis (anr), type and date, keep the newest (latest created) and delete the others.")
+    dedupe.add_argument("--type", metavar="TYPE", help="only stats of this type (a type no stat has matches none)")
+    dedupe.add_argument("--dry-run", action="store_true", help="only count: delete nothing")
     load = command("import", cmd_import, "Load an export file; organizations (by name) and stats (by uuid)"
                    " already there are kept, so importing twice changes nothing.")
     load.add_argument("file", metavar="FILE")
@@ -3197,6 +3429,46 @@ def cmd_update_org(config: Config, args) -> int:
     if token is not None:
         print(token)
     return 0
+
+
+def cmd_purge(config: Config, args) -> int:
+    problem = check_older_than(args.older_than)
+    if problem:
+        raise ConfigError(f"--older-than {problem}")
+
+    async def work(store: Store):
+        if args.organization is not None:
+            problem = check_organization_option(store, args.organization)
+            if problem:
+                raise ConfigError(f"--organization: {problem} in {config.database}")
+        return await purge_stats(store, args.older_than, args.organization, args.dry_run)
+    report = _offline(config, work, LOCK_HINTS["purge"])
+    print_retention_report(report, f"dated before {report['before']} (more than {args.older_than} month(s) ago)"
+                           + (f" of organization {args.organization!r}" if args.organization else ""))
+    return 0
+
+
+def cmd_remove_duplicates(config: Config, args) -> int:
+    if args.type is not None:
+        _, problem = check_stat_value("type", args.type)
+        if problem:
+            raise ConfigError(f"--type {problem}")
+
+    async def work(store: Store):
+        return await remove_duplicate_stats(store, args.type, args.dry_run)
+    report = _offline(config, work, LOCK_HINTS["remove-duplicates"])
+    print_retention_report(report, f"duplicated in {report['groups']} group(s) of the same organization, anr,"
+                                   " type and date (the newest of each is kept)"
+                                   + (f", of type {args.type!r}" if args.type else ""))
+    return 0
+
+
+def print_retention_report(report: dict, what: str) -> None:
+    done = "dry run, nothing deleted" if report["dry_run"] else f"{report['deleted']} deleted"
+    print(f"{report['matched']} stat(s) {what}; {done}.")
+    for row in report["organizations"]:
+        name = row["organization"] if row["organization"] is not None else "(no organization)"
+        print(f"  {name:30} {row['matched']:>8} matched {row['deleted']:>8} deleted")
 
 
 def cmd_delete_org(config: Config, args) -> int:
