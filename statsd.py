@@ -2283,7 +2283,7 @@ def _oa_operation_schemas() -> dict:
             "organization": {"type": ["string", "null"], "description": "only this (existing) organization's stats"},
             "dry_run": dry_run}},
         "RemoveDuplicatesOptions": {"type": "object", "additionalProperties": False, "properties": {
-            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120,
+            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": r"\S",
                      "description": "only stats of this type; a type no stat has matches none"},
             "dry_run": dry_run}},
         "PurgeReport": {**report, "required": [*report["required"], "older_than", "before", "organization"],
@@ -2434,7 +2434,7 @@ def _oa_operations(config: Config) -> dict:
                        " (UTC), in chunks; `dry_run` only counts",
             "requestBody": _oa_body(_oa_ref("PurgeOptions")),
             "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("PurgeReport")),
-                          **_oa_errors(*write, *admin)}},
+                          **_oa_errors(*write, *admin, 404)}},
         ("POST", API_PREFIX + "/remove-duplicates/"): {
             "summary": "Retention (admin): of the stats with the same organization, anr, type and date, keep the"
                        " newest (latest created_at) and delete the others, in chunks; `dry_run` only counts",
@@ -3132,18 +3132,13 @@ def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
     return errors
 
 
-def check_older_than(value) -> str | None:
+def check_older_than(value) -> tuple[int | None, str | None]:
+    """(months, None) or (None, what is wrong); 12.0 is 12, as JSON does not tell them apart."""
+    if value.__class__ is float and value.is_integer():
+        value = int(value)
     if not _is_int(value) or not 0 <= value <= MAX_MONTHS:
-        return f"must be a whole number of months from 0 to {MAX_MONTHS}"
-    return None
-
-
-def check_organization_option(store: Store, value) -> str | None:
-    if not isinstance(value, str):
-        return "must be an organization name"
-    if store.orgs.get(value) is None:
-        return f"no organization named {value!r}"
-    return None
+        return None, f"must be a whole number of months from 0 to {MAX_MONTHS}"
+    return value, None
 
 
 async def purge_handler(request: web.Request) -> web.Response:
@@ -3155,16 +3150,16 @@ async def purge_handler(request: web.Request) -> web.Response:
     await ready_to_write(request)
     require_admin(request, "purge stats")
     errors = _option_errors(body, ("older_than", "organization", "dry_run"))
-    problem = check_older_than(body["older_than"]) if "older_than" in body else "is required"
+    older_than, problem = check_older_than(body["older_than"]) if "older_than" in body else (None, "is required")
     if problem:
         errors["older_than"] = problem
-    if body.get("organization") is not None:
-        problem = check_organization_option(store, body["organization"])
-        if problem:
-            errors["organization"] = problem
+    if body.get("organization") is not None and not isinstance(body["organization"], str):
+        errors["organization"] = "must be an organization name"
     if errors:
         raise _fail(errors, "purge options")
-    return json_response(await purge_stats(store, body["older_than"], body.get("organization"),
+    if body.get("organization") is not None and store.orgs.get(body["organization"]) is None:
+        raise ApiError(404, f"Not Found: no organization named {body['organization']!r}; nothing was deleted")
+    return json_response(await purge_stats(store, older_than, body.get("organization"),
                                            body.get("dry_run", False)))
 
 
@@ -3432,15 +3427,13 @@ def cmd_update_org(config: Config, args) -> int:
 
 
 def cmd_purge(config: Config, args) -> int:
-    problem = check_older_than(args.older_than)
+    _, problem = check_older_than(args.older_than)
     if problem:
         raise ConfigError(f"--older-than {problem}")
 
     async def work(store: Store):
-        if args.organization is not None:
-            problem = check_organization_option(store, args.organization)
-            if problem:
-                raise ConfigError(f"--organization: {problem} in {config.database}")
+        if args.organization is not None and store.orgs.get(args.organization) is None:
+            raise ConfigError(f"--organization: no organization named {args.organization!r} in {config.database}")
         return await purge_stats(store, args.older_than, args.organization, args.dry_run)
     report = _offline(config, work, LOCK_HINTS["purge"])
     print_retention_report(report, f"dated before {report['before']} (more than {args.older_than} month(s) ago)"

@@ -355,9 +355,9 @@ async def test_purge_deletes_what_is_older_than_the_months_given(api):
     assert (report["matched"], report["deleted"], report["organization"]) == (1, 1, "OTHER")
     assert await ids_of(api) == everything - set(other_old)
 
-    resp = await api.post(PURGE + "/", json={"older_than": 12, "dry_run": False}, headers=key(api.admin))
+    resp = await api.post(PURGE + "/", json={"older_than": 12.0, "dry_run": False}, headers=key(api.admin))
     report = await resp.json()
-    assert (report["matched"], report["deleted"]) == (3, 3)
+    assert (report["older_than"], report["matched"], report["deleted"]) == (12, 3, 3)
     assert report["organizations"] == [{"organization": "CASES", "matched": 3, "deleted": 3}]
     assert await ids_of(api) == set(kept)
     assert not set(old_ids) & await ids_of(api)
@@ -367,13 +367,22 @@ async def test_purge_deletes_what_is_older_than_the_months_given(api):
     ({}, "older_than"), ({"older_than": -1}, "older_than"), ({"older_than": "12"}, "older_than"),
     ({"older_than": True}, "older_than"), ({"older_than": 1.5}, "older_than"),
     ({"older_than": statsd.MAX_MONTHS + 1}, "older_than"),
-    ({"older_than": 1, "organization": "NOBODY"}, "organization"), ({"older_than": 1, "organization": 3}, "organization"),
+    ({"older_than": 1, "organization": 3}, "organization"),
     ({"older_than": 1, "dry_run": "yes"}, "dry_run"), ({"older_than": 1, "months": 2}, "months")])
 async def test_purge_refuses_bad_options_and_changes_nothing(api, body, field):
     await post_stats(api, api.cases, [{"type": "risk", "date": "2001-01-01", "data": 1}])
     before = await ids_of(api)
     error = await assert_error_object(await api.post(PURGE, json=body, headers=key(api.admin)), 400, PURGE)
     assert set(error["errors"]) == {field}
+    assert await ids_of(api) == before
+
+
+async def test_purge_of_an_unknown_organization_is_a_404_and_deletes_nothing(api):
+    await post_stats(api, api.cases, [{"type": "risk", "date": "2001-01-01", "data": 1}])
+    before = await ids_of(api)
+    resp = await api.post(PURGE, json={"older_than": 1, "organization": "NOBODY"}, headers=key(api.admin))
+    error = await assert_error_object(resp, 404, PURGE)
+    assert "'NOBODY'" in error["error"]
     assert await ids_of(api) == before
 
 
