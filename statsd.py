@@ -3485,7 +3485,8 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
 
 
-EXPORT_CHUNK = 1000  # records serialized between two writes of a streamed export
+EXPORT_CHUNK = 100  # records serialized between two writes of a streamed export (measured: 1000 made
+# a cheap request wait ~25 ms at 100k MONARC-shaped stats, 100 about 3 ms)
 
 
 def export_snapshot(store: Store) -> tuple[list[dict], list[dict]]:
