@@ -1917,36 +1917,50 @@ async def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[lis
     return _steps(list(table.docs)), rest
 
 
-def _sort_value(value, descending: bool):
-    """A value as a sort key: by type rank, then value; negated for a descending field."""
+def _sort_value(value):
+    """A value as a sort key: by type rank, then value (objects and arrays by their JSON)."""
     rank = _rank(value)
     if rank == RANK_OTHER:
         value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     elif rank < RANK_BOOL:
         value = 0
-    if not descending:
-        return rank, value
-    if value.__class__ is str:  # each code point negated; the 1 puts a longer string first
-        return -rank, (*map(operator.neg, map(ord, value)), 1)
-    return -rank, -value
+    return rank, value
 
 
-async def _sort_key(table: Table, order_by: list) -> Callable[[dict], tuple]:
-    """The key ordering records by `order_by`, ties by primary key; paths inside `data` read their column."""
+async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
+    """A record's sort value per `order_by` field, then its primary key; paths inside `data` read their column."""
     getters = []
-    for path, descending in order_by:
+    for path, _ in order_by:
         if path[0] == "data":
-            column, doc_id = await table.column(path), table.by_key.get
-            key = table.key
-            get = functools.partial(lambda column, doc: column.get(doc_id(doc[key]), MISSING), column)
+            column, doc_id, key = await table.column(path), table.by_key.get, table.key
+            getters.append(functools.partial(lambda column, doc: column.get(doc_id(doc[key]), MISSING), column))
         else:
-            get = _getter(path)
-        getters.append((get, descending))
+            getters.append(_getter(path))
     key = table.key
-    return lambda doc: (*(_sort_value(get(doc), descending) for get, descending in getters), doc[key])
+    return lambda doc: (*(_sort_value(get(doc)) for get in getters), doc[key])
 
 
-RUN = 4096  # records sorted at once (one sort call must stay short); longer results are merged
+def _sort_run(run: list, order_by: list) -> None:
+    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts)."""
+    run.sort(key=lambda pair: pair[0][-1])
+    for i in range(len(order_by) - 1, -1, -1):
+        run.sort(key=lambda pair, i=i: pair[0][i], reverse=order_by[i][1])
+
+
+def _merge_key(order_by: list):
+    """The key that merges sorted runs: the same order as _sort_run, in one comparison."""
+    directions = [descending for _, descending in order_by]
+
+    def compare(a, b):
+        for i, descending in enumerate(directions):
+            x, y = a[0][i], b[0][i]
+            if x != y:
+                return (1 if x < y else -1) if descending else (-1 if x < y else 1)
+        return -1 if a[0][-1] < b[0][-1] else (a[0][-1] > b[0][-1])
+    return functools.cmp_to_key(compare)
+
+
+RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
 async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
@@ -1960,7 +1974,7 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
     predicates = [f.predicate for f in remaining]
     wanted = query.skip + query.limit + 1
     docs, budget = table.docs, LoopBudget()
-    key = await _sort_key(table, query.order_by) if query.order_by else None
+    key = await _sort_values(table, query.order_by) if query.order_by else None
     found, runs, run = [], [], []
     for ids in steps:
         records = [doc for doc in map(docs.get, ids) if doc is not None]
@@ -1973,13 +1987,13 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
         else:
             run += [(key(doc), doc) for doc in records]
             if len(run) >= RUN:
-                run.sort(key=operator.itemgetter(0))
+                _sort_run(run, query.order_by)
                 runs.append(run)
                 run = []
         await budget.spend()
     if key is not None:
-        run.sort(key=operator.itemgetter(0))
-        merged = heapq.merge(*runs, run, key=operator.itemgetter(0)) if runs else iter(run)
+        _sort_run(run, query.order_by)
+        merged = heapq.merge(*runs, run, key=_merge_key(query.order_by)) if runs else iter(run)
         while len(found) < wanted:
             more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
             if not more:
@@ -2950,6 +2964,8 @@ async def export_all(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f'attachment; filename="statsd-export-{exported_at[:10]}.json"',
         "X-Export-Organizations": str(len(orgs)), "X-Export-Stats": str(len(stats))})
     await resp.prepare(request)
+    if request.method == "HEAD":  # the headers (with the counts) and no body
+        return resp
     try:
         for chunk in export_chunks(orgs, stats, exported_at):
             await resp.write(chunk)
@@ -5875,6 +5891,9 @@ def export_chunks(orgs: list[dict], stats: list[dict], exported_at: str) -> Iter
 
 
 def cmd_export(config: Config, args) -> int:
+    if args.output is not None and (os.path.isdir(args.output) or args.output.endswith(os.sep)):
+        raise ConfigError(f"--output {args.output} is a folder; name the file to write,"
+                          f" e.g. --output {os.path.join(args.output, 'statsd-export.json')}")
     if (args.url is None) != (args.token is None):
         raise ConfigError("--url and --token go together: the address of a running statsd and an admin key")
     if args.url is not None:

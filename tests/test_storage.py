@@ -470,12 +470,31 @@ def test_kill9_during_checkpoint_leaves_a_whole_file(server, tmp_path):
 async def open_crash_copy(make_client, db, copy, **settings):
     """An app on a copy of what a kill -9 would leave now (no request in flight).
 
-    The journal is copied before the file: a checkpoint running meanwhile
-    replaces the file before it empties the journal, so the pair is whole.
+    The journal, then the journal a running checkpoint set aside, then the file:
+    a checkpoint sets the journal aside before it replaces the file, and drops
+    the set-aside journal only after, so the copies are whole together.
     """
     shutil.copyfile(journal_of(db), journal_of(copy))
+    try:
+        shutil.copyfile(journal_of(db) + ".folding", journal_of(copy) + ".folding")
+    except FileNotFoundError:  # no checkpoint running (or it just ended: the file holds it)
+        pass
     shutil.copyfile(db, copy)
     return await make_client(database=str(copy), **settings)
+
+
+async def write_waves(make_client, db_path, tmp_path, admin, model, rnd, tokens, post, change):
+    """Ten waves of concurrent creates, changes and deletes; every third, what a kill -9 would leave."""
+    for wave in range(10):
+        targets = rnd.sample(sorted(model), min(len(model), 40))
+        jobs = [post(rnd.choice(list(tokens)), stat_body(rnd, i)) for i in range(10)]
+        jobs += [post(rnd.choice(list(tokens)), [stat_body(rnd, i) for i in range(5)]) for _ in range(3)]
+        jobs += [change(stat_id) for stat_id in targets]
+        await asyncio.gather(*jobs)
+        if wave % 3 == 2:  # what a kill -9 would leave now holds every acknowledged write
+            crashed = await open_crash_copy(make_client, db_path, tmp_path / f"crash{wave}.json")
+            assert {s["id"]: stored(s) for s in await all_stats(crashed, key(admin))} == model
+            await crashed.close()
 
 
 async def test_checkpoints_while_writing_keep_every_acknowledged_write(make_client, db_path, tmp_path,
@@ -519,18 +538,11 @@ async def test_checkpoints_while_writing_keep_every_acknowledged_write(make_clie
             seen_in_file.add(frozenset(d["id"] for d in data.get("stats", {}).values()))
 
     watcher = asyncio.create_task(asyncio.to_thread(watch_file))
-    for wave in range(10):
-        targets = rnd.sample(sorted(model), min(len(model), 40))
-        jobs = [post(rnd.choice(list(tokens)), stat_body(rnd, i)) for i in range(10)]
-        jobs += [post(rnd.choice(list(tokens)), [stat_body(rnd, i) for i in range(5)]) for _ in range(3)]
-        jobs += [change(stat_id) for stat_id in targets]
-        await asyncio.gather(*jobs)
-        if wave % 3 == 2:  # what a kill -9 would leave now holds every acknowledged write
-            crashed = await open_crash_copy(make_client, db_path, tmp_path / f"crash{wave}.json")
-            assert {s["id"]: stored(s) for s in await all_stats(crashed, key(admin))} == model
-            await crashed.close()
-    done.set()
-    await watcher
+    try:
+        await write_waves(make_client, db_path, tmp_path, admin, model, rnd, tokens, post, change)
+    finally:  # a failure must not leave the watching thread running (the test would never end)
+        done.set()
+        await watcher
     # Several distinct checkpoints were written while the waves ran.
     assert len({ids for ids in seen_in_file if ids}) >= 3
 
