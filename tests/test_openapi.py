@@ -172,6 +172,10 @@ async def test_head_on_every_get_route_answers_as_get_without_a_body(api):
             head = await api.head(path, params=query, headers=headers)
             assert head.status == got.status, (path, head.status, got.status)
             assert head.headers["Content-Type"] == got.headers["Content-Type"], path
-            # the same body would be sent (an error object names the method it answers)
-            assert int(head.headers["Content-Length"]) == len(body.replace(b'"action":"GET"', b'"action":"HEAD"'))
+            # the same body would be sent (an error object names the method it answers); a streamed
+            # answer (the export) announces no length, and neither does its HEAD
+            if "Content-Length" in got.headers:
+                assert int(head.headers["Content-Length"]) == len(body.replace(b'"action":"GET"', b'"action":"HEAD"'))
+            else:
+                assert got.headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in head.headers, path
             assert await head.read() == b"", path

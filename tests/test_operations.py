@@ -7,6 +7,7 @@ import secrets
 import uuid
 from datetime import date, datetime, timedelta, timezone
 
+import orjson
 import pytest
 from conftest import assert_error_object, cli, key, new_org, whole_list
 from test_transfer import create_org, stored
@@ -225,7 +226,7 @@ async def test_an_export_during_concurrent_writes_is_one_instant_of_the_database
     assert set(sizes) <= started | {(-1, n) for n in range(20)} | set(acked)
     # the export is the stored records of that instant, byte for byte
     store = api.app[statsd.STORE_KEY]
-    now = {d["uuid"]: d for d in store.stats.docs.values()}
+    now = {d["uuid"]: orjson.loads(statsd.dumps(d)) for d in store.snapshot()[1]}
     assert all(now[d["uuid"]] == d for d in document["stats"])
 
     (tmp_path / "backup.json").write_bytes(b"".join(body))
