@@ -366,14 +366,13 @@ class Column:
         self.filling = True
         try:
             ids = list(table.docs)
-            docs, values, get = table.docs, self.values, self.get
-            for start in range(0, len(ids), table.SCAN_CHUNK):
-                for doc_id in ids[start:start + table.SCAN_CHUNK]:
+            docs, values, get, budget = table.docs, self.values, self.get, LoopBudget()
+            for start in range(0, len(ids), STEP):
+                for doc_id in ids[start:start + STEP]:
                     doc = docs.get(doc_id)
                     if doc is not None and doc_id not in values:
                         values[doc_id] = get(doc)
-                if start + table.SCAN_CHUNK < len(ids):
-                    await asyncio.sleep(0)
+                await budget.spend()  # a path inside data parses each record's JSON
             if self.changed:
                 ordered = sorted(values.items())
                 values.clear()
@@ -434,15 +433,13 @@ class Table:
             view.load(pairs)
         self.next_id = max(self.docs, default=0) + 1
 
-    SCAN_CHUNK = 2000  # records visited between two yields to the event loop
-
     async def column(self, path: tuple) -> dict[int, Any]:
         """doc_id -> value at `path`, in creation order, kept up to date by apply.
 
         Scanning one compact column is several times faster than visiting
         every record; the most recently used MAX_COLUMNS paths are kept. A new
-        column is filled SCAN_CHUNK records at a time, giving the loop back in
-        between (a path inside `data` parses each record's JSON).
+        column is filled STEP records at a time, giving the loop back whenever
+        its budget is spent (a path inside `data` parses each record's JSON).
         """
         while True:
             entry = self.columns.pop(path, None)
