@@ -60,10 +60,11 @@ def build(path: str, wanted: int) -> str:
                                        "created_at": now, "updated_at": now})
             stat_docs[str(len(stat_docs) + 1)] = doc
     with open(path, "wb") as f:
-        f.write(orjson.dumps({"organizations": org_docs, "stats": stat_docs}))
+        f.write(statsd.dumps({"organizations": org_docs, "stats": stat_docs}))  # data is kept serialized
     return token
 
 
+BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}  # / answers JSON to other clients
 SEAMS = ("processed_stats", "stat_counts_by_month", "organization_activity")
 IN_SEAMS = [0.0]
 
@@ -111,7 +112,7 @@ async def measure(path: str, token: str, repeat: int, cold: bool) -> list[tuple[
                     statsd.SVG_CACHE.clear()
                     store.aggregates.answers.clear()  # as after a write
                 started = time.perf_counter()
-                resp = await client.get(page, allow_redirects=False)
+                resp = await client.get(page, allow_redirects=False, headers=BROWSER)
                 await resp.read()
                 assert resp.status == 200, (page, resp.status)
                 if i:
