@@ -610,23 +610,26 @@ class StatDates:
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
                 organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
         """The doc ids of one type dated within the bounds (inclusive), in creation order."""
+        return sorted(doc_id for entries in self.lists_of(kind, organization, anrs)
+                      for _, doc_id in entries[slice(*self.span(entries, date_from, date_to))])
+
+    def lists_of(self, kind: str, organization: str | None, anrs: Iterable | None) -> list[list]:
+        """The lists holding one type's stats of the analyses, else of the organization, else all."""
         if anrs is not None:
-            chosen = [self.lists.get((kind, "anr", anr), []) for anr in anrs]
-        else:
-            chosen = [self.lists.get((kind,) if organization is None else (kind, "organization", organization), [])]
-        low, high = (date_from or "",), (date_to or "\uffff", math.inf)
-        return sorted(doc_id for entries in chosen
-                      for _, doc_id in entries[bisect.bisect_left(entries, low):bisect.bisect_right(entries, high)])
+            return [self.lists.get((kind, "anr", anr), []) for anr in anrs]
+        return [self.lists.get((kind,) if organization is None else (kind, "organization", organization), [])]
+
+    @staticmethod
+    def span(entries: list, date_from: str | None, date_to: str | None) -> tuple[int, int]:
+        """Where the entries dated within the bounds (inclusive) start and end."""
+        return (bisect.bisect_left(entries, (date_from or "",)),
+                bisect.bisect_right(entries, (date_to or "\uffff", math.inf)))
 
     def any_between(self, kind: str, date_from: str | None, date_to: str | None, *,
                     organization: str | None = None, anrs: Iterable | None = None) -> bool:
         """Whether any stat of one type is dated within the bounds (of the organization, or the analyses)."""
-        if anrs is not None:
-            chosen = [self.lists.get((kind, "anr", anr), []) for anr in anrs]
-        else:
-            chosen = [self.lists.get((kind,) if organization is None else (kind, "organization", organization), [])]
-        low, high = (date_from or "",), (date_to or "\uffff", math.inf)
-        return any(bisect.bisect_left(entries, low) < bisect.bisect_right(entries, high) for entries in chosen)
+        return any(start < end for start, end in (self.span(entries, date_from, date_to)
+                                                  for entries in self.lists_of(kind, organization, anrs)))
 
     def latest_first(self, kind: str, anr) -> Iterable[tuple[str, int]]:
         """(date, doc_id) of one analysis's stats of this type, latest date first."""
@@ -934,9 +937,8 @@ class Store:
     def count_between(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
                       organization: str | None = None) -> int:
         """How many stats of one type are dated within the bounds (of one organization)."""
-        entries = self.dates.lists.get((kind,) if organization is None else (kind, "organization", organization), [])
-        low, high = (date_from or "",), (date_to or "\uffff", math.inf)
-        return bisect.bisect_right(entries, high) - bisect.bisect_left(entries, low)
+        start, end = self.dates.span(self.dates.lists_of(kind, organization, None)[0], date_from, date_to)
+        return end - start
 
     def activity(self, organization: str | None) -> dict:
         """{"analyses" (sorted by their text), "stats", "latest" (date or None)} of an organization
