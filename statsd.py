@@ -963,15 +963,18 @@ class Store:
         if anrs is None:
             anrs = list(self.dates.anrs.get((kind,) if organization is None else (kind, organization), {}))
         for anr in anrs:
-            best = None
+            latest, best = None, None  # the analysis's latest date, and (created_at, doc_id, doc) on it
             for day, doc_id in self.dates.latest_first(kind, anr):
-                doc = docs[doc_id]  # (an analysis uuid could be sent by another organization too)
-                if best is not None and day < best[0]:
+                if latest is not None and day < latest:
                     break
-                if organization is None or doc.get("organization") == organization:
-                    best = max(best or (day, "", 0, doc), (day, doc["created_at"], doc_id, doc), key=lambda b: b[:3])
+                doc = docs[doc_id]  # (an analysis uuid could be sent by another organization too)
+                if organization is not None and doc.get("organization") != organization:
+                    continue
+                latest = day
+                if best is None or (doc["created_at"], doc_id) > best[:2]:
+                    best = (doc["created_at"], doc_id, doc)
             if best is not None:
-                found.append((best[2], best[3]))
+                found.append(best[1:])
         return [doc for _, doc in sorted(found, key=operator.itemgetter(0))]
 
     async def measures_by_day(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
