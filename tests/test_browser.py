@@ -33,10 +33,9 @@ if not HAVE_BROWSER and os.environ.get("CI") != "true":
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (after the skip: selenium is a test extra)
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -138,18 +137,30 @@ def choose(driver, name, value):
     Select(driver.find_element(By.CSS_SELECTOR, f'form.controls select[name="{name}"]')).select_by_value(value)
 
 
+def replaced(old):
+    """A wait condition: the page that held `old` is gone. Chromium may answer a stale element
+    with "Node with given id does not belong to the document" rather than as stale: gone too."""
+    def gone(_driver):
+        try:
+            old.is_enabled()
+        except WebDriverException:  # StaleElementReferenceException is one of them
+            return True
+        return False
+    return gone
+
+
 def submit(driver):
     """Send the page's choices and wait for the new page."""
     old = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, "form.controls button[type=submit]").click()
-    WebDriverWait(driver, 20).until(staleness_of(old))
+    WebDriverWait(driver, 20).until(replaced(old))
 
 
 def follow(driver, element):
     """Click a link and wait for the page it opens."""
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 20).until(staleness_of(old))
+    WebDriverWait(driver, 20).until(replaced(old))
 
 
 def no_csp_violation(driver):
