@@ -536,10 +536,6 @@ class Table:
         for index in self.indexes.values():
             index.add(doc_id, doc)
 
-    def dump(self) -> dict:
-        return {str(doc_id): doc for doc_id, doc in self.docs.items()}
-
-
 STAT_INDEXED = ("organization", "type", "anr", "year", "quarter", "month", "week", "day")
 
 
@@ -4707,13 +4703,6 @@ async def _overview(request: web.Request) -> web.Response:
         "choices": choices_for(request, viewer, sel), "chart": await shown(request, chart),
         "activity": activity, "storage": storage, "silent_days": SILENT_DAYS,
         "json_url": chart.json_url})
-
-
-def _file_size(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None
 
 
 def _file_time(path: str) -> str | None:
