@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import errno
@@ -332,14 +333,27 @@ class AtomicJSONStorage(Storage):
 
 
 class Index:
-    """Equality index of one field: value -> ids of the records holding it, in order."""
+    """Equality index of one field: value -> ids of the records holding it, in order.
+
+    A deferred index is filled after loading (`fill`, in the background), or by
+    its first lookup if that comes sooner; until it is filled, `docs` is the
+    table it will read.
+    """
 
     def __init__(self, name: str):
         self.name = name
         self.ids: dict[Any, dict[int, None]] = {}
         self.unsorted: set = set()
+        self.docs: dict[int, dict] | None = None  # while deferred: the records to read
+        self.touched: set | None = None  # while filling: the ids written meanwhile
+
+    FILL_STEP = 2048  # records read between two looks at the loop budget
 
     def add(self, doc_id: int, doc: dict) -> None:
+        if self.docs is not None:  # deferred: the fill reads the records as they are then
+            if self.touched is not None:
+                self.touched.add(doc_id)
+            return
         value = doc.get(self.name, MISSING)
         if value.__class__ not in INDEXABLE:
             return
@@ -352,6 +366,10 @@ class Index:
         bucket[doc_id] = None
 
     def remove(self, doc_id: int, doc: dict) -> None:
+        if self.docs is not None:
+            if self.touched is not None:
+                self.touched.add(doc_id)
+            return
         value = doc.get(self.name, MISSING)
         bucket = self.ids.get(value) if _hashable(value) else None
         if bucket is not None:
@@ -360,8 +378,40 @@ class Index:
                 del self.ids[value]
                 self.unsorted.discard(value)
 
+    def defer(self, docs: dict[int, dict]) -> None:
+        """Leave this index empty until `fill` (or a lookup) reads `docs`."""
+        self.ids, self.unsorted, self.docs = {}, set(), docs
+
+    def fill_now(self) -> None:
+        """Read every record at once (a lookup before the background fill ended)."""
+        if self.docs is not None:
+            self.ids = _index_buckets(self.name, list(self.docs.items()), {}, {})
+            self.docs = self.touched = None
+
+    async def fill(self) -> None:
+        """Read the records a chunk at a time, giving the loop back; writes meanwhile are seen."""
+        if self.docs is None or self.touched is not None:
+            return
+        docs, budget, ids, shared = self.docs, LoopBudget(), {}, {}
+        pairs, self.touched = list(docs.items()), set()
+        for start in range(0, len(pairs), self.FILL_STEP):
+            _index_buckets(self.name, pairs[start:start + self.FILL_STEP], ids, shared)
+            await budget.spend()
+            if self.docs is not docs:  # a lookup filled it meanwhile
+                return
+        touched, self.ids, self.docs, self.touched = self.touched, ids, None, None
+        for doc_id in touched:  # written or deleted while filling: as they are now
+            for value, bucket in list(ids.items()):
+                if bucket.pop(doc_id, MISSING) is not MISSING and not bucket:
+                    del ids[value]
+            doc = docs.get(doc_id)
+            if doc is not None:
+                self.add(doc_id, doc)
+
     def lookup(self, value) -> dict[int, None]:
         """The ids holding `value`, in creation order."""
+        if self.docs is not None:
+            self.fill_now()
         if value in self.unsorted:
             self.ids[value] = dict.fromkeys(sorted(self.ids[value]))
             self.unsorted.discard(value)
@@ -369,6 +419,26 @@ class Index:
 
 
 INDEXABLE = (str, int, float)  # JSON values that an index holds (not bool: True == 1)
+
+
+def _index_buckets(name: str, pairs: list[tuple[int, dict]], ids: dict, shared: dict) -> dict:
+    """Add (doc_id, doc) pairs, in id order, to `ids` (value -> {doc_id: None}); returns `ids`.
+
+    Each str or int value becomes the one object `shared` keeps for it: a
+    hundred thousand copies of "risk" or of 2026 would cost memory.
+    """
+    for doc_id, doc in pairs:
+        value = doc.get(name, MISSING)
+        cls = value.__class__
+        if cls is str or cls is int:
+            doc[name] = value = shared.setdefault(value, value)
+        elif cls is not float:
+            continue
+        bucket = ids.get(value)
+        if bucket is None:
+            ids[value] = bucket = {}
+        bucket[doc_id] = None
+    return ids
 
 
 def _hashable(value) -> bool:
@@ -422,8 +492,9 @@ class Table:
     """One table: its records in creation order, a primary key and indexes."""
 
     def __init__(self, name: str, key: str, unique: Iterable[str] = (), indexed: Iterable[str] = (),
-                 shared: Iterable[str] = ()):
+                 shared: Iterable[str] = (), deferred: Iterable[str] = ()):
         self.name = name
+        self.deferred = tuple(deferred)  # indexes filled after loading (Index.fill), or when first looked up
         self.shared = tuple(shared)  # fields with few values, kept as one object per value (as indexed ones are)
         self.key = key
         self.docs: dict[int, dict] = {}
@@ -450,17 +521,10 @@ class Table:
         for name, ids in self.unique.items():
             ids.update({doc[name]: doc_id for doc_id, doc in pairs if name in doc})
         for name, index in self.indexes.items():
-            canonical: dict = {}
-            for doc_id, doc in pairs:
-                value = doc.get(name, MISSING)
-                if value.__class__ is str or value.__class__ is int:
-                    doc[name] = value = canonical.setdefault(value, value)  # one object per value
-                elif value.__class__ not in INDEXABLE:
-                    continue
-                bucket = index.ids.get(value)
-                if bucket is None:
-                    index.ids[value] = bucket = {}
-                bucket[doc_id] = None
+            if name in self.deferred:
+                index.defer(self.docs)
+            else:
+                _index_buckets(name, pairs, index.ids, {})
         for name in self.shared:
             canonical = {}
             for doc_id, doc in pairs:
@@ -580,7 +644,8 @@ class Table:
         for index in self.indexes.values():
             index.add(doc_id, doc)
 
-STAT_INDEXED = ("organization", "type", "anr", "year", "quarter", "month", "week", "day")
+STAT_PERIODS = ("year", "quarter", "month", "week", "day")
+STAT_INDEXED = ("organization", "type", "anr", *STAT_PERIODS)
 
 
 def stat_date(doc: dict) -> str:
@@ -639,13 +704,23 @@ class StatDates:
                     del self.anrs[key]
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
+        lists, anrs = self.lists, collections.Counter()
         for doc_id, doc in pairs:
-            entry = (stat_date(doc), doc_id)
-            for key in self._keys(doc):
-                self.lists.setdefault(key, []).append(entry)
-            self._count_anr(doc, 1)
-        for entries in self.lists.values():
+            kind, organization, anr = doc.get("type"), doc.get("organization"), doc.get("anr")
+            entry = (doc["date"] if "date" in doc else stat_date(doc), doc_id)
+            for key in ((kind,), (kind, "organization", organization), (kind, "anr", anr)):
+                found = lists.get(key)
+                if found is None:
+                    lists[key] = [entry]
+                else:
+                    found.append(entry)
+            anrs[(kind, organization, anr)] += 1
+        for entries in lists.values():
             entries.sort()
+        for (kind, organization, anr), count in anrs.items():
+            for key in ((kind,), (kind, organization)):
+                counts = self.anrs.setdefault(key, {})
+                counts[anr] = counts.get(anr, 0) + count
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
                 organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
@@ -956,7 +1031,8 @@ class Store:
 
     @staticmethod
     def _empty_tables() -> dict[str, Table]:
-        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",))
+        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",),
+                      deferred=STAT_PERIODS)
         stats.views = [StatDates(), StatAggregates(), DataPacker()]
         return {"organizations": Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
                 "stats": stats}
@@ -1299,9 +1375,11 @@ class Store:
     PACK_PAUSE = 1.0  # seconds between two passes of the packer
 
     async def _pack_forever(self) -> None:
-        """Compress new records' data in the background; after the loaded file's, give freed memory back."""
+        """Fill deferred indexes and compress new records' data in the background; give freed memory back."""
         loop, first = asyncio.get_running_loop(), True
         while True:
+            for index in self.stats.indexes.values():
+                await index.fill()  # the deferred ones; the others return at once
             packed = await self.packer.pack_waiting()
             if first or packed >= 10_000:
                 await loop.run_in_executor(None, release_free_memory)
