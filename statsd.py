@@ -393,9 +393,10 @@ class Index:
         if self.docs is None or self.touched is not None:
             return
         docs, budget, ids, shared = self.docs, LoopBudget(), {}, {}
-        pairs, self.touched = list(docs.items()), set()
-        for start in range(0, len(pairs), self.FILL_STEP):
-            _index_buckets(self.name, pairs[start:start + self.FILL_STEP], ids, shared)
+        doc_ids, self.touched = list(docs), set()
+        for start in range(0, len(doc_ids), self.FILL_STEP):
+            chunk = doc_ids[start:start + self.FILL_STEP]
+            _index_buckets(self.name, [(doc_id, docs[doc_id]) for doc_id in chunk if doc_id in docs], ids, shared)
             await budget.spend()
             if self.docs is not docs:  # a lookup filled it meanwhile
                 return
@@ -1540,15 +1541,15 @@ def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
     Returns the file's other tables, which are kept as they are.
     """
     storage = AtomicJSONStorage(path)
-    raw = storage.read_raw()
-    if raw is None:
+    try:
+        with open(path, "rb") as f:
+            rows = _checkpoint_rows(_blocks(f)) if f.read(len(CHECKPOINT_MARK)) == CHECKPOINT_MARK else None
+    except FileNotFoundError:
         return {}
-    rows = _checkpoint_rows(raw) if raw.startswith(CHECKPOINT_MARK) else None
     if rows is None:
         data = storage.read() or {}
         rows = {name: [(doc_id, as_record(name, doc)) for doc_id, doc in table.items()]
                 if name in tables else table for name, table in data.items()}
-    del raw
     extra = {}
     for name, rows_of in rows.items():
         table = tables.get(name)
@@ -1565,8 +1566,35 @@ def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
     return extra
 
 
-def _line_spans(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
-    """(start, end) of each line of `raw` from `start`, one at a time (copies of them all would double the memory)."""
+BLOCK = 8 << 20  # bytes of the file read at once when loading
+
+
+def _blocks(f) -> Iterable[bytes]:
+    """The rest of file `f` in blocks of about BLOCK bytes, each of whole lines.
+
+    Records keep views of their block, so a block's memory goes back whole,
+    and soon, once its records are packed (one block the size of the file
+    would go back in one long unmapping, on the loop).
+    """
+    rest = b""
+    while True:
+        block = f.read(BLOCK)
+        if not block:
+            if rest:
+                yield rest
+            return
+        block = rest + block if rest else block
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:
+            rest = block
+            continue
+        rest = block[cut:]
+        yield block[:cut] if rest else block
+
+
+def _line_spans(raw: bytes) -> Iterable[tuple[int, int]]:
+    """(start, end) of each line of `raw`, one at a time (copies of them all would double the memory)."""
+    start = 0
     while start < len(raw):
         end = raw.find(b"\n", start)
         end = len(raw) if end == -1 else end
@@ -1574,44 +1602,51 @@ def _line_spans(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
         start = end + 1
 
 
-def _checkpoint_rows(raw: bytes) -> dict | None:
-    """name -> [(doc_id, record)] or other table, from a file in statsd's layout; None if it is not.
+def _checkpoint_rows(blocks: Iterable[bytes]) -> dict | None:
+    """name -> [(doc_id, record)] or other table, from a file in statsd's layout (after its mark); None if it is not.
 
-    Each stat's `data` is left in the file's bytes, as a memoryview: nothing is copied.
+    Each stat's `data` is left in its block of the file, as a memoryview: nothing is copied.
     """
     rows: dict[str, Any] = {}
     current = None
-    view = memoryview(raw)
     try:
-        for start, end in _line_spans(raw, len(CHECKPOINT_MARK)):
-            if current is None:
-                line = raw[start:end]
-                if line.endswith(b":{"):
-                    current = rows[orjson.loads(line[:-2])] = []
-                    continue
-                name, _, value = line.rstrip(b",").partition(b":")
-                rows[orjson.loads(name)] = orjson.loads(value)
-                continue
-            if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
-                current = None
-                continue
-            if raw[end - 1] == 44:  # ","
-                end -= 1
-            colon = raw.index(b'":', start, end)
-            doc_id, body = raw[start + 1:colon].decode(), colon + 2
-            at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
-            if at == -1 and raw.startswith(b'{"data":', body, end):
-                at = body
-            if at >= 0 and raw[end - 1] == 125:  # "}"
-                doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
-                doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
-            else:
-                doc = orjson.loads(raw[body:end])
-            current.append((doc_id, doc))
+        for raw in blocks:
+            current = _block_rows(raw, rows, current)
     except (ValueError, KeyError, IndexError) as e:
         log.warning("%s: not in statsd's own layout (%s); reading it as plain TinyDB JSON", "checkpoint", e)
         return None
     return rows
+
+
+def _block_rows(raw: bytes, rows: dict, current: list | None) -> list | None:
+    """Add the records of one block of whole lines to `rows`; the table being read at its end (None between tables)."""
+    view = memoryview(raw)
+    for start, end in _line_spans(raw):
+        if current is None:
+            line = raw[start:end]
+            if line.endswith(b":{"):
+                current = rows[orjson.loads(line[:-2])] = []
+                continue
+            name, _, value = line.rstrip(b",").partition(b":")
+            rows[orjson.loads(name)] = orjson.loads(value)
+            continue
+        if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
+            current = None
+            continue
+        if raw[end - 1] == 44:  # ","
+            end -= 1
+        colon = raw.index(b'":', start, end)
+        doc_id, body = raw[start + 1:colon].decode(), colon + 2
+        at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
+        if at == -1 and raw.startswith(b'{"data":', body, end):
+            at = body
+        if at >= 0 and raw[end - 1] == 125:  # "}"
+            doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
+            doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
+        else:
+            doc = orjson.loads(raw[body:end])
+        current.append((doc_id, doc))
+    return current
 
 
 def _encode_journal_line(ops) -> bytes:
