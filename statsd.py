@@ -38,6 +38,7 @@ import sys
 import time
 import tomllib
 import uuid as uuidlib
+import weakref
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
@@ -305,6 +306,10 @@ class AtomicJSONStorage(Storage):
 
     def __init__(self, path: str):
         self.path = path
+
+    def open_raw(self):
+        """The file, open for reading its bytes (raises FileNotFoundError when there is none)."""
+        return open(self.path, "rb")
 
     def read_raw(self) -> bytes | None:
         """The file's bytes, or None when there is no file."""
@@ -1383,6 +1388,7 @@ class Store:
                 await index.fill()  # the deferred ones; the others return at once
             packed = await self.packer.pack_waiting()
             if first or packed >= 10_000:
+                gc.freeze()  # the packed records live long too: out of every later collection
                 await loop.run_in_executor(None, release_free_memory)
                 first = False
             await asyncio.sleep(self.PACK_PAUSE)
@@ -1542,7 +1548,7 @@ def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
     """
     storage = AtomicJSONStorage(path)
     try:
-        with open(path, "rb") as f:
+        with storage.open_raw() as f:
             rows = _checkpoint_rows(_blocks(f)) if f.read(len(CHECKPOINT_MARK)) == CHECKPOINT_MARK else None
     except FileNotFoundError:
         return {}
@@ -2088,7 +2094,12 @@ def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: di
 
 
 class LoopBudget:
-    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others."""
+    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others.
+
+    Long tasks then wait their turn (`Turns`): one slice of long work per
+    turn of the loop, so that eight long requests delay a short one by one
+    slice, not eight, at each of its awaits.
+    """
 
     def __init__(self, seconds: float = 0.003):
         self.seconds = seconds
@@ -2097,8 +2108,45 @@ class LoopBudget:
     async def spend(self) -> None:
         """Call between two small steps of a long task."""
         if time.perf_counter() - self.since >= self.seconds:
-            await asyncio.sleep(0)
+            await Turns.of(asyncio.get_running_loop()).wait()
             self.since = time.perf_counter()
+
+
+class Turns:
+    """The long tasks of one event loop, let go on one at a time, a turn of the loop apart, first come first."""
+
+    _of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: collections.deque = collections.deque()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Turns":
+        turns = cls._of.get(loop)
+        if turns is None:
+            turns = cls._of[loop] = cls(loop)
+        return turns
+
+    async def wait(self) -> None:
+        """Return at this task's turn (after every long task that waited before it)."""
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._next)
+        await future
+
+    def _next(self) -> None:
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():  # (a cancelled task left its place)
+                future.set_result(None)
+                break
+        self.scheduled = bool(self.waiting)
+        if self.scheduled:
+            self.loop.call_soon(self._next)
 
 
 def _index_ids(table: Table, f: Filter) -> dict | None:
@@ -2182,10 +2230,15 @@ async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
 
 
 def _sort_run(run: list, order_by: list) -> None:
-    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts)."""
-    run.sort(key=lambda pair: pair[0][-1])
+    """Order sort keys (values, then primary key): by primary key, then stably by each field from the last (C-level sorts).
+
+    Runs hold the keys alone, never the records: tuples of plain values are
+    soon untracked by the garbage collector, so a long sort does not make
+    every collection walk it.
+    """
+    run.sort(key=lambda values: values[-1])
     for i in range(len(order_by) - 1, -1, -1):
-        run.sort(key=lambda pair, i=i: pair[0][i], reverse=order_by[i][1])
+        run.sort(key=lambda values, i=i: values[i], reverse=order_by[i][1])
 
 
 def _merge_key(order_by: list):
@@ -2194,10 +2247,10 @@ def _merge_key(order_by: list):
 
     def compare(a, b):
         for i, descending in enumerate(directions):
-            x, y = a[0][i], b[0][i]
+            x, y = a[i], b[i]
             if x != y:
                 return (1 if x < y else -1) if descending else (-1 if x < y else 1)
-        return -1 if a[0][-1] < b[0][-1] else (a[0][-1] > b[0][-1])
+        return -1 if a[-1] < b[-1] else (a[-1] > b[-1])
     return functools.cmp_to_key(compare)
 
 
@@ -2212,12 +2265,16 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
     only as far as the page (skip + limit) reaches.
     """
     steps, remaining = await _candidates(table, query.filters)
-    predicates = [f.predicate for f in remaining]
+    # a path inside data is read from its column (parsing each record's data would outlast any budget)
+    columns = [(await table.column(f.path), f.test) for f in remaining if f.path[0] == "data"]
+    predicates = [f.predicate for f in remaining if f.path[0] != "data"]
     wanted = query.skip + query.limit + 1
     docs, budget = table.docs, LoopBudget()
     key = await _sort_values(table, query.order_by) if query.order_by else None
     found, runs, run = [], [], []
     for ids in steps:
+        for values, test in columns:
+            ids = [doc_id for doc_id in ids if test(values.get(doc_id, MISSING))]
         records = [doc for doc in map(docs.get, ids) if doc is not None]
         for predicate in predicates:
             records = list(filter(predicate, records))
@@ -2226,7 +2283,7 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
             if len(found) >= wanted:
                 break
         else:
-            run += [(key(doc), doc) for doc in records]
+            run += map(key, records)
             if len(run) >= RUN:
                 _sort_run(run, query.order_by)
                 runs.append(run)
@@ -2236,10 +2293,10 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
         _sort_run(run, query.order_by)
         merged = heapq.merge(*runs, run, key=_merge_key(query.order_by)) if runs else iter(run)
         while len(found) < wanted:
-            more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
-            if not more:
+            keys = list(itertools.islice(merged, min(STEP, wanted - len(found))))
+            if not keys:
                 break
-            found += more
+            found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
             await budget.spend()
     page = found[query.skip:wanted]
     return page[:query.limit], len(page) > query.limit
@@ -5944,7 +6001,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GC_THRESHOLDS = (10_000, 10, 100)  # a full collection every ~10M allocations, not every 70k
+
+
 def cmd_serve(config: Config, args) -> int:
+    # Long requests hold lists of 100k sort keys; every full collection walks them (50 ms at 8 such
+    # requests). The records themselves are frozen out of collections (Store._load, _pack_forever).
+    gc.set_threshold(*GC_THRESHOLDS)
     store = Store(config.database)
     with way_out(LOCK_HINTS["serve"]):
         store.lock()
