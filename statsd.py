@@ -1663,7 +1663,7 @@ def _value_test(op: str, value) -> Callable[[Any], bool]:
         return lambda s: not exact(s)
     if op in ("in", "nin"):
         keyed = {(_rank(v), v) for v in value}
-        hit = lambda s: s is not MISSING and _hashable_or_none(s) and (_rank(s), s) in keyed
+        hit = lambda s: s is not MISSING and _may_be_listed(s) and (_rank(s), s) in keyed
         return hit if op == "in" else (lambda s: not hit(s))
     if op == "exists":
         return lambda s: (s is not MISSING) == value
@@ -1682,7 +1682,8 @@ def _value_test(op: str, value) -> Callable[[Any], bool]:
     return lambda s: s.__class__ is str and test(s)
 
 
-def _hashable_or_none(value) -> bool:
+def _may_be_listed(value) -> bool:
+    """Whether a stored value can equal an item of an in/nin list (null, a string or a number)."""
     return value is None or isinstance(value, (str, int, float))
 
 
@@ -1711,17 +1712,17 @@ class Filter:
         return self.path, self.op, tuple(self.value) if self.value.__class__ is list else self.value
 
     @functools.cached_property
-    def test(self) -> Callable[[Any], bool]:
-        """The test of a stored value."""
+    def value_test(self) -> Callable[[Any], bool]:
+        """The test of one stored value (MISSING when the record lacks it)."""
         return _value_test(self.op, self.value)
 
     @functools.cached_property
-    def predicate(self) -> Callable[[dict], bool]:
-        """The test applied to a whole record."""
+    def record_test(self) -> Callable[[dict], bool]:
+        """The test of a whole record (its value at `path`)."""
         direct = len(self.path) == 1 and self.path[0] != "data"  # data is kept serialized
         if direct and self.op in COMPARE and self.value.__class__ in NUMBER:
             return _number_comparison(self.path[0], self.op, self.value)
-        test = self.test
+        test = self.value_test
         if direct:
             name = self.path[0]
             return lambda doc: test(doc.get(name, MISSING))
@@ -1902,13 +1903,13 @@ async def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[lis
         return _steps(list(indexed[0][1])), rest
     if indexed:
         key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
-        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.predicate for f in narrowing])
+        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.record_test for f in narrowing])
         return _steps(ids), rest if tested else narrowing + rest
     rest = narrowing + rest
     for position, f in enumerate(rest):
         if f.path[0] == "data":
             column = await table.column(f.path)
-            ids, values, test = list(column), list(column.values()), f.test
+            ids, values, test = list(column), list(column.values()), f.value_test
             steps = (list(itertools.compress(ids[start:start + STEP], map(test, values[start:start + STEP])))
                      for start in range(0, len(ids), STEP))
             return steps, rest[:position] + rest[position + 1:]
@@ -1969,7 +1970,7 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
     only as far as the page (skip + limit) reaches.
     """
     steps, remaining = await _candidates(table, query.filters)
-    predicates = [f.predicate for f in remaining]
+    predicates = [f.record_test for f in remaining]
     wanted = query.skip + query.limit + 1
     docs, budget = table.docs, LoopBudget()
     key = await _sort_values(table, query.order_by) if query.order_by else None
@@ -2100,8 +2101,13 @@ class Caller:
     token_sha256: str | None = None  # to look the key up again after an await
 
     @property
-    def sees_all(self) -> bool:
-        return self.is_admin
+    def scope(self) -> str | None:
+        """The one organization whose stats this caller sees, or None: an admin sees every organization's."""
+        return None if self.is_admin else self.organization
+
+    def sees(self, organization: str | None) -> bool:
+        """Whether this caller may see the stats of `organization`."""
+        return self.is_admin or organization == self.organization
 
 
 CONFIG_KEY = web.AppKey("config", Config)
@@ -2540,12 +2546,12 @@ def visible_stat(request: web.Request) -> dict:
     stat_id = request.match_info["id"]
     doc = request.app[STORE_KEY].stat(stat_id)
     caller: Caller = request[CALLER_KEY]
-    if doc is None or not (caller.sees_all or doc.get("organization") == caller.organization):
+    if doc is None or not caller.sees(doc.get("organization")):
         raise ApiError(404, f"Not Found: no stat with id {stat_id!r}")
     return doc
 
 
-def _check_read_only(request: web.Request, body: dict, old: dict, names, path: str, parents=()) -> dict:
+def _check_read_only(body: dict, old: dict, names, path: str, parents=()) -> dict:
     """Read-only fields may come back unchanged; a change is an error naming the field."""
     errors = {}
     for name in names:
@@ -2569,8 +2575,8 @@ def _check_read_only(request: web.Request, body: dict, old: dict, names, path: s
 async def list_stats(request: web.Request) -> web.Response:
     query = request.app[STAT_QUERIES_KEY].of(request)  # shared: never changed here
     caller: Caller = request[CALLER_KEY]
-    if not caller.sees_all:
-        query = replace(query, filters=[Filter(("organization",), "exact", caller.organization), *query.filters])
+    if caller.scope is not None:
+        query = replace(query, filters=[Filter(("organization",), "exact", caller.scope), *query.filters])
     page, more = await request.app[STORE_KEY].find("stats", query)
     base = base_url(request)
     if query.fields is None:
@@ -2665,7 +2671,7 @@ async def update_stat(request: web.Request) -> web.Response:
     await ready_to_write(request)
     old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
-    errors = _check_read_only(request, body, old, ("id", "uuid", "organization", "created_at",
+    errors = _check_read_only(body, old, ("id", "uuid", "organization", "created_at",
                                                    "updated_at", "link", "links"),
                               stat_path(old["id"]), parents)
     clean = stat_client_fields(body, errors)
@@ -2828,7 +2834,7 @@ async def update_org(request: web.Request) -> web.Response:
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
     old = visible_org(request)
-    errors = _check_read_only(request, body, {**old, "id": old["name"]},
+    errors = _check_read_only(body, {**old, "id": old["name"]},
                               ("id", "name", "created_at", "updated_at", "link"), org_path(old["name"]))
     clean, token = org_body(body, errors, creating=False)
     if request.method == "PUT" and "is_admin" not in body:
@@ -3657,7 +3663,7 @@ async def v1_list_stats(request: web.Request) -> web.Response:
     offset, limit = v1_count(params, "offset"), v1_count(params, "limit")
     v1_count(params, "group_by_anr", (0, 1))  # accepted and, as upstream, without effect
     store: Store = request.app[STORE_KEY]
-    owner = None if caller.sees_all else caller.organization
+    owner = caller.scope
     if v1_flag(params, "get_last"):
         found = [present_v1_stat(d) for d in store.latest_stats(kind, organization=owner, anrs=anrs)]
         return json_response(v1_page(found, len(found)))
@@ -3737,7 +3743,7 @@ async def v1_anr_stats(request: web.Request) -> web.Response:
     caller = v1_caller(request)
     only_params(request)
     anr = v1_path_anr(request)
-    docs = request.app[STORE_KEY].stats_of(organization=None if caller.sees_all else caller.organization, anr=anr)
+    docs = request.app[STORE_KEY].stats_of(organization=caller.scope, anr=anr)
     return json_response([present_v1_stat(d) for d in docs])
 
 
@@ -3972,7 +3978,7 @@ async def v1_processed(request: web.Request) -> web.Response:
     if organization is not None:
         if not isinstance(organization, str):
             raise bad_request("organization must be an organization name")
-        if not caller.sees_all and organization != caller.organization:
+        if not caller.sees(organization):
             raise ApiError(403, "Forbidden: an ordinary organization may ask only for its own organization")
     data = await processed_stats(request.app[STORE_KEY], kind, processor, processor_params, date_from=date_from,
                                  date_to=date_to, anrs=anrs, organization=organization)
