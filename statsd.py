@@ -2257,7 +2257,7 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
 def authenticate(request: web.Request) -> None:
     """Resolve the API key (X-API-KEY header or api_key argument) to the request's Caller."""
     path = request.path
-    if not path.startswith("/api/") or path.startswith(V1_PREFIX + "/") or path in PUBLIC_PATHS:
+    if not path.startswith("/api/") or path.startswith(V1_PREFIX + "/") or path in ROUTES.public_paths:
         return  # /api/v1/ handlers authenticate as the upstream does
     if not request.app[CONFIG_KEY].api_key_authentication:
         request[CALLER_KEY] = Caller(None, True)
@@ -2297,6 +2297,83 @@ def _caller_for(store: Store, token: str) -> Caller | None:
 
 
 # -------------------------------------------------------------- handlers ---
+# Each handler carries its route: @route(METHOD, path, OpenAPI facts). ROUTES then
+# builds the router (create_app) and the OpenAPI document (openapi_document).
+
+ERRORS_PUBLIC = (400, 429, 500)  # the error statuses of a route that needs no key
+ERRORS_READ = (400, 401, 429, 500)
+ERRORS_WRITE = (400, 401, 409, 413, 415, 429, 500, 503, 507)
+ERRORS_DELETE = (400, 401, 429, 500, 503, 507)
+ERRORS_V1 = (400, 401, 403, 426, 429, 500)
+ERRORS_V1_WRITE = ERRORS_V1 + (413, 415, 503, 507)
+ADMIN, NOT_FOUND = (403,), (404,)
+LOCATION_HEADER = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
+
+
+@dataclass
+class Route:
+    """One route: its method, its path as documented, its handler and the facts of its OpenAPI operation.
+
+    A path ending in "/" (other than "/") is served with and without that slash.
+    A schema is named (str: a component), listed (tuple: any of those components)
+    or written out (dict).
+    """
+
+    method: str
+    path: str
+    handler: Callable
+    summary: str | None = None  # None: left out of the OpenAPI document (the dashboard's HTML pages)
+    params: tuple = ()  # names of parameters (see _oa_parameters)
+    body: Any = None  # the schema of the request body
+    body_required: bool = True
+    ok: tuple = ()  # (status, description[, schema[, headers]]) of each success
+    errors: tuple = ()  # the error statuses
+    responses: dict | None = None  # the responses written out, in place of ok and errors
+    public: bool = False  # needs no API key
+    when: Callable[[Config], bool] | None = None  # served only when this holds of the config
+
+    def forms(self) -> tuple[str, ...]:
+        """The paths that reach it: with its trailing slash first (the form links use), then without."""
+        return (self.path, self.path[:-1]) if self.path.endswith("/") and self.path != "/" else (self.path,)
+
+
+class Routes:
+    """Every route of the app, each declared once on its handler."""
+
+    def __init__(self):
+        self.all: list[Route] = []
+
+    def route(self, method: str, path: str, **facts) -> Callable:
+        """A decorator declaring that `method path` is answered by the function it decorates."""
+        def declare(handler):
+            self.all.append(Route(method, path, handler, **facts))
+            return handler
+        return declare
+
+    def served(self, config: Config) -> list[Route]:
+        """The routes an app with `config` serves; fixed paths before those with {placeholders}."""
+        return sorted((r for r in self.all if r.when is None or r.when(config)), key=lambda r: "{" in r.path)
+
+    def add_to(self, app: web.Application) -> None:
+        """Register the served routes: one resource per path form, holding all its methods (a wrong
+        method is then a 405); GET brings HEAD, which aiohttp answers without the body."""
+        resources: dict[str, web.Resource] = {}
+        for r in self.served(app[CONFIG_KEY]):
+            for form in r.forms():
+                if form not in resources:
+                    resources[form] = app.router.add_resource(form)
+                resources[form].add_route(r.method, r.handler)
+                if r.method == "GET":
+                    resources[form].add_route("HEAD", r.handler)
+
+    @functools.cached_property
+    def public_paths(self) -> frozenset[str]:
+        """The paths of the routes that need no key (read once every route is declared)."""
+        return frozenset(form for r in self.all if r.public for form in r.forms())
+
+
+ROUTES = Routes()
+route = ROUTES.route
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -2572,6 +2649,8 @@ def _check_read_only(body: dict, old: dict, names, path: str, parents=()) -> dic
     return errors
 
 
+@route("GET", API_PREFIX + "/stats/", summary="List stats", params=("stat_list",),
+       ok=((200, "a page of stats", "StatsPage"),), errors=ERRORS_READ)
 async def list_stats(request: web.Request) -> web.Response:
     query = request.app[STAT_QUERIES_KEY].of(request)  # shared: never changed here
     caller: Caller = request[CALLER_KEY]
@@ -2587,6 +2666,9 @@ async def list_stats(request: web.Request) -> web.Response:
     return json_response({"data": data, "has_more": more})
 
 
+@route("POST", API_PREFIX + "/stats/",
+       summary="Create one stat (object) or 1 to max_limit stats (list, all-or-nothing)",
+       body=("NewStat", "NewStats"), ok=((201, "created", "StatsCreated", LOCATION_HEADER),), errors=ERRORS_WRITE)
 async def create_stats(request: web.Request) -> web.Response:
     only_params(request)
     body = await read_json(request)
@@ -2653,6 +2735,9 @@ def fields_param(request: web.Request, schema: dict) -> list[str] | None:
     return None if raw is None else _parse_fields(raw, schema)
 
 
+@route("GET", API_PREFIX + "/stats/{id}/", summary="Get a stat", params=("stat_id", "stat_fields"),
+       ok=((200, "the stat (with _fields: only those, plus id)", ("Stat", "StatFields")),),
+       errors=ERRORS_READ + NOT_FOUND)
 async def get_stat(request: web.Request) -> web.Response:
     only = fields_param(request, STAT_FIELDS)
     doc = visible_stat(request)
@@ -2661,6 +2746,10 @@ async def get_stat(request: web.Request) -> web.Response:
     return web.Response(body=request.app[STAT_VIEWS_KEY].of(base_url(request), doc), headers=JSON_HEADERS)
 
 
+@route("PUT", API_PREFIX + "/stats/{id}/", summary="Replace a stat's client fields", params=("stat_id",),
+       body="StatPut", ok=((200, "the stat", "Stat"),), errors=ERRORS_WRITE + NOT_FOUND)
+@route("PATCH", API_PREFIX + "/stats/{id}/", summary="Change some of a stat's fields", params=("stat_id",),
+       body="StatPatch", ok=((200, "the stat", "Stat"),), errors=ERRORS_WRITE + NOT_FOUND)
 async def update_stat(request: web.Request) -> web.Response:
     """PUT replaces the client fields, PATCH merges the given ones."""
     only_params(request)
@@ -2689,6 +2778,8 @@ async def update_stat(request: web.Request) -> web.Response:
     return json_response(present_stat(base_url(request), new))
 
 
+@route("DELETE", API_PREFIX + "/stats/{id}/", summary="Delete a stat", params=("stat_id",),
+       ok=((204, "deleted"),), errors=(400, 401, 404, 429, 500, 503, 507))
 async def delete_stat(request: web.Request) -> web.Response:
     only_params(request)
     store: Store = request.app[STORE_KEY]
@@ -2780,6 +2871,8 @@ def _unused_token_hash(store: Store, token: str) -> str:
     return digest
 
 
+@route("GET", API_PREFIX + "/organizations/", summary="List organizations (admin)", params=("org_list",),
+       ok=((200, "a page of organizations", "OrganizationsPage"),), errors=ERRORS_READ + ADMIN)
 async def list_orgs(request: web.Request) -> web.Response:
     require_admin(request)
     query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY], stored_as={"id": "name"})
@@ -2788,6 +2881,9 @@ async def list_orgs(request: web.Request) -> web.Response:
     return json_response({"data": [present_org(base, d, query.fields) for d in page], "has_more": more})
 
 
+@route("POST", API_PREFIX + "/organizations/",
+       summary="Create an organization (admin); its token is answered only now", body="NewOrganization",
+       ok=((201, "created", "Organization", LOCATION_HEADER),), errors=ERRORS_WRITE + ADMIN)
 async def create_org(request: web.Request) -> web.Response:
     require_admin(request)
     only_params(request)
@@ -2819,12 +2915,22 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
     return doc, token
 
 
+@route("GET", API_PREFIX + "/organizations/{name}/", summary="Get an organization (admin)",
+       params=("org_name", "org_fields"),
+       ok=((200, "the organization (with _fields: only those, plus id)", ("Organization", "OrganizationFields")),),
+       errors=ERRORS_READ + ADMIN + NOT_FOUND)
 async def get_org(request: web.Request) -> web.Response:
     only = fields_param(request, ORG_FIELDS)
     doc = visible_org(request)
     return json_response(present_org(base_url(request), doc, only))
 
 
+@route("PUT", API_PREFIX + "/organizations/{name}/", summary="Set is_admin and maybe a new token (admin)",
+       params=("org_name",), body="OrganizationPut", ok=((200, "the organization", "Organization"),),
+       errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
+@route("PATCH", API_PREFIX + "/organizations/{name}/", summary="Set is_admin or a new token (key rotation) (admin)",
+       params=("org_name",), body="OrganizationPatch", ok=((200, "the organization", "Organization"),),
+       errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
 async def update_org(request: web.Request) -> web.Response:
     """PUT sets is_admin (required) and maybe a new token; PATCH sets either."""
     only_params(request)
@@ -2882,6 +2988,9 @@ def check_not_last_admin(store: Store, doc: dict, doing: str) -> None:
                             " organization admin first")
 
 
+@route("DELETE", API_PREFIX + "/organizations/{name}/",
+       summary="Delete an organization (admin); 409 if it has stats, unless cascade=true",
+       params=("org_name", "cascade"), ok=((204, "deleted"),), errors=(400, 401, 409, 429, 500, 503, 507) + ADMIN + NOT_FOUND)
 async def delete_org(request: web.Request) -> web.Response:
     only_params(request, "cascade")
     cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
@@ -2949,6 +3058,13 @@ INDEX_HTML = """<!DOCTYPE html>
 """
 
 
+@route("GET", API_PREFIX + "/export/",
+       summary="Online backup (admin): the `statsd export` document of this server, a snapshot taken"
+               " at one instant, streamed; `statsd import` restores it into a stopped database",
+       ok=((200, "the export document (chunked)", "Export", {
+           "X-Export-Organizations": {"schema": {"type": "string"}, "description": "organizations in it"},
+           "X-Export-Stats": {"schema": {"type": "string"}, "description": "stats in it"}}),),
+       errors=ERRORS_READ + ADMIN + (503,))
 async def export_all(request: web.Request) -> web.StreamResponse:
     """The `statsd export` document of the running server: a snapshot taken at once, then streamed.
 
@@ -2980,6 +3096,17 @@ async def export_all(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+ROOT_FACTS = dict(  # GET / is the index, or with the dashboard on its overview page
+    summary="Service index (with Accept: application/json; browsers get the dashboard's overview page)", public=True,
+    responses={"200": {"description": "name, version and entry points (JSON), or the dashboard's overview (HTML)",
+                       "content": {"application/json": {"schema": {"type": "object"}},
+                                   "text/html": {"schema": {"type": "string"}}}},
+               "303": {"description": "a browser not logged in is sent to the dashboard's login page",
+                       "headers": {"Location": {"schema": {"type": "string"}}}}},
+    errors=(429,))
+
+
+@route("GET", "/", when=lambda config: config.dashboard == "off", **ROOT_FACTS)
 async def index(request: web.Request) -> web.Response:
     """/: JSON links to the entry points; with the dashboard off, a browser gets them as an HTML page."""
     accept = request.headers.get("Accept", "*/*")
@@ -2993,6 +3120,9 @@ async def index(request: web.Request) -> web.Response:
                           "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"], "links": links})
 
 
+@route("GET", API_PREFIX + "/", summary="API index: the caller's organization and links to the entry points",
+       ok=((200, "organization, is_admin and links", {"type": "object", "required": ["organization", "is_admin", "links"]}),),
+       errors=ERRORS_READ)
 async def api_index(request: web.Request) -> web.Response:
     """GET /api/v2/: who the key belongs to, and the entry points."""
     only_params(request)
@@ -3008,7 +3138,6 @@ async def api_index(request: web.Request) -> web.Response:
 # It is public (no key), and counted by the rate limit like every /api/ request.
 
 OPENAPI_PATH = API_PREFIX + "/openapi.json"
-PUBLIC_PATHS = {OPENAPI_PATH}  # /api/ paths that need no key (v1 routes authenticate themselves)
 UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real date
 
@@ -3120,6 +3249,12 @@ def _oa_errors(*statuses: int) -> dict:
     return {str(status): _oa_ref(ApiError.NAMES[status], "responses") for status in statuses}
 
 
+def _oa_page(item: str) -> dict:
+    """A page of a v2 list: its records and whether more follow."""
+    return {"type": "object", "required": ["data", "has_more"], "properties": {
+        "data": {"type": "array", "items": _oa_ref(item)}, "has_more": {"type": "boolean"}}}
+
+
 def _oa_stat_schemas(config: Config) -> dict:
     """The Stat schemas, from the validation rules of check_stat_value and PERIODS."""
     uuid_s = {"type": "string", "format": "uuid"}
@@ -3151,6 +3286,9 @@ def _oa_stat_schemas(config: Config) -> dict:
                                                    " back unchanged"},
         "NewStats": {"type": "array", "minItems": 1, "maxItems": config.max_limit,
                      "items": _oa_ref("NewStat"), "description": "created all-or-nothing"},
+        "StatsPage": _oa_page("StatFields"),
+        "StatsCreated": {"oneOf": [_oa_ref("Stat"), {"type": "object", "required": ["data"], "additionalProperties": False,
+                                                      "properties": {"data": {"type": "array", "items": _oa_ref("Stat")}}}]},
     }
 
 
@@ -3166,6 +3304,7 @@ def _oa_org_schemas() -> dict:
     return {
         "Organization": {**org, "required": ["id", "name", "is_admin", "created_at", "updated_at", "link"]},
         "OrganizationFields": {**org, "required": ["id"]},
+        "OrganizationsPage": _oa_page("OrganizationFields"),
         "NewOrganization": {"type": "object", "additionalProperties": False, "required": ["name"],
                             "properties": {"name": name, "token": token, "is_admin": {"type": "boolean"}}},
         "OrganizationPut": {"type": "object", "additionalProperties": False, "required": ["is_admin"],
@@ -3259,6 +3398,7 @@ def _oa_v1_schemas(config: Config) -> dict:
                            "data": {"type": "array", "items": _oa_ref("V1Stat")}}}
     return {
         "V1Stat": v1_stat,
+        "V1Stats": {"type": "array", "items": _oa_ref("V1Stat")},
         "V1Page": page,
         "V1Query": _oa_v1_params({
             "type": "object", "additionalProperties": False, "required": ["type"],
@@ -3284,172 +3424,60 @@ def _oa_v1_schemas(config: Config) -> dict:
     }
 
 
-def _oa_operations(config: Config) -> dict:
-    """(method, path) -> operation, for every route create_app registers (paths as documented)."""
-    stat_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-               "description": "the stat's id (24 hex characters)"}
-    org_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-                "description": "the organization's name (its id)"}
-    cascade = {"name": "cascade", "in": "query", "schema": _oa_bool(),
-               "description": "true (or 1, yes, on): delete the organization's stats with it"}
-    anr = {"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-    location = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
-    read, write, item = (400, 401, 429, 500), (400, 401, 409, 413, 415, 429, 500, 503, 507), (404,)
-    admin = (403,)
-    v1 = (400, 401, 403, 426, 429, 500)
-    v1_write = v1 + (413, 415, 503, 507)
-    stats_page = {"type": "object", "required": ["data", "has_more"], "properties": {
-        "data": {"type": "array", "items": _oa_ref("StatFields")}, "has_more": {"type": "boolean"}}}
-    orgs_page = {"type": "object", "required": ["data", "has_more"], "properties": {
-        "data": {"type": "array", "items": _oa_ref("OrganizationFields")}, "has_more": {"type": "boolean"}}}
-    s, o, v = API_PREFIX + "/stats/", API_PREFIX + "/organizations/", V1_PREFIX
-    ops = {
-        ("GET", "/"): {"summary": "Service index (with Accept: application/json; browsers get the dashboard's"
-                              " overview page)", "security": [],
-                       "responses": {"200": {"description": "name, version and entry points (JSON), or the"
-                                                            " dashboard's overview (HTML)",
-                                             "content": {"application/json": {"schema": {"type": "object"}},
-                                                         "text/html": {"schema": {"type": "string"}}}},
-                                     "303": {"description": "a browser not logged in is sent to the dashboard's"
-                                                            " login page",
-                                             "headers": {"Location": {"schema": {"type": "string"}}}},
-                                     **_oa_errors(429)}},
-        ("GET", API_PREFIX + "/"): {"summary": "API index: the caller's organization and links to the entry points",
-                                    "responses": {**_oa_ok(200, "organization, is_admin and links", {
-                                        "type": "object", "required": ["organization", "is_admin", "links"]}),
-                                        **_oa_errors(*read)}},
-        ("GET", V1_PREFIX + "/"): {"summary": "MONARC: the v1 routes (no key)", "security": [],
-                                   "responses": {**_oa_ok(200, "the routes", {"type": "object", "required": ["routes"]}),
-                                                 **_oa_errors(400, 429, 500)}},
-        ("GET", OPENAPI_PATH): {"summary": "This OpenAPI description", "security": [],
-                                "responses": {**_oa_ok(200, "OpenAPI 3.1 document", {"type": "object"}),
-                                              **_oa_errors(400, 429, 500)}},
-        ("GET", s): {"summary": "List stats", "parameters": _oa_list_params(STAT_FIELDS, config),
-                     "responses": {**_oa_ok(200, "a page of stats", stats_page), **_oa_errors(*read)}},
-        ("POST", s): {"summary": "Create one stat (object) or 1 to max_limit stats (list, all-or-nothing)",
-                      "requestBody": _oa_body({"oneOf": [_oa_ref("NewStat"), _oa_ref("NewStats")]}),
-                      "responses": {"201": {"description": "created", "headers": location, "content": {
-                          "application/json": {"schema": {"oneOf": [_oa_ref("Stat"), {
-                              "type": "object", "required": ["data"], "additionalProperties": False, "properties": {
-                                  "data": {"type": "array", "items": _oa_ref("Stat")}}}]}}}},
-                                    **_oa_errors(*write)}},
-        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id, _oa_fields_param(STAT_FIELDS)],
-                               "responses": {**_oa_ok(200, "the stat (with _fields: only those, plus id)", {
-                                   "anyOf": [_oa_ref("Stat"), _oa_ref("StatFields")]}), **_oa_errors(*read, *item)}},
-        ("PUT", s + "{id}/"): {"summary": "Replace a stat's client fields", "parameters": [stat_id],
-                               "requestBody": _oa_body(_oa_ref("StatPut")),
-                               "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*write, *item)}},
-        ("PATCH", s + "{id}/"): {"summary": "Change some of a stat's fields", "parameters": [stat_id],
-                                 "requestBody": _oa_body(_oa_ref("StatPatch")),
-                                 "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")),
-                                               **_oa_errors(*write, *item)}},
-        ("DELETE", s + "{id}/"): {"summary": "Delete a stat", "parameters": [stat_id],
-                                  "responses": {**_oa_ok(204, "deleted"), **_oa_errors(400, 401, 404, 429, 500, 503, 507)}},
-        ("GET", o): {"summary": "List organizations (admin)", "parameters": _oa_list_params(ORG_FIELDS, config),
-                     "responses": {**_oa_ok(200, "a page of organizations", orgs_page), **_oa_errors(*read, *admin)}},
-        ("POST", o): {"summary": "Create an organization (admin); its token is answered only now",
-                      "requestBody": _oa_body(_oa_ref("NewOrganization")),
-                      "responses": {**_oa_ok(201, "created", _oa_ref("Organization"), location),
-                                    **_oa_errors(*write, *admin)}},
-        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)",
-                                 "parameters": [org_name, _oa_fields_param(ORG_FIELDS)],
-                                 "responses": {**_oa_ok(200, "the organization (with _fields: only those, plus id)", {
-                                     "anyOf": [_oa_ref("Organization"), _oa_ref("OrganizationFields")]}),
-                                               **_oa_errors(*read, *admin, *item)}},
-        ("PUT", o + "{name}/"): {"summary": "Set is_admin and maybe a new token (admin)", "parameters": [org_name],
-                                 "requestBody": _oa_body(_oa_ref("OrganizationPut")),
-                                 "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
-                                               **_oa_errors(*write, *admin, *item)}},
-        ("PATCH", o + "{name}/"): {"summary": "Set is_admin or a new token (key rotation) (admin)",
-                                   "parameters": [org_name], "requestBody": _oa_body(_oa_ref("OrganizationPatch")),
-                                   "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
-                                                 **_oa_errors(*write, *admin, *item)}},
-        ("DELETE", o + "{name}/"): {"summary": "Delete an organization (admin); 409 if it has stats, unless"
-                                               " cascade=true", "parameters": [org_name, cascade],
-                                    "responses": {**_oa_ok(204, "deleted"),
-                                                  **_oa_errors(400, 401, 409, 429, 500, 503, 507, *admin, *item)}},
-        ("GET", API_PREFIX + "/export/"): {
-            "summary": "Online backup (admin): the `statsd export` document of this server, a snapshot taken"
-                       " at one instant, streamed; `statsd import` restores it into a stopped database",
-            "responses": {**_oa_ok(200, "the export document (chunked)", _oa_ref("Export"), {
-                "X-Export-Organizations": {"schema": {"type": "string"}, "description": "organizations in it"},
-                "X-Export-Stats": {"schema": {"type": "string"}, "description": "stats in it"}}),
-                **_oa_errors(*read, *admin, 503)}},
-        ("POST", API_PREFIX + "/purge/"): {
-            "summary": "Retention (admin): delete the stats dated more than `older_than` months before today"
-                       " (UTC), in chunks; `dry_run` only counts",
-            "requestBody": _oa_body(_oa_ref("PurgeOptions")),
-            "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("PurgeReport")),
-                          **_oa_errors(*write, *admin, 404)}},
-        ("POST", API_PREFIX + "/remove-duplicates/"): {
-            "summary": "Retention (admin): of the stats with the same organization, anr, type and date, keep the"
-                       " newest (latest created_at) and delete the others, in chunks; `dry_run` only counts",
-            "requestBody": _oa_body(_oa_ref("RemoveDuplicatesOptions"), required=False),
-            "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("RemoveDuplicatesReport")),
-                          **_oa_errors(*write, *admin)}},
-        ("GET", v + "/stats/"): {"summary": "MONARC: stats of one type (parameters in a JSON body or the query"
-                                            " string)", "requestBody": _oa_body(_oa_ref("V1Query")),
-                                 "responses": {**_oa_ok(200, "stats", _oa_ref("V1Page")), **_oa_errors(*v1, 413, 415)}},
-        ("POST", v + "/stats/"): {"summary": "MONARC: send stats, each stored on its own",
-                                  "requestBody": _oa_body(_oa_ref("V1NewStats")),
-                                  "responses": {**_oa_ok(201, "all stored", _oa_ref("V1Created")),
-                                                **_oa_ok(207, "some items failed", _oa_ref("V1Created")),
-                                                **_oa_errors(*v1_write)}},
-        ("GET", v + "/stats/{anr}/"): {"summary": "MONARC: the caller's stats of an analysis (an admin's: all)",
-                                       "parameters": [anr],
-                                       "responses": {**_oa_ok(200, "the stats, oldest first (none: [])", {
-                                           "type": "array", "items": _oa_ref("V1Stat")}),
-                                           **_oa_errors(*v1)}},
-        ("DELETE", v + "/stats/{anr}/"): {"summary": "MONARC: delete the caller's stats of an analysis",
-                                          "parameters": [anr],
-                                          "responses": {**_oa_ok(204, "deleted (also when there were none)"),
-                                                        **_oa_errors(*v1, 503, 507)}},
-        ("GET", v + "/stats/processed/"): {"summary": "MONARC: a processor over the stats of every organization",
-                                           "requestBody": _oa_body(_oa_ref("V1Processed")),
-                                           "responses": {**_oa_ok(200, "processed", {
-                                               "type": "object", "required": ["type", "processor", "data"]}),
-                                               **_oa_errors(*v1, 413, 415)}},
-        ("GET", v + "/stats/processed/list/"): {"summary": "MONARC: the processors (no key)", "security": [],
-                                                "responses": {**_oa_ok(200, "processors", {
-                                                    "type": "array", "items": {
-                                                        "type": "object", "required": ["name", "description"]}}),
-                                                    **_oa_errors(400, 429, 500)}},
-        ("GET", v + "/client/me/"): {"summary": "MONARC: the caller's organization",
-                                     "responses": {**_oa_ok(200, "the client", _oa_ref("V1Client")),
-                                                   **_oa_errors(*v1)}},
-        ("PATCH", v + "/client/me/"): {"summary": "MONARC: turn sharing on or off",
-                                       "requestBody": _oa_body(_oa_ref("V1ClientPatch")),
-                                       "responses": {**_oa_ok(200, "the client", _oa_ref("V1Client")),
-                                                     **_oa_errors(*v1_write)}},
+def _oa_parameters(config: Config) -> dict[str, list]:
+    """The parameters a Route names, by name."""
+    return {
+        "stat_id": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                     "description": "the stat's id (24 hex characters)"}],
+        "org_name": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                      "description": "the organization's name (its id)"}],
+        "cascade": [{"name": "cascade", "in": "query", "schema": _oa_bool(),
+                     "description": "true (or 1, yes, on): delete the organization's stats with it"}],
+        "anr": [{"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+        "stat_list": _oa_list_params(STAT_FIELDS, config), "org_list": _oa_list_params(ORG_FIELDS, config),
+        "stat_fields": [_oa_fields_param(STAT_FIELDS)], "org_fields": [_oa_fields_param(ORG_FIELDS)],
     }
-    return ops
 
 
-def openapi_path(canonical: str) -> str:
-    """The documented form of a route's path: with one trailing slash (both forms answer)."""
-    return canonical if canonical == "/" or canonical.endswith(".json") else canonical.rstrip("/") + "/"
+def _oa_schema(spec) -> dict | None:
+    """A Route's schema: a component's name, a tuple of names (any of them), or a schema written out."""
+    if isinstance(spec, str):
+        return _oa_ref(spec)
+    if isinstance(spec, tuple):
+        return {"anyOf": [_oa_ref(name) for name in spec]}
+    return spec
 
 
-def app_routes(app: web.Application) -> set[tuple[str, str]]:
-    """(method, documented path) of every route of the app (HEAD, added by aiohttp with GET, aside;
-    the dashboard's HTML pages under /dashboard/ too: they are no API)."""
-    return {(r.method, openapi_path(r.resource.canonical)) for r in app.router.routes()
-            if r.method != "HEAD" and r.resource is not None
-            and not r.resource.canonical.startswith(DASHBOARD_PREFIX)}
+def _oa_operation(r: Route, parameters: dict) -> dict:
+    """The OpenAPI operation of one route, from the facts it was declared with."""
+    op: dict[str, Any] = {"summary": r.summary}
+    if r.public:
+        op["security"] = []
+    if r.params:
+        op["parameters"] = [param for name in r.params for param in parameters[name]]
+    if r.body is not None:
+        op["requestBody"] = _oa_body(_oa_schema(r.body), r.body_required)
+    responses = dict(r.responses or {})
+    for status, description, *more in r.ok:
+        responses.update(_oa_ok(status, description, *[_oa_schema(more[0])] if more else (), *more[1:]))
+    op["responses"] = {**responses, **_oa_errors(*r.errors)}
+    return op
 
 
 def openapi_document(app: web.Application, server: str = "") -> dict:
-    """The OpenAPI 3.1 description of `app`: every route, with its parameters, bodies and answers."""
+    """The OpenAPI 3.1 description of `app`: every route of ROUTES it serves, with its parameters, bodies and answers."""
     config: Config = app[CONFIG_KEY]
-    known = _oa_operations(config)
+    parameters = _oa_parameters(config)
     rate_headers = {name: {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": text}
                     for name, text in (("X-Rate-Limit-Limit", "requests allowed per window"),
                                        ("X-Rate-Limit-Remaining", "requests left in the window"),
                                        ("X-Rate-Limit-Reset", "UTC epoch second at which the window"
                                                               " frees a request"))}
     paths: dict[str, dict] = {}
-    for method, path in sorted(app_routes(app), key=lambda pair: (pair[1], pair[0])):
-        op = dict(known.get((method, path)) or {"summary": "UNDOCUMENTED", "responses": _oa_errors(500)})
+    for r in sorted(ROUTES.served(config), key=lambda r: (r.path, r.method)):
+        if r.summary is None:
+            continue
+        method, path, op = r.method, r.path, _oa_operation(r, parameters)
         op["operationId"] = f"{method.lower()} {path}"
         if path.startswith("/api/") and config.rate_limit:
             op["responses"] = {status: ({**answer, "headers": {**answer.get("headers", {}), **rate_headers}}
@@ -3492,6 +3520,8 @@ def openapi_document(app: web.Application, server: str = "") -> dict:
     }
 
 
+@route("GET", OPENAPI_PATH, summary="This OpenAPI description", public=True,
+       ok=((200, "OpenAPI 3.1 document", {"type": "object"}),), errors=ERRORS_PUBLIC)
 async def openapi_json(request: web.Request) -> web.Response:
     only_params(request)
     return json_response(openapi_document(request.app, base_url(request)))
@@ -3654,6 +3684,8 @@ def v1_page(items: list, count: int, offset: int = 0, limit: int = 0) -> dict:
             "data": items}
 
 
+@route("GET", V1_PREFIX + "/stats/", summary="MONARC: stats of one type (parameters in a JSON body or the query string)",
+       body="V1Query", ok=((200, "stats", "V1Page"),), errors=ERRORS_V1 + (413, 415))
 async def v1_list_stats(request: web.Request) -> web.Response:
     """GET stats/: one type, by anrs, by date (default: the last 3 months) or only the latest per anr."""
     caller = v1_caller(request)
@@ -3697,6 +3729,8 @@ def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
     return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
 
 
+@route("POST", V1_PREFIX + "/stats/", summary="MONARC: send stats, each stored on its own", body="V1NewStats",
+       ok=((201, "all stored", "V1Created"), (207, "some items failed", "V1Created")), errors=ERRORS_V1_WRITE)
 async def v1_create_stats(request: web.Request) -> web.Response:
     """POST stats/ with a list: each item stored on its own; 201 if all went in, else 207 with per-item results."""
     caller = v1_caller(request)
@@ -3738,6 +3772,8 @@ def v1_path_anr(request: web.Request) -> str:
     return anr
 
 
+@route("GET", V1_PREFIX + "/stats/{anr}/", summary="MONARC: the caller's stats of an analysis (an admin's: all)",
+       params=("anr",), ok=((200, "the stats, oldest first (none: [])", "V1Stats"),), errors=ERRORS_V1)
 async def v1_anr_stats(request: web.Request) -> web.Response:
     """GET stats/<anr>: the caller's stats of that analysis (an admin's: every organization's), as a list."""
     caller = v1_caller(request)
@@ -3747,6 +3783,8 @@ async def v1_anr_stats(request: web.Request) -> web.Response:
     return json_response([present_v1_stat(d) for d in docs])
 
 
+@route("DELETE", V1_PREFIX + "/stats/{anr}/", summary="MONARC: delete the caller's stats of an analysis",
+       params=("anr",), ok=((204, "deleted (also when there were none)"),), errors=ERRORS_V1 + (503, 507))
 async def v1_delete_stats(request: web.Request) -> web.Response:
     """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
     caller = v1_caller(request)
@@ -3772,6 +3810,10 @@ def client_me_body(org: dict | None, key: str | None) -> dict:
             "is_sharing_enabled": org.get("is_sharing_enabled", True)}
 
 
+@route("GET", V1_PREFIX + "/client/me/", summary="MONARC: the caller's organization",
+       ok=((200, "the client", "V1Client"),), errors=ERRORS_V1)
+@route("PATCH", V1_PREFIX + "/client/me/", summary="MONARC: turn sharing on or off", body="V1ClientPatch",
+       ok=((200, "the client", "V1Client"),), errors=ERRORS_V1_WRITE)
 async def v1_client_me(request: web.Request) -> web.Response:
     """GET client/me; PATCH client/me sets is_sharing_enabled."""
     caller = v1_caller(request)
@@ -3956,6 +3998,9 @@ def organization_activity(store: Store, organization: str | None) -> list[dict]:
     return rows
 
 
+@route("GET", V1_PREFIX + "/stats/processed/", summary="MONARC: a processor over the stats of every organization",
+       body="V1Processed", ok=((200, "processed", {"type": "object", "required": ["type", "processor", "data"]}),),
+       errors=ERRORS_V1 + (413, 415))
 async def v1_processed(request: web.Request) -> web.Response:
     """GET stats/processed/: a processor applied to the stats of one type, over every organization
     (or one: `organization`, a statsd addition; an ordinary organization may name only its own)."""
@@ -3985,17 +4030,22 @@ async def v1_processed(request: web.Request) -> web.Response:
     return json_response({"type": kind, "processor": processor, "data": data})
 
 
+@route("GET", V1_PREFIX + "/", summary="MONARC: the v1 routes (no key)", public=True,
+       ok=((200, "the routes", {"type": "object", "required": ["routes"]}),), errors=ERRORS_PUBLIC)
 async def v1_index(request: web.Request) -> web.Response:
     """GET /api/v1/ (no key, as upstream's API page): the v1 routes, from the app's own routes."""
     only_params(request)
     base = base_url(request)
-    routes = sorted((path, method) for method, path in app_routes(request.app)
-                    if path.startswith(V1_PREFIX + "/") and path != V1_PREFIX + "/")
+    routes = sorted((r.path, r.method) for r in ROUTES.served(request.app[CONFIG_KEY])
+                    if r.path.startswith(V1_PREFIX + "/") and r.path != V1_PREFIX + "/")
     return json_response({"service": "statsd", "version": __version__, "api": "v1 (MONARC front office)",
                           "routes": [{"method": method, "path": path, "url": base + path} for path, method in routes],
                           "links": {"openapi": base_url(request) + OPENAPI_PATH, "v2": base_url(request) + API_PREFIX + "/"}})
 
 
+@route("GET", V1_PREFIX + "/stats/processed/list/", summary="MONARC: the processors (no key)", public=True,
+       ok=((200, "processors", {"type": "array", "items": {"type": "object", "required": ["name", "description"]}}),),
+       errors=ERRORS_PUBLIC)
 async def v1_processors(request: web.Request) -> web.Response:
     """GET stats/processed/list (no key): the processors and what they compute."""
     return json_response([{"name": name, "description": " ".join(func.__doc__.split())}
@@ -4030,7 +4080,13 @@ TEMPLATES_KEY = web.AppKey("dashboard_templates", object)
 LOGIN_LIMIT_KEY = web.AppKey("dashboard_login_limit", object)
 
 
+def dashboard_on(config: Config) -> bool:
+    """Whether the dashboard's routes are served (`/` is then its overview)."""
+    return config.dashboard != "off"
+
+
 def is_dashboard_path(path: str) -> bool:
+    """Whether a path is the dashboard's (`/` included)."""
     return path == "/" or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
 
 
@@ -4681,6 +4737,7 @@ def choices_for(request: web.Request, viewer: Viewer, sel: Selection) -> dict:
     return {"organizations": organizations[:1000], "analyses": analyses[:1000]}
 
 
+@route("GET", "/", when=dashboard_on, **ROOT_FACTS)
 async def dashboard_overview(request: web.Request) -> web.Response:
     """`/`: the JSON service index for clients asking for JSON, else the overview page."""
     accept = request.headers.get("Accept", "*/*")
@@ -4718,6 +4775,7 @@ def _file_time(path: str) -> str | None:
         return None
 
 
+@route("GET", DASHBOARD_PREFIX + "/landscape/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_landscape(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=True)
@@ -4730,6 +4788,7 @@ async def dashboard_landscape(request: web.Request) -> web.Response:
         "measures": MEASURE_NAMES, "json_url": charts["threats"].chart.json_url})
 
 
+@route("GET", DASHBOARD_PREFIX + "/evolution/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_evolution(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=True)
@@ -4742,6 +4801,7 @@ async def dashboard_evolution(request: web.Request) -> web.Response:
         "measures": MEASURE_NAMES, "json_url": charts["evolution-threats"].chart.json_url})
 
 
+@route("GET", DASHBOARD_PREFIX + r"/charts/{name:[a-z-]+}.{ext:[a-z]+}", when=dashboard_on)
 @dashboard_handler
 async def dashboard_chart(request: web.Request) -> web.Response:
     """A chart of a page, alone, as SVG or CSV: /dashboard/charts/NAME.svg?the page's choices."""
@@ -4766,6 +4826,7 @@ EXPLORER_ORDERS = {"-created_at": "newest first", "created_at": "oldest first", 
                    "date": "earliest date first", "type": "type", "organization": "organization"}
 
 
+@route("GET", DASHBOARD_PREFIX + "/explorer/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_explorer(request: web.Request) -> web.Response:
     """The stats as a table: the same query parameters as /api/v2/stats/ (empty ones ignored)."""
@@ -4812,6 +4873,7 @@ def _data_summary(data) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
+@route("GET", DASHBOARD_PREFIX + "/stats/{id}/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_stat(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=False)
@@ -4833,6 +4895,7 @@ async def dashboard_stat(request: web.Request) -> web.Response:
         "json_url": stat_path(doc["id"])})
 
 
+@route("GET", DASHBOARD_PREFIX + "/organizations/{name}/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_organization(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=False)
@@ -4879,6 +4942,8 @@ def _check_same_origin(request: web.Request) -> None:
                                   " of another site, or none)")
 
 
+@route("GET", DASHBOARD_PREFIX + "/login/", when=dashboard_on)
+@route("POST", DASHBOARD_PREFIX + "/login/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_login(request: web.Request) -> web.Response:
     """GET: the login form. POST: check the key, start a session, go where the person was going."""
@@ -4914,6 +4979,7 @@ async def dashboard_login(request: web.Request) -> web.Response:
     return response
 
 
+@route("POST", DASHBOARD_PREFIX + "/logout/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_logout(request: web.Request) -> web.Response:
     _check_same_origin(request)
@@ -4923,35 +4989,26 @@ async def dashboard_logout(request: web.Request) -> web.Response:
     return response
 
 
+@route("GET", DASHBOARD_PREFIX + "/static/dashboard.css", when=dashboard_on)
 @dashboard_handler
 async def dashboard_css(request: web.Request) -> web.Response:
     return web.Response(text=DASHBOARD_TEMPLATES["dashboard.css"], content_type="text/css", charset="utf-8",
                         headers={"Cache-Control": "public, max-age=3600"})
 
 
+@route("GET", DASHBOARD_PREFIX + "/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_home(request: web.Request) -> web.Response:
     return see_other("/")
 
 
-def add_dashboard_routes(app: web.Application) -> None:
-    """The dashboard's routes (none when dashboard = "off"); `/` is the overview."""
-    config: Config = app[CONFIG_KEY]
-    if config.dashboard == "off":
-        app.router.add_get("/", index)
+def setup_dashboard(app: web.Application) -> None:
+    """The dashboard's sessions, templates and login limit (none when dashboard = "off")."""
+    if not dashboard_on(app[CONFIG_KEY]):
         return
     app[SESSIONS_KEY] = Sessions()
     app[TEMPLATES_KEY] = dashboard_templates()
     app[LOGIN_LIMIT_KEY] = limits.parse(LOGIN_RATE_LIMIT)
-    app.router.add_get("/", dashboard_overview)
-    routes = [("GET", "", dashboard_home), ("GET", "/landscape", dashboard_landscape),
-              ("GET", "/evolution", dashboard_evolution), ("GET", "/explorer", dashboard_explorer),
-              ("GET", "/stats/{id}", dashboard_stat), ("GET", "/organizations/{name}", dashboard_organization),
-              ("GET", "/login", dashboard_login), ("POST", "/login", dashboard_login),
-              ("POST", "/logout", dashboard_logout)]
-    add_routes(app, DASHBOARD_PREFIX, routes)
-    app.router.add_get(DASHBOARD_PREFIX + "/static/dashboard.css", dashboard_css)
-    app.router.add_get(DASHBOARD_PREFIX + r"/charts/{name:[a-z-]+}.{ext:[a-z]+}", dashboard_chart)
 
 
 # The dashboard's templates and stylesheet, carried by this module (no data files to ship).
@@ -5523,6 +5580,11 @@ def check_older_than(value) -> tuple[int | None, str | None]:
     return value, None
 
 
+@route("POST", API_PREFIX + "/purge/",
+       summary="Retention (admin): delete the stats dated more than `older_than` months before today"
+               " (UTC), in chunks; `dry_run` only counts",
+       body="PurgeOptions", ok=((200, "what matched and what was deleted", "PurgeReport"),),
+       errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
 async def purge_handler(request: web.Request) -> web.Response:
     """POST /api/v2/purge {"older_than": MONTHS, "organization"?: NAME, "dry_run"?: bool}."""
     require_admin(request, "purge stats")
@@ -5545,6 +5607,11 @@ async def purge_handler(request: web.Request) -> web.Response:
                                            body.get("dry_run", False)))
 
 
+@route("POST", API_PREFIX + "/remove-duplicates/",
+       summary="Retention (admin): of the stats with the same organization, anr, type and date, keep the"
+               " newest (latest created_at) and delete the others, in chunks; `dry_run` only counts",
+       body="RemoveDuplicatesOptions", body_required=False,
+       ok=((200, "what matched and what was deleted", "RemoveDuplicatesReport"),), errors=ERRORS_WRITE + ADMIN)
 async def remove_duplicates_handler(request: web.Request) -> web.Response:
     """POST /api/v2/remove-duplicates {"type"?: TYPE, "dry_run"?: bool}."""
     require_admin(request, "remove duplicates")
@@ -5581,43 +5648,11 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app[STAT_QUERIES_KEY] = ParsedQueries(STAT_FIELDS)
     app[RATE_LIMIT_KEY] = config.rate_limit_item()
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
-    routes = [
-        ("GET", "/stats", list_stats), ("POST", "/stats", create_stats),
-        ("GET", "/stats/{id}", get_stat), ("PUT", "/stats/{id}", update_stat),
-        ("PATCH", "/stats/{id}", update_stat), ("DELETE", "/stats/{id}", delete_stat),
-        ("GET", "/organizations", list_orgs), ("POST", "/organizations", create_org),
-        ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
-        ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
-        ("GET", "/export", export_all), ("POST", "/purge", purge_handler),
-        ("POST", "/remove-duplicates", remove_duplicates_handler),
-    ]
-    add_routes(app, API_PREFIX, [("GET", "", api_index), *routes])
-    v1_routes = [
-        ("GET", "", v1_index), ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
-        ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
-        ("GET", "/stats/{anr}", v1_anr_stats), ("DELETE", "/stats/{anr}", v1_delete_stats),
-        ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
-    ]
-    add_routes(app, V1_PREFIX, v1_routes)
-    add_dashboard_routes(app)
-    app.router.add_get(OPENAPI_PATH, openapi_json)  # add_get answers HEAD too
+    setup_dashboard(app)
+    ROUTES.add_to(app)
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
-
-
-def add_routes(app: web.Application, prefix: str, routes: list) -> None:
-    """Each path with and without its trailing slash, as one resource holding all its methods
-    (the router then tries one resource per path, and a wrong method is a 405); GET brings HEAD.
-    The slash form comes first: it is the one links and clients use."""
-    resources: dict[str, web.Resource] = {}
-    for method, path, handler in routes:
-        for variant in (prefix + path + "/", prefix + path):
-            if variant not in resources:
-                resources[variant] = app.router.add_resource(variant)
-            resources[variant].add_route(method, handler)
-            if method == "GET":  # HEAD answers as GET does, without the body (aiohttp drops it)
-                resources[variant].add_route("HEAD", handler)
 
 
 async def _start_store(app: web.Application) -> None:
