@@ -2255,18 +2255,60 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
 
 
 def authenticate(request: web.Request) -> None:
-    """Resolve the API key (X-API-KEY header or api_key argument) to the request's Caller."""
+    """Set the request's Caller before its handler runs; routes that need no key are left alone.
+
+    An /api/v1/ path that no route answers is a 404 or 405 whatever the key, as upstream.
+    """
     path = request.path
-    if not path.startswith("/api/") or path.startswith(V1_PREFIX + "/") or path in ROUTES.public_paths:
-        return  # /api/v1/ handlers authenticate as the upstream does
-    if not request.app[CONFIG_KEY].api_key_authentication:
-        request[CALLER_KEY] = Caller(None, True)
+    if not path.startswith("/api/") or path in ROUTES.public_paths:
         return
-    keys = one_key(request)
-    caller = _caller_for(request.app[STORE_KEY], keys[0]) if keys else None
-    if caller is None:
-        raise ApiError(401, "Unauthorized")
-    request[CALLER_KEY] = caller
+    if path.startswith(V1_PREFIX + "/") and request.match_info.http_exception is not None:
+        return
+    request[CALLER_KEY] = resolve_caller(request)
+
+
+V1_UNAUTHORIZED = "Unauthorized - Authentication required."
+V1_FORBIDDEN = "Forbidden - Authentication failed."
+MONARC_MIN_VERSION = (2, 10, 2)
+MONARC_AGENT_RE = re.compile(r"MONARC/([0-9]+(?:\.[0-9]+)*)")
+
+
+def resolve_caller(request: web.Request) -> Caller:
+    """The caller named by the request's API key as it stands now, or the refusal of the request's API.
+
+    /api/v2/ refuses a missing or unknown key with 401. /api/v1/ refuses as upstream:
+    426 for a MONARC older than 2.10.2 (by its User-Agent), then 401 without a key,
+    403 with a wrong one. With api_key_authentication off every caller is an admin;
+    in v1 a known key still names the organization that new stats and client/me belong to.
+    """
+    v1 = request.path.startswith(V1_PREFIX + "/")
+    if v1:
+        check_monarc_version(request)
+    open_ = not request.app[CONFIG_KEY].api_key_authentication
+    if open_ and not v1:
+        return Caller(None, True)
+    key = presented_key(request)
+    known = _caller_for(request.app[STORE_KEY], key) if key is not None else None
+    if open_:
+        return Caller(known.organization if known else None, True)
+    if known is None:
+        if not v1:
+            raise ApiError(401, "Unauthorized")
+        raise ApiError(401, V1_UNAUTHORIZED) if key is None else ApiError(403, V1_FORBIDDEN)
+    return known
+
+
+def check_monarc_version(request: web.Request) -> None:
+    """A MONARC older than 2.10.2 (by its User-Agent) gets 426, as upstream."""
+    found = MONARC_AGENT_RE.search(request.headers.get("User-Agent", ""))
+    if found and tuple(int(part) for part in found.group(1).split(".")) < MONARC_MIN_VERSION:
+        raise ApiError(426, "Upgrade Required - This service requires use of MONARC version >= 2.10.2.")
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The non-empty API key sent (X-API-KEY header or api_key argument), else None; 400 if sent twice."""
+    keys = [k for k in one_key(request) if k]
+    return keys[0] if keys else None
 
 
 def sent_keys(request: web.Request) -> list[str]:
@@ -2711,20 +2753,14 @@ async def create_stats(request: web.Request) -> web.Response:
 
 
 async def ready_to_write(request: web.Request) -> Caller:
-    """Wait out a checkpoint, then take the caller as its key stands now.
+    """Wait out a checkpoint, then take the caller as its key stands now (v1 and v2 alike).
 
-    Authentication ran before the body was read: meanwhile the key may have
+    The caller was resolved before the body was read: meanwhile the key may have
     been rotated, its organization demoted or deleted. Call this after the
     handler's last await and before the checks that justify its write.
     """
-    store: Store = request.app[STORE_KEY]
-    await store.writable()
-    caller: Caller = request[CALLER_KEY]
-    if caller.token_sha256 is not None:
-        org = store.organization_with_token(caller.token_sha256)
-        if org is None:
-            raise ApiError(401, "Unauthorized")
-        caller = request[CALLER_KEY] = Caller(org["name"], bool(org.get("is_admin")), caller.token_sha256)
+    await request.app[STORE_KEY].writable()
+    caller = request[CALLER_KEY] = resolve_caller(request)
     return caller
 
 
@@ -3535,43 +3571,7 @@ V1_TYPES = ("risk", "vulnerability", "threat", "cartography", "compliance")
 V1_LIST_PARAMS = ("type", "anrs", "anr", "date_from", "date_to", "get_last", "offset", "limit", "group_by_anr")
 V1_PROCESSED_PARAMS = ("type", "processor", "processor_params", "date_from", "date_to", "anrs",
                        "local_stats_only", "organization")
-V1_UNAUTHORIZED = "Unauthorized - Authentication required."
-V1_FORBIDDEN = "Forbidden - Authentication failed."
-MONARC_MIN_VERSION = (2, 10, 2)
-MONARC_AGENT_RE = re.compile(r"MONARC/([0-9]+(?:\.[0-9]+)*)")
 V1_DEFAULT_MONTHS = 3
-
-
-def check_monarc_version(request: web.Request) -> None:
-    """A MONARC older than 2.10.2 (by its User-Agent) gets 426, as upstream."""
-    found = MONARC_AGENT_RE.search(request.headers.get("User-Agent", ""))
-    if found and tuple(int(part) for part in found.group(1).split(".")) < MONARC_MIN_VERSION:
-        raise ApiError(426, "Upgrade Required - This service requires use of MONARC version >= 2.10.2.")
-
-
-def presented_key(request: web.Request) -> str | None:
-    """The non-empty API key sent (X-API-KEY header or api_key argument), else None; 400 if sent twice."""
-    keys = [k for k in one_key(request) if k]
-    return keys[0] if keys else None
-
-
-def v1_caller(request: web.Request) -> Caller:
-    """The caller of a v1 route: 426 for an old MONARC, then 401 without a key, 403 with a wrong one.
-
-    With api_key_authentication off everything is open; a known key still
-    names the organization that new stats and client/me belong to.
-    """
-    check_monarc_version(request)
-    store: Store = request.app[STORE_KEY]
-    key = presented_key(request)
-    known = _caller_for(store, key) if key is not None else None
-    if not request.app[CONFIG_KEY].api_key_authentication:
-        return Caller(known.organization if known else None, True)
-    if key is None and not any(sent_keys(request)):
-        raise ApiError(401, V1_UNAUTHORIZED)
-    if known is None:
-        raise ApiError(403, V1_FORBIDDEN)
-    return known
 
 
 async def v1_params(request: web.Request, allowed: tuple) -> dict:
@@ -3688,7 +3688,7 @@ def v1_page(items: list, count: int, offset: int = 0, limit: int = 0) -> dict:
        body="V1Query", ok=((200, "stats", "V1Page"),), errors=ERRORS_V1 + (413, 415))
 async def v1_list_stats(request: web.Request) -> web.Response:
     """GET stats/: one type, by anrs, by date (default: the last 3 months) or only the latest per anr."""
-    caller = v1_caller(request)
+    caller: Caller = request[CALLER_KEY]
     params = await v1_params(request, V1_LIST_PARAMS)
     kind, anrs = v1_type(params), v1_anrs(params)
     date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
@@ -3733,7 +3733,6 @@ def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
        ok=((201, "all stored", "V1Created"), (207, "some items failed", "V1Created")), errors=ERRORS_V1_WRITE)
 async def v1_create_stats(request: web.Request) -> web.Response:
     """POST stats/ with a list: each item stored on its own; 201 if all went in, else 207 with per-item results."""
-    caller = v1_caller(request)
     only_params(request)
     body = await read_json(request)
     config: Config = request.app[CONFIG_KEY]
@@ -3741,8 +3740,7 @@ async def v1_create_stats(request: web.Request) -> web.Response:
         raise bad_request(f"the body must be a JSON list of at most {config.max_limit} stats"
                           " [{\"anr\", \"type\", \"date\", \"data\"}, ...]")
     store: Store = request.app[STORE_KEY]
-    await store.writable()
-    caller = v1_caller(request)  # the key as it stands after the body was read
+    caller = await ready_to_write(request)
     now = utcnow()
     docs, results, seen = [], [], set()
     for i, item in enumerate(body):
@@ -3776,7 +3774,7 @@ def v1_path_anr(request: web.Request) -> str:
        params=("anr",), ok=((200, "the stats, oldest first (none: [])", "V1Stats"),), errors=ERRORS_V1)
 async def v1_anr_stats(request: web.Request) -> web.Response:
     """GET stats/<anr>: the caller's stats of that analysis (an admin's: every organization's), as a list."""
-    caller = v1_caller(request)
+    caller: Caller = request[CALLER_KEY]
     only_params(request)
     anr = v1_path_anr(request)
     docs = request.app[STORE_KEY].stats_of(organization=caller.scope, anr=anr)
@@ -3787,12 +3785,10 @@ async def v1_anr_stats(request: web.Request) -> web.Response:
        params=("anr",), ok=((204, "deleted (also when there were none)"),), errors=ERRORS_V1 + (503, 507))
 async def v1_delete_stats(request: web.Request) -> web.Response:
     """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
-    caller = v1_caller(request)
     only_params(request)
     anr = v1_path_anr(request)
     store: Store = request.app[STORE_KEY]
-    await store.writable()
-    caller = v1_caller(request)
+    caller = await ready_to_write(request)
     owned = store.stats_of(organization=caller.organization, anr=anr)
     if owned:
         await store.commit([("stats", d["id"], None) for d in owned])
@@ -3816,7 +3812,7 @@ def client_me_body(org: dict | None, key: str | None) -> dict:
        ok=((200, "the client", "V1Client"),), errors=ERRORS_V1_WRITE)
 async def v1_client_me(request: web.Request) -> web.Response:
     """GET client/me; PATCH client/me sets is_sharing_enabled."""
-    caller = v1_caller(request)
+    caller: Caller = request[CALLER_KEY]
     only_params(request)
     store: Store = request.app[STORE_KEY]
     key = presented_key(request)
@@ -3836,8 +3832,7 @@ async def v1_client_me(request: web.Request) -> web.Response:
     if org is None:
         raise bad_request("no organization to change: with api_key_authentication off, send the key"
                           " of an existing organization")
-    await store.writable()
-    caller = v1_caller(request)
+    caller = await ready_to_write(request)
     org = store.organization(caller.organization) if caller.organization is not None else None
     if org is None:
         raise ApiError(403, V1_FORBIDDEN)
@@ -4004,7 +3999,7 @@ def organization_activity(store: Store, organization: str | None) -> list[dict]:
 async def v1_processed(request: web.Request) -> web.Response:
     """GET stats/processed/: a processor applied to the stats of one type, over every organization
     (or one: `organization`, a statsd addition; an ordinary organization may name only its own)."""
-    caller = v1_caller(request)
+    caller: Caller = request[CALLER_KEY]
     params = await v1_params(request, V1_PROCESSED_PARAMS)
     kind, anrs = v1_type(params), v1_anrs(params)
     processor = params.get("processor", MISSING)
