@@ -1522,6 +1522,7 @@ def parse_datetime(value: str) -> str | None:
 
 
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_RULE = "a date written YYYY-MM-DD"
 
 
 def parse_date(value) -> str | None:
@@ -1582,7 +1583,7 @@ def _convert_datetime(raw: str, name: str):
 def _convert_date(raw: str, name: str):
     value = parse_date(raw)
     if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a date written YYYY-MM-DD (2020-05-12)")
+        raise bad_request(f"{name}: {raw!r} is not {DATE_RULE} (2020-05-12)")
     return value
 
 
@@ -1753,13 +1754,8 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
     """
     stored_as = stored_as or {}
     query = Query(limit=config.default_limit)
-    seen: dict[str, str] = {}
-    for name, raw in params.items():
+    for name, raw in single_params(params, PAGE_ALIASES).items():
         canonical = PAGE_ALIASES.get(name, name)
-        if canonical in seen:
-            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
-            raise bad_request(f"query parameter {name!r} is given more than once{also}")
-        seen[canonical] = name
         if canonical in ("_skip", "_limit"):
             number = parse_int(raw)
             if number is None or number < 0:
@@ -1780,6 +1776,20 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
             if len(query.filters) > MAX_FILTERS:
                 raise bad_request(f"more than {MAX_FILTERS} filters in one query; narrow it in steps")
     return query
+
+
+def single_params(params, aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """The query parameters, each given once, else a 400; `aliases` maps other names of a parameter to it."""
+    seen: dict[str, str] = {}
+    single: dict[str, str] = {}
+    for name, raw in params.items():
+        canonical = aliases.get(name, name) if aliases else name
+        if canonical in seen:
+            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
+            raise bad_request(f"query parameter {name!r} is given more than once{also}")
+        seen[canonical] = name
+        single[name] = raw
+    return single
 
 
 def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) -> tuple[str, ...]:
@@ -2053,7 +2063,7 @@ def check_stat_value(name: str, value) -> tuple[Any, str | None]:
         return value, None
     if name == "date":
         parsed = parse_date(value)
-        return (parsed, None) if parsed else (None, "must be a date written YYYY-MM-DD")
+        return (parsed, None) if parsed else (None, f"must be {DATE_RULE}")
     if name in PERIODS:
         low, high = PERIODS[name]
         if not _is_int(value) or not low <= value <= high:
@@ -2535,21 +2545,11 @@ def base_url(request: web.Request) -> str:
     return f"{scheme}://{host}"
 
 
-def single_query(request: web.Request) -> dict[str, str]:
-    """The query parameters, each given once (a repeated one is a 400)."""
-    params: dict[str, str] = {}
-    for name, raw in request.query.items():
-        if name in params:
-            raise bad_request(f"query parameter {name!r} is given more than once")
-        params[name] = raw
-    return params
-
-
 def only_params(request: web.Request, *allowed: str) -> None:
     """Refuse query parameters a route does not take (the API key is always allowed)."""
     if not request.rel_url.raw_query_string:
         return
-    for name in single_query(request):
+    for name in single_params(request.query):
         if name != "api_key" and name not in allowed:
             raise bad_request(f"unknown query parameter {name!r}")
 
@@ -2571,6 +2571,14 @@ async def read_json(request: web.Request):
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+async def read_object(request: web.Request, example: str = "") -> dict:
+    """The request body as a JSON object, else a 400 (ending with `example`, the shape expected)."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object" + example)
+    return body
 
 
 def _fail(errors: dict, what: str) -> ApiError:
@@ -2609,8 +2617,8 @@ def ordered_stat(values: dict) -> dict:
     return record
 
 
-def new_stat(request: web.Request, body, now: str) -> dict:
-    """A new stat record from a POSTed object, or ApiError(400) naming what is wrong."""
+def new_stat(request: web.Request, body, now: str, also: dict | None = None) -> dict:
+    """A new stat record from a posted object, or ApiError(400) naming what is wrong (and the errors `also` found)."""
     if not isinstance(body, dict):
         raise bad_request("a stat must be a JSON object")
     errors: dict[str, str] = {}
@@ -2631,6 +2639,7 @@ def new_stat(request: web.Request, body, now: str) -> dict:
     organization = _stat_organization(request, body, errors)
     if organization is not None:
         clean["organization"] = organization
+    errors.update(also or {})
     if errors:
         raise _fail(errors, "stat")
     return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
@@ -2733,13 +2742,7 @@ async def create_stats(request: web.Request) -> web.Response:
             errors[str(i)] = e.errors or e.message
     if errors:
         raise bad_request(f"{len(errors)} of {len(items)} stats are invalid; nothing was stored", errors)
-    conflicts, seen = {}, {}
-    for i, doc in enumerate(docs):
-        if doc["uuid"] in seen:
-            conflicts[str(i)] = f"uuid {doc['uuid']} repeats item {seen[doc['uuid']]}"
-        elif store.stat_with_uuid(doc["uuid"]) is not None:
-            conflicts[str(i)] = f"uuid {doc['uuid']} already exists"
-        seen[doc["uuid"]] = i
+    conflicts = {str(i): problem for i, problem in uuid_conflicts(store, enumerate(docs)).items()}
     if conflicts:
         message = conflicts["0"] if single else \
             f"{len(conflicts)} of {len(items)} stats conflict with stored ones; nothing was stored"
@@ -2750,6 +2753,18 @@ async def create_stats(request: web.Request) -> web.Response:
         return json_response(present_stat(base, docs[0]), 201,
                              {"Location": base + stat_path(docs[0]["id"])})
     return json_response({"data": [present_stat(base, d) for d in docs]}, 201)
+
+
+def uuid_conflicts(store: Store, docs: Iterable[tuple[int, dict]]) -> dict[int, str]:
+    """Item index -> what is wrong, for each new stat whose uuid an earlier item or a stored stat holds."""
+    conflicts, seen = {}, {}
+    for i, doc in docs:
+        if doc["uuid"] in seen:
+            conflicts[i] = f"uuid {doc['uuid']} repeats item {seen[doc['uuid']]}"
+        elif store.stat_with_uuid(doc["uuid"]) is not None:
+            conflicts[i] = f"uuid {doc['uuid']} already exists"
+        seen[doc["uuid"]] = i
+    return conflicts
 
 
 async def ready_to_write(request: web.Request) -> Caller:
@@ -2789,9 +2804,7 @@ async def get_stat(request: web.Request) -> web.Response:
 async def update_stat(request: web.Request) -> web.Response:
     """PUT replaces the client fields, PATCH merges the given ones."""
     only_params(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
+    body = await read_object(request)
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
     old = visible_stat(request)
@@ -2923,9 +2936,7 @@ async def list_orgs(request: web.Request) -> web.Response:
 async def create_org(request: web.Request) -> web.Response:
     require_admin(request)
     only_params(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object: {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
+    body = await read_object(request, ": {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
     require_admin(request)
@@ -2970,9 +2981,7 @@ async def get_org(request: web.Request) -> web.Response:
 async def update_org(request: web.Request) -> web.Response:
     """PUT sets is_admin (required) and maybe a new token; PATCH sets either."""
     only_params(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
+    body = await read_object(request)
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
     old = visible_org(request)
@@ -3578,12 +3587,10 @@ async def v1_params(request: web.Request, allowed: tuple) -> dict:
     """The parameters of a v1 GET: a JSON object body and/or the query string (not both for one name)."""
     params: dict[str, Any] = {}
     if (await request.read()).strip():
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object of parameters, e.g. {\"type\": \"risk\"}")
+        body = await read_object(request, " of parameters, e.g. {\"type\": \"risk\"}")
         params.update({name: int(value) if value.__class__ is float and value.is_integer() else value
                        for name, value in body.items() if value is not None})  # 1.0 is 1 in JSON
-    for name, raw in single_query(request).items():
+    for name, raw in single_params(request.query).items():
         if name == "api_key":
             continue
         if name in params:
@@ -3618,10 +3625,9 @@ def v1_type(params: dict) -> str:
 
 
 def v1_date(params: dict, name: str) -> str | None:
+    """A date parameter (date_from, date_to), or None when absent."""
     value = params.get(name)
-    if value is not None and parse_date(value) is None:
-        raise bad_request(f"{name}: {value!r} is not a date written YYYY-MM-DD")
-    return value
+    return None if value is None else _convert_date(value, name)
 
 
 def v1_anrs(params: dict) -> set | None:
@@ -3707,26 +3713,23 @@ async def v1_list_stats(request: web.Request) -> web.Response:
     return json_response(v1_page([present_v1_stat(d) for d in page], len(page), offset, limit))
 
 
-def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
-    """A stat record from one item of a v1 batch, or ApiError(400) naming what is wrong."""
+V1_STAT_FIELDS = ("uuid", "anr", "type", "date", "data")
+
+
+def v1_stat_body(caller: Caller, item) -> tuple[dict, dict]:
+    """(the /api/v2/ body, the errors only v1 finds) of one item of a v1 batch: its v1 fields, the caller's organization."""
     if not isinstance(item, dict):
         raise bad_request("a stat must be a JSON object {\"anr\", \"type\", \"date\", \"data\"}")
-    errors: dict[str, str] = {}
-    clean = validated_fields(item, ("uuid", "anr", "type", "date", "data"), errors)
-    for name in ("anr", "type", "date", "data"):
-        if name not in item:
-            errors[name] = "is required"
+    errors = {name: "unknown field" for name in item if name not in V1_STAT_FIELDS}
+    errors.update({name: "is required" for name in ("anr", "date") if name not in item})
     if "anr" in item and parse_uuid(item["anr"]) is None:
         errors["anr"] = "must be the analysis' UUID, as a string"  # v1 has no integer anrs
-    if "type" in clean and clean["type"] not in V1_TYPES:
+    if "type" in item and item["type"] not in V1_TYPES and check_stat_value("type", item["type"])[1] is None:
         errors["type"] = f"must be one of {', '.join(V1_TYPES)}"
-    if errors:
-        raise _fail(errors, "stat")
-    clean.setdefault("uuid", str(uuidlib.uuid4()))
-    derive_periods(clean, item)
+    body = {name: item[name] for name in V1_STAT_FIELDS if name in item}
     if caller.organization is not None:
-        clean["organization"] = caller.organization
-    return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
+        body["organization"] = caller.organization
+    return body, errors
 
 
 @route("POST", V1_PREFIX + "/stats/", summary="MONARC: send stats, each stored on its own", body="V1NewStats",
@@ -3742,20 +3745,19 @@ async def v1_create_stats(request: web.Request) -> web.Response:
     store: Store = request.app[STORE_KEY]
     caller = await ready_to_write(request)
     now = utcnow()
-    docs, results, seen = [], [], set()
+    valid, results = {}, {}
     for i, item in enumerate(body):
         try:
-            doc = v1_new_stat(request, caller, item, now)
+            v2_body, v1_errors = v1_stat_body(caller, item)
+            valid[i] = new_stat(request, v2_body, now, also=v1_errors)
         except ApiError as e:
-            results.append({"index": i, "status": 400, "error": e.message, "errors": e.errors})
-            continue
-        if doc["uuid"] in seen or store.stat_with_uuid(doc["uuid"]) is not None:
-            results.append({"index": i, "status": 409, "uuid": doc["uuid"],
-                            "error": f"Conflict: uuid {doc['uuid']} already exists"})
-            continue
-        seen.add(doc["uuid"])
-        docs.append(doc)
-        results.append({"index": i, "status": 201, "uuid": doc["uuid"]})
+            results[i] = {"index": i, "status": 400, "error": e.message, "errors": e.errors}
+    conflicts = uuid_conflicts(store, valid.items())
+    docs = [doc for i, doc in valid.items() if i not in conflicts]
+    for i, doc in valid.items():
+        results[i] = {"index": i, "status": 201, "uuid": doc["uuid"]} if i not in conflicts else \
+            {"index": i, "status": 409, "uuid": doc["uuid"], "error": f"Conflict: {conflicts[i]}"}
+    results = [results[i] for i in sorted(results)]
     if docs:
         await store.commit([("stats", doc["id"], doc) for doc in docs])
     answer = {**v1_page([present_v1_stat(d) for d in docs], len(docs)), "results": results}
@@ -3819,9 +3821,7 @@ async def v1_client_me(request: web.Request) -> web.Response:
     org = store.organization(caller.organization) if caller.organization is not None else None
     if request.method != "PATCH":  # GET, HEAD
         return json_response(client_me_body(org, key))
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object {\"is_sharing_enabled\": true|false}")
+    body = await read_object(request, " {\"is_sharing_enabled\": true|false}")
     current = client_me_body(org, key)
     errors = {name: "is read-only (only is_sharing_enabled may be changed)" for name in body
               if name != "is_sharing_enabled" and (name not in current or body[name] != current[name])}
@@ -5553,10 +5553,7 @@ async def read_options(request: web.Request) -> dict:
     """The JSON object of options of a POST; no body at all counts as {}."""
     if not request.body_exists:
         return {}
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object of options")
-    return body
+    return await read_object(request, " of options")
 
 
 def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
