@@ -1,9 +1,15 @@
 """statsd: a standalone statistics service for MONARC.
 
-One module, read top to bottom in the order data flows through it:
+One module, read top to bottom in the order data flows through it; its
+sections (the `# --- name ---` banners) are:
 
-    config -> storage -> query -> middleware (rate limit, errors, auth)
-           -> handlers -> app factory -> command line
+    config -> storage -> query -> validation of bodies -> routes
+           -> auth and rate-limit middleware -> handlers (/api/v2/) -> v1 processors
+           -> MONARC /api/v1 handlers -> dashboard -> retention -> OpenAPI
+           -> app factory -> command line
+
+Each route is declared once, on its handler (`@route`), with the facts its
+OpenAPI operation is built from.
 
 Statistics and organizations live in memory and in one TinyDB JSON file.
 Every write is appended to a journal beside that file and fsynced before it
@@ -55,6 +61,7 @@ log = logging.getLogger("statsd")
 
 API_PREFIX = "/api/v2"
 V1_PREFIX = "/api/v1"  # the upstream API that the MONARC front office speaks
+OPENAPI_PATH = API_PREFIX + "/openapi.json"
 MISSING = object()  # a field a record does not have
 
 
@@ -2088,6 +2095,18 @@ def periods_of(day: str) -> dict:
             "quarter": (moment.month - 1) // 3 + 1, "year": moment.year}
 
 
+def months_before(day: date, months: int) -> date:
+    """The same day `months` months earlier (the last day of a shorter month)."""
+    index = day.year * 12 + day.month - 1 - months
+    year, month = divmod(index, 12)
+    for last in (31, 30, 29, 28):
+        try:
+            return date(year, month + 1, min(day.day, last))
+        except ValueError:
+            continue
+    raise AssertionError(day)
+
+
 def derive_periods(clean: dict, body: dict) -> None:
     """A write that sets `date` and no period field gets the periods of that date."""
     if "date" in clean and not any(name in body for name in PERIOD_FIELDS):
@@ -2099,6 +2118,85 @@ def _link_path_matches(value, path: str) -> bool:
     found = re.search(r"href='([^']*)'", value) if isinstance(value, str) else None
     return bool(found) and urlsplit(found.group(1)).path == path
 
+
+# ------------------------------------------------------------------ routes ---
+# Each handler carries its route: @route(METHOD, path, OpenAPI facts). ROUTES then
+# builds the router (create_app) and the OpenAPI document (openapi_document).
+
+ERRORS_PUBLIC = (400, 429, 500)  # the error statuses of a route that needs no key
+ERRORS_READ = (400, 401, 429, 500)
+ERRORS_WRITE = (400, 401, 409, 413, 415, 429, 500, 503, 507)
+ERRORS_DELETE = (400, 401, 429, 500, 503, 507)
+ERRORS_V1 = (400, 401, 403, 426, 429, 500)
+ERRORS_V1_WRITE = ERRORS_V1 + (413, 415, 503, 507)
+ADMIN, NOT_FOUND = (403,), (404,)
+LOCATION_HEADER = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
+
+
+@dataclass
+class Route:
+    """One route: its method, its path as documented, its handler and the facts of its OpenAPI operation.
+
+    A path ending in "/" (other than "/") is served with and without that slash.
+    A schema is named (str: a component), listed (tuple: any of those components)
+    or written out (dict).
+    """
+
+    method: str
+    path: str
+    handler: Callable
+    summary: str | None = None  # None: left out of the OpenAPI document (the dashboard's HTML pages)
+    params: tuple = ()  # names of parameters (see _oa_parameters)
+    body: Any = None  # the schema of the request body
+    body_required: bool = True
+    ok: tuple = ()  # (status, description[, schema[, headers]]) of each success
+    errors: tuple = ()  # the error statuses
+    responses: dict | None = None  # the responses written out, in place of ok and errors
+    public: bool = False  # needs no API key
+    when: Callable[[Config], bool] | None = None  # served only when this holds of the config
+
+    def forms(self) -> tuple[str, ...]:
+        """The paths that reach it: with its trailing slash first (the form links use), then without."""
+        return (self.path, self.path[:-1]) if self.path.endswith("/") and self.path != "/" else (self.path,)
+
+
+class Routes:
+    """Every route of the app, each declared once on its handler."""
+
+    def __init__(self):
+        self.all: list[Route] = []
+
+    def route(self, method: str, path: str, **facts) -> Callable:
+        """A decorator declaring that `method path` is answered by the function it decorates."""
+        def declare(handler):
+            self.all.append(Route(method, path, handler, **facts))
+            return handler
+        return declare
+
+    def served(self, config: Config) -> list[Route]:
+        """The routes an app with `config` serves; fixed paths before those with {placeholders}."""
+        return sorted((r for r in self.all if r.when is None or r.when(config)), key=lambda r: "{" in r.path)
+
+    def add_to(self, app: web.Application, config: Config) -> None:
+        """Register the served routes: one resource per path form, holding all its methods (a wrong
+        method is then a 405); GET brings HEAD, which aiohttp answers without the body."""
+        resources: dict[str, web.Resource] = {}
+        for r in self.served(config):
+            for form in r.forms():
+                if form not in resources:
+                    resources[form] = app.router.add_resource(form)
+                resources[form].add_route(r.method, r.handler)
+                if r.method == "GET":
+                    resources[form].add_route("HEAD", r.handler)
+
+    @functools.cached_property
+    def public_paths(self) -> frozenset[str]:
+        """The paths of the routes that need no key (read once every route is declared)."""
+        return frozenset(form for r in self.all if r.public for form in r.forms())
+
+
+ROUTES = Routes()
+route = ROUTES.route
 
 # ------------------------------------------- auth and rate-limit middleware ---
 
@@ -2349,84 +2447,6 @@ def _caller_for(store: Store, token: str) -> Caller | None:
 
 
 # -------------------------------------------------------------- handlers ---
-# Each handler carries its route: @route(METHOD, path, OpenAPI facts). ROUTES then
-# builds the router (create_app) and the OpenAPI document (openapi_document).
-
-ERRORS_PUBLIC = (400, 429, 500)  # the error statuses of a route that needs no key
-ERRORS_READ = (400, 401, 429, 500)
-ERRORS_WRITE = (400, 401, 409, 413, 415, 429, 500, 503, 507)
-ERRORS_DELETE = (400, 401, 429, 500, 503, 507)
-ERRORS_V1 = (400, 401, 403, 426, 429, 500)
-ERRORS_V1_WRITE = ERRORS_V1 + (413, 415, 503, 507)
-ADMIN, NOT_FOUND = (403,), (404,)
-LOCATION_HEADER = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
-
-
-@dataclass
-class Route:
-    """One route: its method, its path as documented, its handler and the facts of its OpenAPI operation.
-
-    A path ending in "/" (other than "/") is served with and without that slash.
-    A schema is named (str: a component), listed (tuple: any of those components)
-    or written out (dict).
-    """
-
-    method: str
-    path: str
-    handler: Callable
-    summary: str | None = None  # None: left out of the OpenAPI document (the dashboard's HTML pages)
-    params: tuple = ()  # names of parameters (see _oa_parameters)
-    body: Any = None  # the schema of the request body
-    body_required: bool = True
-    ok: tuple = ()  # (status, description[, schema[, headers]]) of each success
-    errors: tuple = ()  # the error statuses
-    responses: dict | None = None  # the responses written out, in place of ok and errors
-    public: bool = False  # needs no API key
-    when: Callable[[Config], bool] | None = None  # served only when this holds of the config
-
-    def forms(self) -> tuple[str, ...]:
-        """The paths that reach it: with its trailing slash first (the form links use), then without."""
-        return (self.path, self.path[:-1]) if self.path.endswith("/") and self.path != "/" else (self.path,)
-
-
-class Routes:
-    """Every route of the app, each declared once on its handler."""
-
-    def __init__(self):
-        self.all: list[Route] = []
-
-    def route(self, method: str, path: str, **facts) -> Callable:
-        """A decorator declaring that `method path` is answered by the function it decorates."""
-        def declare(handler):
-            self.all.append(Route(method, path, handler, **facts))
-            return handler
-        return declare
-
-    def served(self, config: Config) -> list[Route]:
-        """The routes an app with `config` serves; fixed paths before those with {placeholders}."""
-        return sorted((r for r in self.all if r.when is None or r.when(config)), key=lambda r: "{" in r.path)
-
-    def add_to(self, app: web.Application) -> None:
-        """Register the served routes: one resource per path form, holding all its methods (a wrong
-        method is then a 405); GET brings HEAD, which aiohttp answers without the body."""
-        resources: dict[str, web.Resource] = {}
-        for r in self.served(app[CONFIG_KEY]):
-            for form in r.forms():
-                if form not in resources:
-                    resources[form] = app.router.add_resource(form)
-                resources[form].add_route(r.method, r.handler)
-                if r.method == "GET":
-                    resources[form].add_route("HEAD", r.handler)
-
-    @functools.cached_property
-    def public_paths(self) -> frozenset[str]:
-        """The paths of the routes that need no key (read once every route is declared)."""
-        return frozenset(form for r in self.all if r.public for form in r.forms())
-
-
-ROUTES = Routes()
-route = ROUTES.route
-
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -3103,6 +3123,26 @@ INDEX_HTML = """<!DOCTYPE html>
 """
 
 
+EXPORT_FORMAT = "statsd-export"
+ORG_RECORD_FIELDS = ("name", "token_sha256", "is_admin", "is_sharing_enabled", "created_at", "updated_at")
+
+
+EXPORT_CHUNK = 100  # records serialized between two writes of a streamed export (measured: 1000 made
+# a cheap request wait ~25 ms at 100k MONARC-shaped stats, 100 about 3 ms)
+
+
+def export_chunks(orgs: list[dict], stats: list[dict], exported_at: str) -> Iterable[bytes]:
+    """The export document (organizations with token hashes only, stats) in pieces of
+    at most EXPORT_CHUNK records; joined, they are one JSON document and a newline."""
+    head = dumps({"format": EXPORT_FORMAT, "version": 1, "statsd": __version__,
+                  "exported_at": exported_at, "organizations": orgs})
+    yield head[:-1] + b',"stats":['
+    for start in range(0, len(stats), EXPORT_CHUNK):
+        items = dumps(stats[start:start + EXPORT_CHUNK])[1:-1]  # without [ and ]
+        yield b"," + items if start else items
+    yield b"]}\n"
+
+
 @route("GET", API_PREFIX + "/export/",
        summary="Online backup (admin): the `statsd export` document of this server, a snapshot taken"
                " at one instant, streamed; `statsd import` restores it into a stopped database",
@@ -3176,400 +3216,157 @@ async def api_index(request: web.Request) -> web.Response:
                           "is_admin": caller.is_admin, "links": index_links(request)})
 
 
-# ------------------------------------------------------------ OpenAPI ---
-# GET /api/v2/openapi.json: an OpenAPI 3.1 description built from the app's own
-# routes and from the tables the code runs on (STAT_FIELDS, ORG_FIELDS,
-# OPERATORS, PERIODS, ApiError.NAMES, the v1 processors), so it cannot drift.
-# It is public (no key), and counted by the rate limit like every /api/ request.
-
-OPENAPI_PATH = API_PREFIX + "/openapi.json"
-UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real date
+# ----------------------------------------------------------- v1 processors ---
+# processors: (days, labels, processor_params) -> data, from the kept sums of each day
+# (StatAggregates over every organization; a walk over the chosen stats for a narrower choice)
 
 
-def _oa_ref(name: str, kind: str = "schemas") -> dict:
-    return {"$ref": f"#/components/{kind}/{name}"}
+def _no_params(params: dict, processor: str) -> None:
+    if params:
+        raise bad_request(f"processor_params: {processor} takes no parameter, not {', '.join(params)}")
 
 
-def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
-    return {"type": "integer", "minimum": low, "maximum": high}
+def _mean(total: int, count: int) -> float:
+    """The mean of `count` numbers whose exact sum (times EXACT) is `total`, correctly rounded."""
+    return total / (EXACT * count)
 
 
-def _oa_query_values(convert) -> tuple[dict, str]:
-    """(schema of one query value, pattern of one item of an in/nin list) for a field's converter."""
-    if convert is _convert_int:
-        return _oa_int(), "[+-]?[0-9]{1,18}"
-    if convert is _convert_uuid:
-        return {"type": "string", "pattern": UUID_PATTERN}, UUID_PATTERN[1:-1]
-    if convert is _convert_anr:
-        return {"anyOf": [_oa_int(), {"type": "string", "pattern": UUID_PATTERN}]}, \
-            f"([+-]?[0-9]{{1,18}}|{UUID_PATTERN[1:-1]})"
-    if convert is _convert_date:
-        return {"type": "string", "format": "date"}, SAFE_DATE
-    if convert is _convert_datetime:
-        return {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": f"^{SAFE_DATE}$"},
-                          {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-                                                        r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
-    if convert is _convert_bool:
-        return _oa_bool(), f"({'|'.join(TRUE_WORDS + FALSE_WORDS)})"
-    return {"type": "string"}, "[^,]*"
+async def object_averages_on_date(days: list, labels: dict, processor: str, params: dict) -> list:
+    """Per object: the means of its measures per day and over all the days."""
+    _no_params(params, processor)
+    objects: dict[str, tuple[list, list]] = {}
+    budget = LoopBudget()
+    for day, bucket in days:
+        await budget.spend()
+        for uuid, (count, *sums) in bucket.items():
+            entry = objects.get(uuid)
+            if entry is None:
+                entry = objects[uuid] = ([], [0, 0, 0, 0])
+            entry[0].append({**{name: _mean(total, count) for name, total in zip(STAT_MEASURES, sums)}, "date": day})
+            totals = entry[1]
+            totals[0] += count
+            for i, total in enumerate(sums, 1):
+                totals[i] += total
+    return [{"object": uuid, "labels": object_labels(labels, uuid), "values": values,
+             "averages": {name: _mean(total, totals[0]) for name, total in zip(STAT_MEASURES, totals[1:])}}
+            for uuid, (values, totals) in objects.items()]
 
 
-def _oa_bool(description: str = "") -> dict:
-    """A boolean query value: the words parse_bool reads (any case)."""
-    return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS],
-            "description": " ".join(filter(None, (description, f"{BOOL_WORDS_TEXT}, in any case")))}
+async def threat_average_on_date(days: list, labels: dict, params: dict) -> list:
+    """Averages of count, maxRisk and averageRate of each threat, per date and overall, across all analyses."""
+    return await object_averages_on_date(days, labels, "threat_average_on_date", params)
 
 
-def _oa_filters(schema: dict) -> dict:
-    """The filter parameters of a list route, from its field table and OPERATORS."""
-    properties = {}
-    for name, (convert, strings_ok) in schema.items():
-        value, item = _oa_query_values(convert)
-        properties[name] = value
-        for op in OPERATORS:
-            if op in STRING_OPS and not strings_ok:
-                continue
-            if op == "exists":
-                properties[f"{name}__{op}"] = _oa_bool()
-            elif op in ("in", "nin"):
-                properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
-            elif op in STRING_OPS:
-                properties[f"{name}__{op}"] = {"type": "string"}
-            else:
-                properties[f"{name}__{op}"] = value
-    filters = {"type": "object", "properties": properties, "additionalProperties": False,
-               "maxProperties": MAX_FILTERS}
-    if "data" in schema:
-        ops = "|".join(op for op in OPERATORS if op != "exists")
-        filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
-                                        "^data(__[A-Za-z0-9]+)*__exists$": _oa_bool()}
-    return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
-            "description": f"Filters (at most {MAX_FILTERS}), combined with AND: `field=value` (exact) or"
-                           " `field__OPERATOR=value`;"
-                           f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
-                           " string operators apply to string fields only"
-                           + ("; any path inside `data` is written with double underscores,"
-                              " e.g. data__total__current__operational__gt=5" if "data" in schema else "")}
+async def vulnerability_average_on_date(days: list, labels: dict, params: dict) -> list:
+    """Averages of count, maxRisk and averageRate of each vulnerability, per date and overall, across all analyses."""
+    return await object_averages_on_date(days, labels, "vulnerability_average_on_date", params)
 
 
-def _oa_list_params(schema: dict, config: Config) -> list:
-    names = ", ".join(schema)
-    params = [{"name": name, "in": "query", "schema": _oa_int(0) if "limit" not in name
-               else _oa_int(0, config.max_limit), "description": text}
-              for name, text in (("_skip", "records to skip (alias: offset)"),
-                                 ("_limit", f"page size, default {config.default_limit}, at most"
-                                            f" {config.max_limit} (alias: limit)"))]
-    order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
-    params.append({"name": "_order_by", "in": "query",
-                   "schema": {"type": "string", "pattern": f"^{order}(,{order}){{0,{MAX_ORDER_KEYS - 1}}}$"},
-                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id);"
-                                  f" at most {MAX_ORDER_KEYS}, each field once (else 400)"})
-    params.append(_oa_fields_param(schema))
-    return params + [_oa_filters(schema)]
+def _risk_means(sums: dict) -> dict:
+    """state -> kind -> level -> mean, 0 for a level nobody counted."""
+    result = {state: {kind: dict.fromkeys(RISK_LEVELS, 0) for kind in RISK_KINDS} for state in RISK_STATES}
+    for (state, kind, level), (count, total) in sums.items():
+        result[state][kind][level] = _mean(total, count)
+    return result
 
 
-def _oa_fields_param(schema: dict) -> dict:
-    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
-    return {"name": "_fields", "in": "query",
-            "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
-            "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links;"
-                           f" at most {MAX_FIELDS} names"}
+async def risk_averages(days: list, labels: dict, params: dict) -> dict:
+    """Averages of the number of risks per level (current/residual, informational/operational, low/medium/high)."""
+    _no_params(params, "risk_averages")
+    sums: dict[tuple, list] = {}
+    for _, bucket in days:
+        for key, (count, total) in bucket.items():
+            entry = sums.setdefault(key, [0, 0])
+            entry[0] += count
+            entry[1] += total
+    return _risk_means(sums)
 
 
-def _oa_body(schema: dict, required: bool = True) -> dict:
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
+def _risk_selection(params: dict, name: str, choices: tuple) -> tuple:
+    """The comma-separated choices of a risk processor parameter (all when absent or empty)."""
+    value = params.get(name)
+    value = ",".join(choices) if value is None or value == "" else value
+    parts = [part.strip() for part in value.split(",")] if isinstance(value, str) else None
+    if not parts or not set(parts) <= set(choices):
+        raise bad_request(f"processor_params: {name} must be {' or '.join(choices)} (or both, comma-separated),"
+                          f" not {value!r}")
+    return tuple(choice for choice in choices if choice in parts)
 
 
-def _oa_ok(status: int, description: str, schema: dict | None = None, headers=None) -> dict:
-    out: dict[str, Any] = {"description": description}
-    if schema is not None:
-        out["content"] = {"application/json": {"schema": schema}}
-    if headers:
-        out["headers"] = headers
-    return {str(status): out}
+async def risk_averages_on_date(days: list, labels: dict, params: dict) -> dict:
+    """Averages of the number of risks per level and date. Parameters: risks_type (informational or
+    operational), risks_state (current or residual)."""
+    unknown = sorted(set(params) - {"risks_type", "risks_state"})
+    if unknown:
+        raise bad_request(f"processor_params: unknown parameter(s) {', '.join(unknown)}"
+                          " (known: risks_type, risks_state)")
+    kinds = _risk_selection(params, "risks_type", RISK_KINDS)
+    states = _risk_selection(params, "risks_state", RISK_STATES)
+    result = {state: {kind: {level: [] for level in RISK_LEVELS} for kind in kinds} for state in states}
+    for day, bucket in days:
+        for (state, kind, level), (count, total) in bucket.items():
+            if state in result and kind in result[state]:
+                result[state][kind][level].append({"date": day, "value": _mean(total, count)})
+    return result
 
 
-def _oa_errors(*statuses: int) -> dict:
-    return {str(status): _oa_ref(ApiError.NAMES[status], "responses") for status in statuses}
+V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulnerability_average_on_date,
+                                                  risk_averages, risk_averages_on_date)}
 
 
-def _oa_page(item: str) -> dict:
-    """A page of a v2 list: its records and whether more follow."""
-    return {"type": "object", "required": ["data", "has_more"], "properties": {
-        "data": {"type": "array", "items": _oa_ref(item)}, "has_more": {"type": "boolean"}}}
+async def processed_stats(store: Store, kind: str, processor: str, params: dict, *, date_from: str | None = None,
+                          date_to: str | None = None, anrs: set | None = None, organization: str | None = None):
+    """A processor's data over the stats of one type (of one organization, of some analyses) within the dates."""
+    aggregates = store.aggregates
+    key = (kind, processor, orjson.dumps(params, option=orjson.OPT_SORT_KEYS), date_from, date_to,
+           None if anrs is None else tuple(sorted(anrs)), organization)
+    kept = aggregates.answers.get(key)
+    if kept is not None and kept[0] == aggregates.version:
+        return kept[1]
+    version = aggregates.version
+    days = await store.measures_by_day(kind, date_from, date_to, organization=organization, anrs=anrs)
+    data = await V1_PROCESSORS[processor](days, aggregates.labels, params)
+    if not days and not store.has_stats(kind, date_from, date_to, organization=organization, anrs=anrs):
+        data = []
+    if version == aggregates.version and store.aggregates is aggregates:  # no write landed meanwhile
+        if len(aggregates.answers) >= aggregates.MAX_ANSWERS:
+            aggregates.answers.clear()
+        aggregates.answers[key] = (version, data)
+    return data
 
 
-def _oa_stat_schemas(config: Config) -> dict:
-    """The Stat schemas, from the validation rules of check_stat_value and PERIODS."""
-    uuid_s = {"type": "string", "format": "uuid"}
-    client = {"uuid": uuid_s,
-              "organization": {"type": "string", "description": "taken from the API key; with"
-                               " authentication off, an existing organization's name"},
-              "anr": {"anyOf": [_oa_int(), uuid_s]},
-              "type": {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"},
-              "date": {"type": "string", "format": "date", "description": "sets the period fields"
-                       " that are not given"},
-              **{name: _oa_int(low, high) for name, (low, high) in PERIODS.items()},
-              "year": _oa_int(),
-              "data": {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"}}
-    stamp = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
-    server = {"id": {"type": "string", "pattern": "^[0-9a-f]{24}$"}, "created_at": stamp, "updated_at": stamp,
-              "link": {"type": "string"}, "links": {"type": "array", "items": {"type": "string"}}}
-    stat = {"type": "object", "properties": {**client, **server}, "additionalProperties": False}
-    no_org = {k: v for k, v in client.items() if k != "organization"}
-    writable = {"type": "object", "properties": no_org, "additionalProperties": False}
-    changeable = {**writable, "properties": {k: v for k, v in no_org.items() if k != "uuid"}}
-    return {
-        "Stat": {**stat, "required": ["id", "uuid", "type", "data", "created_at", "updated_at", "link"]},
-        "StatFields": {**stat, "required": ["id"], "description": "a stat, with only the _fields asked for"},
-        "NewStat": {**writable, "required": ["type", "data"]},
-        "StatPut": {**changeable, "required": ["type", "data"],
-                    "description": "replaces the client fields; read-only fields (id, uuid, organization,"
-                                   " created_at, updated_at, link, links) may be sent back unchanged"},
-        "StatPatch": {**changeable, "description": "merges the given fields; read-only fields may be sent"
-                                                   " back unchanged"},
-        "NewStats": {"type": "array", "minItems": 1, "maxItems": config.max_limit,
-                     "items": _oa_ref("NewStat"), "description": "created all-or-nothing"},
-        "StatsPage": _oa_page("StatFields"),
-        "StatsCreated": {"oneOf": [_oa_ref("Stat"), {"type": "object", "required": ["data"], "additionalProperties": False,
-                                                      "properties": {"data": {"type": "array", "items": _oa_ref("Stat")}}}]},
-    }
+def stat_counts_by_month(store: Store, organization: str | None, months: int = 12) -> dict:
+    """{type: {"YYYY-MM": count}} of the stats dated in the last `months` calendar months.
+
+    By v1 stat date, from the first day of the month `months - 1` before today's (server
+    local time) to the end of this month; of `organization` when given, else of all. Every
+    type with at least one stat in that window maps each of the `months` months, oldest
+    first, to its count (0 included); other types are left out.
+    """
+    today = date.today()
+    keys = [months_before(today.replace(day=1), back).isoformat()[:7] for back in range(months - 1, -1, -1)]
+    counts: dict[str, dict[str, int]] = {}
+    for kind in store.stat_types():
+        by_month = {month: store.count_between(kind, month + "-01", month + "-31", organization=organization)
+                    for month in keys}
+        if any(by_month.values()):
+            counts[kind] = by_month
+    return counts
 
 
-def _oa_org_schemas() -> dict:
-    stamp = {"type": "string"}
-    token = {"type": "string", "pattern": TOKEN_RE.pattern.join("^$")}
-    name = {"type": "string", "minLength": 1, "maxLength": ORG_NAME_MAX,
-            "pattern": "^[^/\\s\\x00-\\x1f\\x7f]([^/\\x00-\\x1f\\x7f]*[^/\\s\\x00-\\x1f\\x7f])?$"}
-    org = {"type": "object", "additionalProperties": False,
-           "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "is_admin": {"type": "boolean"},
-                          "created_at": stamp, "updated_at": stamp, "link": {"type": "string"},
-                          "token": {"type": "string", "description": "only in the answer that set it"}}}
-    return {
-        "Organization": {**org, "required": ["id", "name", "is_admin", "created_at", "updated_at", "link"]},
-        "OrganizationFields": {**org, "required": ["id"]},
-        "OrganizationsPage": _oa_page("OrganizationFields"),
-        "NewOrganization": {"type": "object", "additionalProperties": False, "required": ["name"],
-                            "properties": {"name": name, "token": token, "is_admin": {"type": "boolean"}}},
-        "OrganizationPut": {"type": "object", "additionalProperties": False, "required": ["is_admin"],
-                            "properties": {"token": token, "is_admin": {"type": "boolean"}}},
-        "OrganizationPatch": {"type": "object", "additionalProperties": False,
-                              "properties": {"token": token, "is_admin": {"type": "boolean"}}},
-    }
-
-
-def _oa_operation_schemas() -> dict:
-    """The export document, and the options and reports of the retention calls."""
-    dry_run = {"type": "boolean", "description": "true: only count, delete nothing (default false)"}
-    count = {"type": "integer", "minimum": 0}
-    report = {"type": "object", "required": ["dry_run", "matched", "deleted", "organizations"], "properties": {
-        "dry_run": {"type": "boolean"}, "matched": count,
-        "deleted": {**count, "description": "0 on a dry run; fewer than matched when some of them were"
-                                            " changed or deleted by others meanwhile"},
-        "organizations": {"type": "array", "items": {
-            "type": "object", "required": ["organization", "matched", "deleted"],
-            "properties": {"organization": {"type": ["string", "null"]}, "matched": count, "deleted": count}}}}}
-    return {
-        "Export": {"type": "object", "required": ["format", "version", "statsd", "exported_at", "organizations",
-                                                  "stats"],
-                   "properties": {"format": {"const": EXPORT_FORMAT}, "version": {"const": 1},
-                                  "statsd": {"type": "string"}, "exported_at": {"type": "string"},
-                                  "organizations": {"type": "array", "items": {
-                                      "type": "object", "required": ["name", "token_sha256", "is_admin"],
-                                      "properties": {name: {"type": "boolean"} if name.startswith("is_")
-                                                     else {"type": "string"} for name in ORG_RECORD_FIELDS},
-                                      "additionalProperties": False}},
-                                  "stats": {"type": "array", "items": {
-                                      "type": "object", "description": "a stat record as stored (no links)"}}}},
-        "PurgeOptions": {"type": "object", "additionalProperties": False, "required": ["older_than"], "properties": {
-            "older_than": {**_oa_int(0, MAX_MONTHS), "description": "months; a stat dated exactly that many months"
-                                                                    " ago is kept"},
-            "organization": {"type": ["string", "null"], "description": "only this (existing) organization's stats"},
-            "dry_run": dry_run}},
-        "RemoveDuplicatesOptions": {"type": "object", "additionalProperties": False, "properties": {
-            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": r"\S",
-                     "description": "only stats of this type; a type no stat has matches none"},
-            "dry_run": dry_run}},
-        "PurgeReport": {**report, "required": [*report["required"], "older_than", "before", "organization"],
-                        "properties": {**report["properties"], "older_than": {"type": "integer"},
-                                       "before": {"type": "string", "format": "date",
-                                                  "description": "stats dated before this day matched"},
-                                       "organization": {"type": ["string", "null"]}}},
-        "RemoveDuplicatesReport": {**report, "required": [*report["required"], "type", "groups"],
-                                   "properties": {**report["properties"], "type": {"type": ["string", "null"]},
-                                                  "groups": {"type": "integer", "description": "groups that had"
-                                                             " duplicates (one stat of each is kept)"}}},
-    }
-
-
-def _oa_v1_params(schema: dict) -> dict:
-    """A v1 parameters object: a null optional parameter counts as absent (as upstream)."""
-    props = {name: value if name in schema["required"] else {"anyOf": [value, {"type": "null"}]}
-             for name, value in schema["properties"].items()}
-    return {**schema, "properties": props}
-
-
-def _oa_v1_schemas(config: Config) -> dict:
-    uuid_s = {"type": "string", "format": "uuid"}
-    day = {"type": "string", "format": "date"}
-    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
-                      {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
-    zero_one = {"anyOf": [{"enum": [0, 1]}, {"type": "string", "pattern": "^\\s*\\+?[01]\\s*$"}]}
-    count = {"anyOf": [_oa_int(0), {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,18}\\s*$",
-                                    "description": "a numeric string, as PHP sends it"}]}
-    processed = []
-    for name, func in V1_PROCESSORS.items():
-        params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
-        if name == "risk_averages_on_date":
-            params["properties"] = {name: {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(({0})(,({0}))*)?$"
-                                                                       .format("|".join(choices))}]}
-                                    for name, choices in (("risks_type", RISK_KINDS), ("risks_state", RISK_STATES))}
-        processed.append(_oa_v1_params({
-            "type": "object", "additionalProperties": False, "required": ["type", "processor"],
-            "description": " ".join(func.__doc__.split()),
-            "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
-                           "processor_params": params, "date_from": day, "date_to": day,
-                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one,
-                           "organization": {"type": "string", "description": "statsd only: the stats of this"
-                                            " organization alone (an ordinary one may name only itself)"}}}))
-    v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
-               "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
-                              "date": day, "data": {}}}
-    page = {"type": "object", "required": ["metadata", "data"],
-            "properties": {"metadata": {"type": "object", "required": ["count", "offset", "limit"],
-                                        "properties": {k: {"type": "string", "pattern": "^[0-9]+$"}
-                                                       for k in ("count", "offset", "limit")}},
-                           "data": {"type": "array", "items": _oa_ref("V1Stat")}}}
-    return {
-        "V1Stat": v1_stat,
-        "V1Stats": {"type": "array", "items": _oa_ref("V1Stat")},
-        "V1Page": page,
-        "V1Query": _oa_v1_params({
-            "type": "object", "additionalProperties": False, "required": ["type"],
-            "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
-                           "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
-                           "offset": count, "limit": count, "group_by_anr": zero_one}}),
-        "V1Processed": {"oneOf": processed},
-        "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
-            "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
-            "properties": {"uuid": uuid_s, "anr": uuid_s, "type": {"enum": list(V1_TYPES)}, "date": day,
-                           "data": {"description": f"any JSON value nested at most {MAX_DATA_DEPTH} levels"}}}},
-        "V1Created": {**page, "required": ["metadata", "data", "results"], "properties": {
-            **page["properties"], "results": {"type": "array", "items": {
-                "type": "object", "required": ["index", "status"],
-                "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
-        "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
-                     "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
-                                    "role": {"enum": [V1_ROLE_USER, V1_ROLE_ADMIN],
-                                             "description": "as upstream: \"1\" user, \"2\" admin"},
-                                    "is_sharing_enabled": {"type": "boolean"}}},
-        "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
-                          "properties": {"is_sharing_enabled": {"type": "boolean"}}},
-    }
-
-
-def _oa_parameters(config: Config) -> dict[str, list]:
-    """The parameters a Route names, by name."""
-    return {
-        "stat_id": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-                     "description": "the stat's id (24 hex characters)"}],
-        "org_name": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-                      "description": "the organization's name (its id)"}],
-        "cascade": [{"name": "cascade", "in": "query", "schema": _oa_bool(),
-                     "description": "true (or 1, yes, on): delete the organization's stats with it"}],
-        "anr": [{"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
-        "stat_list": _oa_list_params(STAT_FIELDS, config), "org_list": _oa_list_params(ORG_FIELDS, config),
-        "stat_fields": [_oa_fields_param(STAT_FIELDS)], "org_fields": [_oa_fields_param(ORG_FIELDS)],
-    }
-
-
-def _oa_schema(spec) -> dict | None:
-    """A Route's schema: a component's name, a tuple of names (any of them), or a schema written out."""
-    if isinstance(spec, str):
-        return _oa_ref(spec)
-    if isinstance(spec, tuple):
-        return {"anyOf": [_oa_ref(name) for name in spec]}
-    return spec
-
-
-def _oa_operation(r: Route, parameters: dict) -> dict:
-    """The OpenAPI operation of one route, from the facts it was declared with."""
-    op: dict[str, Any] = {"summary": r.summary}
-    if r.public:
-        op["security"] = []
-    if r.params:
-        op["parameters"] = [param for name in r.params for param in parameters[name]]
-    if r.body is not None:
-        op["requestBody"] = _oa_body(_oa_schema(r.body), r.body_required)
-    responses = dict(r.responses or {})
-    for status, description, *more in r.ok:
-        responses.update(_oa_ok(status, description, *[_oa_schema(more[0])] if more else (), *more[1:]))
-    op["responses"] = {**responses, **_oa_errors(*r.errors)}
-    return op
-
-
-def openapi_document(app: web.Application, server: str = "") -> dict:
-    """The OpenAPI 3.1 description of `app`: every route of ROUTES it serves, with its parameters, bodies and answers."""
-    config: Config = app[CONFIG_KEY]
-    parameters = _oa_parameters(config)
-    rate_headers = {name: {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": text}
-                    for name, text in (("X-Rate-Limit-Limit", "requests allowed per window"),
-                                       ("X-Rate-Limit-Remaining", "requests left in the window"),
-                                       ("X-Rate-Limit-Reset", "UTC epoch second at which the window"
-                                                              " frees a request"))}
-    paths: dict[str, dict] = {}
-    for r in sorted(ROUTES.served(config), key=lambda r: (r.path, r.method)):
-        if r.summary is None:
-            continue
-        method, path, op = r.method, r.path, _oa_operation(r, parameters)
-        op["operationId"] = f"{method.lower()} {path}"
-        if path.startswith("/api/") and config.rate_limit:
-            op["responses"] = {status: ({**answer, "headers": {**answer.get("headers", {}), **rate_headers}}
-                                        if "$ref" not in answer else answer)
-                               for status, answer in op["responses"].items()}
-        if not config.api_key_authentication:
-            op["security"] = []
-        paths.setdefault(path, {})[method.lower()] = op
-    error = {"type": "object", "required": ["error", "status", "action", "target", "exception_msg",
-                                            "status_code", "exception_cls"],
-             "properties": {"error": {"type": "string"}, "status": {"const": "failed"},
-                            "action": {"type": "string"}, "target": {"type": "string"},
-                            "exception_msg": {"type": "string"}, "status_code": {"type": "integer"},
-                            "exception_cls": {"enum": sorted(set(ApiError.NAMES.values()) | {"HTTPException"})},
-                            "errors": {"type": "object", "description": "what is wrong, per field or item index"},
-                            "Error": {"type": "string", "description": "/api/v1/ only: the upstream's key"}}}
-    responses = {}
-    for status, name in ApiError.NAMES.items():
-        responses[name] = {"description": f"{status} {name}: the JSON error object",
-                           "content": {"application/json": {"schema": _oa_ref("Error")}}}
-        if config.rate_limit:
-            responses[name]["headers"] = {**rate_headers, **({"Retry-After": {"schema": {"type": "string"}}}
-                                                             if status == 429 else {})}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "statsd", "version": __version__,
-                 "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
-                                " front office speaks). Every path also answers without its trailing slash, and every"
-                                " GET also answers HEAD (the same status and headers, no body)."},
-        "servers": [{"url": server or "/"}],
-        "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
-                                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"}},
-            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config),
-                        **_oa_operation_schemas()},
-            "responses": responses,
-        },
-    }
-
-
-@route("GET", OPENAPI_PATH, summary="This OpenAPI description", public=True,
-       ok=((200, "OpenAPI 3.1 document", {"type": "object"}),), errors=ERRORS_PUBLIC)
-async def openapi_json(request: web.Request) -> web.Response:
-    only_params(request)
-    return json_response(openapi_document(request.app, base_url(request)))
+def organization_activity(store: Store, organization: str | None) -> list[dict]:
+    """Per organization (only `organization` when given), by name: {"name", "analyses" (its
+    distinct anrs, sorted by their text), "stats" (how many), "latest" (its latest v1 stat
+    date, or None)}. Without `organization`, stats that belong to no organization (with
+    authentication off) come last under the name None, when there are any.
+    """
+    names = [organization] if organization is not None else sorted(doc["name"] for doc in store.organizations())
+    rows = [{"name": name, **store.activity(name)} for name in names if store.organization(name) is not None]
+    if organization is None:
+        orphans = store.activity(None)
+        if orphans["stats"]:
+            rows.append({"name": None, **orphans})
+    return rows
 
 
 # ------------------------------------------------- MONARC /api/v1 handlers ---
@@ -3665,18 +3462,6 @@ def v1_flag(params: dict, name: str) -> bool:
     elif value in (0, 1) and not isinstance(value, float):
         return bool(value)
     raise bad_request(f"{name}: {value!r} is not true or false ({BOOL_WORDS_TEXT})")
-
-
-def months_before(day: date, months: int) -> date:
-    """The same day `months` months earlier (the last day of a shorter month)."""
-    index = day.year * 12 + day.month - 1 - months
-    year, month = divmod(index, 12)
-    for last in (31, 30, 29, 28):
-        try:
-            return date(year, month + 1, min(day.day, last))
-        except ValueError:
-            continue
-    raise AssertionError(day)
 
 
 def present_v1_stat(doc: dict) -> dict:
@@ -3839,158 +3624,6 @@ async def v1_client_me(request: web.Request) -> web.Response:
     new = {**org, "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}
     await store.commit([("organizations", new["name"], new)])
     return json_response(client_me_body(new, key))
-
-
-# processors: (days, labels, processor_params) -> data, from the kept sums of each day
-# (StatAggregates over every organization; a walk over the chosen stats for a narrower choice)
-
-
-def _no_params(params: dict, processor: str) -> None:
-    if params:
-        raise bad_request(f"processor_params: {processor} takes no parameter, not {', '.join(params)}")
-
-
-def _mean(total: int, count: int) -> float:
-    """The mean of `count` numbers whose exact sum (times EXACT) is `total`, correctly rounded."""
-    return total / (EXACT * count)
-
-
-async def object_averages_on_date(days: list, labels: dict, processor: str, params: dict) -> list:
-    """Per object: the means of its measures per day and over all the days."""
-    _no_params(params, processor)
-    objects: dict[str, tuple[list, list]] = {}
-    budget = LoopBudget()
-    for day, bucket in days:
-        await budget.spend()
-        for uuid, (count, *sums) in bucket.items():
-            entry = objects.get(uuid)
-            if entry is None:
-                entry = objects[uuid] = ([], [0, 0, 0, 0])
-            entry[0].append({**{name: _mean(total, count) for name, total in zip(STAT_MEASURES, sums)}, "date": day})
-            totals = entry[1]
-            totals[0] += count
-            for i, total in enumerate(sums, 1):
-                totals[i] += total
-    return [{"object": uuid, "labels": object_labels(labels, uuid), "values": values,
-             "averages": {name: _mean(total, totals[0]) for name, total in zip(STAT_MEASURES, totals[1:])}}
-            for uuid, (values, totals) in objects.items()]
-
-
-async def threat_average_on_date(days: list, labels: dict, params: dict) -> list:
-    """Averages of count, maxRisk and averageRate of each threat, per date and overall, across all analyses."""
-    return await object_averages_on_date(days, labels, "threat_average_on_date", params)
-
-
-async def vulnerability_average_on_date(days: list, labels: dict, params: dict) -> list:
-    """Averages of count, maxRisk and averageRate of each vulnerability, per date and overall, across all analyses."""
-    return await object_averages_on_date(days, labels, "vulnerability_average_on_date", params)
-
-
-def _risk_means(sums: dict) -> dict:
-    """state -> kind -> level -> mean, 0 for a level nobody counted."""
-    result = {state: {kind: dict.fromkeys(RISK_LEVELS, 0) for kind in RISK_KINDS} for state in RISK_STATES}
-    for (state, kind, level), (count, total) in sums.items():
-        result[state][kind][level] = _mean(total, count)
-    return result
-
-
-async def risk_averages(days: list, labels: dict, params: dict) -> dict:
-    """Averages of the number of risks per level (current/residual, informational/operational, low/medium/high)."""
-    _no_params(params, "risk_averages")
-    sums: dict[tuple, list] = {}
-    for _, bucket in days:
-        for key, (count, total) in bucket.items():
-            entry = sums.setdefault(key, [0, 0])
-            entry[0] += count
-            entry[1] += total
-    return _risk_means(sums)
-
-
-def _risk_selection(params: dict, name: str, choices: tuple) -> tuple:
-    """The comma-separated choices of a risk processor parameter (all when absent or empty)."""
-    value = params.get(name)
-    value = ",".join(choices) if value is None or value == "" else value
-    parts = [part.strip() for part in value.split(",")] if isinstance(value, str) else None
-    if not parts or not set(parts) <= set(choices):
-        raise bad_request(f"processor_params: {name} must be {' or '.join(choices)} (or both, comma-separated),"
-                          f" not {value!r}")
-    return tuple(choice for choice in choices if choice in parts)
-
-
-async def risk_averages_on_date(days: list, labels: dict, params: dict) -> dict:
-    """Averages of the number of risks per level and date. Parameters: risks_type (informational or
-    operational), risks_state (current or residual)."""
-    unknown = sorted(set(params) - {"risks_type", "risks_state"})
-    if unknown:
-        raise bad_request(f"processor_params: unknown parameter(s) {', '.join(unknown)}"
-                          " (known: risks_type, risks_state)")
-    kinds = _risk_selection(params, "risks_type", RISK_KINDS)
-    states = _risk_selection(params, "risks_state", RISK_STATES)
-    result = {state: {kind: {level: [] for level in RISK_LEVELS} for kind in kinds} for state in states}
-    for day, bucket in days:
-        for (state, kind, level), (count, total) in bucket.items():
-            if state in result and kind in result[state]:
-                result[state][kind][level].append({"date": day, "value": _mean(total, count)})
-    return result
-
-
-V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulnerability_average_on_date,
-                                                  risk_averages, risk_averages_on_date)}
-
-
-async def processed_stats(store: Store, kind: str, processor: str, params: dict, *, date_from: str | None = None,
-                          date_to: str | None = None, anrs: set | None = None, organization: str | None = None):
-    """A processor's data over the stats of one type (of one organization, of some analyses) within the dates."""
-    aggregates = store.aggregates
-    key = (kind, processor, orjson.dumps(params, option=orjson.OPT_SORT_KEYS), date_from, date_to,
-           None if anrs is None else tuple(sorted(anrs)), organization)
-    kept = aggregates.answers.get(key)
-    if kept is not None and kept[0] == aggregates.version:
-        return kept[1]
-    version = aggregates.version
-    days = await store.measures_by_day(kind, date_from, date_to, organization=organization, anrs=anrs)
-    data = await V1_PROCESSORS[processor](days, aggregates.labels, params)
-    if not days and not store.has_stats(kind, date_from, date_to, organization=organization, anrs=anrs):
-        data = []
-    if version == aggregates.version and store.aggregates is aggregates:  # no write landed meanwhile
-        if len(aggregates.answers) >= aggregates.MAX_ANSWERS:
-            aggregates.answers.clear()
-        aggregates.answers[key] = (version, data)
-    return data
-
-
-def stat_counts_by_month(store: Store, organization: str | None, months: int = 12) -> dict:
-    """{type: {"YYYY-MM": count}} of the stats dated in the last `months` calendar months.
-
-    By v1 stat date, from the first day of the month `months - 1` before today's (server
-    local time) to the end of this month; of `organization` when given, else of all. Every
-    type with at least one stat in that window maps each of the `months` months, oldest
-    first, to its count (0 included); other types are left out.
-    """
-    today = date.today()
-    keys = [months_before(today.replace(day=1), back).isoformat()[:7] for back in range(months - 1, -1, -1)]
-    counts: dict[str, dict[str, int]] = {}
-    for kind in store.stat_types():
-        by_month = {month: store.count_between(kind, month + "-01", month + "-31", organization=organization)
-                    for month in keys}
-        if any(by_month.values()):
-            counts[kind] = by_month
-    return counts
-
-
-def organization_activity(store: Store, organization: str | None) -> list[dict]:
-    """Per organization (only `organization` when given), by name: {"name", "analyses" (its
-    distinct anrs, sorted by their text), "stats" (how many), "latest" (its latest v1 stat
-    date, or None)}. Without `organization`, stats that belong to no organization (with
-    authentication off) come last under the name None, when there are any.
-    """
-    names = [organization] if organization is not None else sorted(doc["name"] for doc in store.organizations())
-    rows = [{"name": name, **store.activity(name)} for name in names if store.organization(name) is not None]
-    if organization is None:
-        orphans = store.activity(None)
-        if orphans["stats"]:
-            rows.append({"name": None, **orphans})
-    return rows
 
 
 @route("GET", V1_PREFIX + "/stats/processed/", summary="MONARC: a processor over the stats of every organization",
@@ -5622,6 +5255,401 @@ async def remove_duplicates_handler(request: web.Request) -> web.Response:
     return json_response(await remove_duplicate_stats(store, body.get("type"), body.get("dry_run", False)))
 
 
+# ------------------------------------------------------------ OpenAPI ---
+# GET /api/v2/openapi.json: an OpenAPI 3.1 description built from the app's own
+# routes and from the tables the code runs on (STAT_FIELDS, ORG_FIELDS,
+# OPERATORS, PERIODS, ApiError.NAMES, the v1 processors), so it cannot drift.
+# It is public (no key), and counted by the rate limit like every /api/ request.
+
+UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real date
+
+
+def _oa_ref(name: str, kind: str = "schemas") -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _oa_query_values(convert) -> tuple[dict, str]:
+    """(schema of one query value, pattern of one item of an in/nin list) for a field's converter."""
+    if convert is _convert_int:
+        return _oa_int(), "[+-]?[0-9]{1,18}"
+    if convert is _convert_uuid:
+        return {"type": "string", "pattern": UUID_PATTERN}, UUID_PATTERN[1:-1]
+    if convert is _convert_anr:
+        return {"anyOf": [_oa_int(), {"type": "string", "pattern": UUID_PATTERN}]}, \
+            f"([+-]?[0-9]{{1,18}}|{UUID_PATTERN[1:-1]})"
+    if convert is _convert_date:
+        return {"type": "string", "format": "date"}, SAFE_DATE
+    if convert is _convert_datetime:
+        return {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": f"^{SAFE_DATE}$"},
+                          {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                                                        r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
+    if convert is _convert_bool:
+        return _oa_bool(), f"({'|'.join(TRUE_WORDS + FALSE_WORDS)})"
+    return {"type": "string"}, "[^,]*"
+
+
+def _oa_bool(description: str = "") -> dict:
+    """A boolean query value: the words parse_bool reads (any case)."""
+    return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS],
+            "description": " ".join(filter(None, (description, f"{BOOL_WORDS_TEXT}, in any case")))}
+
+
+def _oa_filters(schema: dict) -> dict:
+    """The filter parameters of a list route, from its field table and OPERATORS."""
+    properties = {}
+    for name, (convert, strings_ok) in schema.items():
+        value, item = _oa_query_values(convert)
+        properties[name] = value
+        for op in OPERATORS:
+            if op in STRING_OPS and not strings_ok:
+                continue
+            if op == "exists":
+                properties[f"{name}__{op}"] = _oa_bool()
+            elif op in ("in", "nin"):
+                properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
+            elif op in STRING_OPS:
+                properties[f"{name}__{op}"] = {"type": "string"}
+            else:
+                properties[f"{name}__{op}"] = value
+    filters = {"type": "object", "properties": properties, "additionalProperties": False,
+               "maxProperties": MAX_FILTERS}
+    if "data" in schema:
+        ops = "|".join(op for op in OPERATORS if op != "exists")
+        filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
+                                        "^data(__[A-Za-z0-9]+)*__exists$": _oa_bool()}
+    return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
+            "description": f"Filters (at most {MAX_FILTERS}), combined with AND: `field=value` (exact) or"
+                           " `field__OPERATOR=value`;"
+                           f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
+                           " string operators apply to string fields only"
+                           + ("; any path inside `data` is written with double underscores,"
+                              " e.g. data__total__current__operational__gt=5" if "data" in schema else "")}
+
+
+def _oa_list_params(schema: dict, config: Config) -> list:
+    names = ", ".join(schema)
+    params = [{"name": name, "in": "query", "schema": _oa_int(0) if "limit" not in name
+               else _oa_int(0, config.max_limit), "description": text}
+              for name, text in (("_skip", "records to skip (alias: offset)"),
+                                 ("_limit", f"page size, default {config.default_limit}, at most"
+                                            f" {config.max_limit} (alias: limit)"))]
+    order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
+    params.append({"name": "_order_by", "in": "query",
+                   "schema": {"type": "string", "pattern": f"^{order}(,{order}){{0,{MAX_ORDER_KEYS - 1}}}$"},
+                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id);"
+                                  f" at most {MAX_ORDER_KEYS}, each field once (else 400)"})
+    params.append(_oa_fields_param(schema))
+    return params + [_oa_filters(schema)]
+
+
+def _oa_fields_param(schema: dict) -> dict:
+    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
+    return {"name": "_fields", "in": "query",
+            "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
+            "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links;"
+                           f" at most {MAX_FIELDS} names"}
+
+
+def _oa_body(schema: dict, required: bool = True) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _oa_ok(status: int, description: str, schema: dict | None = None, headers=None) -> dict:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": schema}}
+    if headers:
+        out["headers"] = headers
+    return {str(status): out}
+
+
+def _oa_errors(*statuses: int) -> dict:
+    return {str(status): _oa_ref(ApiError.NAMES[status], "responses") for status in statuses}
+
+
+def _oa_page(item: str) -> dict:
+    """A page of a v2 list: its records and whether more follow."""
+    return {"type": "object", "required": ["data", "has_more"], "properties": {
+        "data": {"type": "array", "items": _oa_ref(item)}, "has_more": {"type": "boolean"}}}
+
+
+def _oa_stat_schemas(config: Config) -> dict:
+    """The Stat schemas, from the validation rules of check_stat_value and PERIODS."""
+    uuid_s = {"type": "string", "format": "uuid"}
+    client = {"uuid": uuid_s,
+              "organization": {"type": "string", "description": "taken from the API key; with"
+                               " authentication off, an existing organization's name"},
+              "anr": {"anyOf": [_oa_int(), uuid_s]},
+              "type": {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"},
+              "date": {"type": "string", "format": "date", "description": "sets the period fields"
+                       " that are not given"},
+              **{name: _oa_int(low, high) for name, (low, high) in PERIODS.items()},
+              "year": _oa_int(),
+              "data": {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"}}
+    stamp = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
+    server = {"id": {"type": "string", "pattern": "^[0-9a-f]{24}$"}, "created_at": stamp, "updated_at": stamp,
+              "link": {"type": "string"}, "links": {"type": "array", "items": {"type": "string"}}}
+    stat = {"type": "object", "properties": {**client, **server}, "additionalProperties": False}
+    no_org = {k: v for k, v in client.items() if k != "organization"}
+    writable = {"type": "object", "properties": no_org, "additionalProperties": False}
+    changeable = {**writable, "properties": {k: v for k, v in no_org.items() if k != "uuid"}}
+    return {
+        "Stat": {**stat, "required": ["id", "uuid", "type", "data", "created_at", "updated_at", "link"]},
+        "StatFields": {**stat, "required": ["id"], "description": "a stat, with only the _fields asked for"},
+        "NewStat": {**writable, "required": ["type", "data"]},
+        "StatPut": {**changeable, "required": ["type", "data"],
+                    "description": "replaces the client fields; read-only fields (id, uuid, organization,"
+                                   " created_at, updated_at, link, links) may be sent back unchanged"},
+        "StatPatch": {**changeable, "description": "merges the given fields; read-only fields may be sent"
+                                                   " back unchanged"},
+        "NewStats": {"type": "array", "minItems": 1, "maxItems": config.max_limit,
+                     "items": _oa_ref("NewStat"), "description": "created all-or-nothing"},
+        "StatsPage": _oa_page("StatFields"),
+        "StatsCreated": {"oneOf": [_oa_ref("Stat"), {"type": "object", "required": ["data"], "additionalProperties": False,
+                                                      "properties": {"data": {"type": "array", "items": _oa_ref("Stat")}}}]},
+    }
+
+
+def _oa_org_schemas() -> dict:
+    stamp = {"type": "string"}
+    token = {"type": "string", "pattern": TOKEN_RE.pattern.join("^$")}
+    name = {"type": "string", "minLength": 1, "maxLength": ORG_NAME_MAX,
+            "pattern": "^[^/\\s\\x00-\\x1f\\x7f]([^/\\x00-\\x1f\\x7f]*[^/\\s\\x00-\\x1f\\x7f])?$"}
+    org = {"type": "object", "additionalProperties": False,
+           "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "is_admin": {"type": "boolean"},
+                          "created_at": stamp, "updated_at": stamp, "link": {"type": "string"},
+                          "token": {"type": "string", "description": "only in the answer that set it"}}}
+    return {
+        "Organization": {**org, "required": ["id", "name", "is_admin", "created_at", "updated_at", "link"]},
+        "OrganizationFields": {**org, "required": ["id"]},
+        "OrganizationsPage": _oa_page("OrganizationFields"),
+        "NewOrganization": {"type": "object", "additionalProperties": False, "required": ["name"],
+                            "properties": {"name": name, "token": token, "is_admin": {"type": "boolean"}}},
+        "OrganizationPut": {"type": "object", "additionalProperties": False, "required": ["is_admin"],
+                            "properties": {"token": token, "is_admin": {"type": "boolean"}}},
+        "OrganizationPatch": {"type": "object", "additionalProperties": False,
+                              "properties": {"token": token, "is_admin": {"type": "boolean"}}},
+    }
+
+
+def _oa_operation_schemas() -> dict:
+    """The export document, and the options and reports of the retention calls."""
+    dry_run = {"type": "boolean", "description": "true: only count, delete nothing (default false)"}
+    count = {"type": "integer", "minimum": 0}
+    report = {"type": "object", "required": ["dry_run", "matched", "deleted", "organizations"], "properties": {
+        "dry_run": {"type": "boolean"}, "matched": count,
+        "deleted": {**count, "description": "0 on a dry run; fewer than matched when some of them were"
+                                            " changed or deleted by others meanwhile"},
+        "organizations": {"type": "array", "items": {
+            "type": "object", "required": ["organization", "matched", "deleted"],
+            "properties": {"organization": {"type": ["string", "null"]}, "matched": count, "deleted": count}}}}}
+    return {
+        "Export": {"type": "object", "required": ["format", "version", "statsd", "exported_at", "organizations",
+                                                  "stats"],
+                   "properties": {"format": {"const": EXPORT_FORMAT}, "version": {"const": 1},
+                                  "statsd": {"type": "string"}, "exported_at": {"type": "string"},
+                                  "organizations": {"type": "array", "items": {
+                                      "type": "object", "required": ["name", "token_sha256", "is_admin"],
+                                      "properties": {name: {"type": "boolean"} if name.startswith("is_")
+                                                     else {"type": "string"} for name in ORG_RECORD_FIELDS},
+                                      "additionalProperties": False}},
+                                  "stats": {"type": "array", "items": {
+                                      "type": "object", "description": "a stat record as stored (no links)"}}}},
+        "PurgeOptions": {"type": "object", "additionalProperties": False, "required": ["older_than"], "properties": {
+            "older_than": {**_oa_int(0, MAX_MONTHS), "description": "months; a stat dated exactly that many months"
+                                                                    " ago is kept"},
+            "organization": {"type": ["string", "null"], "description": "only this (existing) organization's stats"},
+            "dry_run": dry_run}},
+        "RemoveDuplicatesOptions": {"type": "object", "additionalProperties": False, "properties": {
+            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": r"\S",
+                     "description": "only stats of this type; a type no stat has matches none"},
+            "dry_run": dry_run}},
+        "PurgeReport": {**report, "required": [*report["required"], "older_than", "before", "organization"],
+                        "properties": {**report["properties"], "older_than": {"type": "integer"},
+                                       "before": {"type": "string", "format": "date",
+                                                  "description": "stats dated before this day matched"},
+                                       "organization": {"type": ["string", "null"]}}},
+        "RemoveDuplicatesReport": {**report, "required": [*report["required"], "type", "groups"],
+                                   "properties": {**report["properties"], "type": {"type": ["string", "null"]},
+                                                  "groups": {"type": "integer", "description": "groups that had"
+                                                             " duplicates (one stat of each is kept)"}}},
+    }
+
+
+def _oa_v1_params(schema: dict) -> dict:
+    """A v1 parameters object: a null optional parameter counts as absent (as upstream)."""
+    props = {name: value if name in schema["required"] else {"anyOf": [value, {"type": "null"}]}
+             for name, value in schema["properties"].items()}
+    return {**schema, "properties": props}
+
+
+def _oa_v1_schemas(config: Config) -> dict:
+    uuid_s = {"type": "string", "format": "uuid"}
+    day = {"type": "string", "format": "date"}
+    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
+                      {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
+    zero_one = {"anyOf": [{"enum": [0, 1]}, {"type": "string", "pattern": "^\\s*\\+?[01]\\s*$"}]}
+    count = {"anyOf": [_oa_int(0), {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,18}\\s*$",
+                                    "description": "a numeric string, as PHP sends it"}]}
+    processed = []
+    for name, func in V1_PROCESSORS.items():
+        params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
+        if name == "risk_averages_on_date":
+            params["properties"] = {name: {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(({0})(,({0}))*)?$"
+                                                                       .format("|".join(choices))}]}
+                                    for name, choices in (("risks_type", RISK_KINDS), ("risks_state", RISK_STATES))}
+        processed.append(_oa_v1_params({
+            "type": "object", "additionalProperties": False, "required": ["type", "processor"],
+            "description": " ".join(func.__doc__.split()),
+            "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
+                           "processor_params": params, "date_from": day, "date_to": day,
+                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one,
+                           "organization": {"type": "string", "description": "statsd only: the stats of this"
+                                            " organization alone (an ordinary one may name only itself)"}}}))
+    v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
+               "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
+                              "date": day, "data": {}}}
+    page = {"type": "object", "required": ["metadata", "data"],
+            "properties": {"metadata": {"type": "object", "required": ["count", "offset", "limit"],
+                                        "properties": {k: {"type": "string", "pattern": "^[0-9]+$"}
+                                                       for k in ("count", "offset", "limit")}},
+                           "data": {"type": "array", "items": _oa_ref("V1Stat")}}}
+    return {
+        "V1Stat": v1_stat,
+        "V1Stats": {"type": "array", "items": _oa_ref("V1Stat")},
+        "V1Page": page,
+        "V1Query": _oa_v1_params({
+            "type": "object", "additionalProperties": False, "required": ["type"],
+            "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
+                           "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
+                           "offset": count, "limit": count, "group_by_anr": zero_one}}),
+        "V1Processed": {"oneOf": processed},
+        "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
+            "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
+            "properties": {"uuid": uuid_s, "anr": uuid_s, "type": {"enum": list(V1_TYPES)}, "date": day,
+                           "data": {"description": f"any JSON value nested at most {MAX_DATA_DEPTH} levels"}}}},
+        "V1Created": {**page, "required": ["metadata", "data", "results"], "properties": {
+            **page["properties"], "results": {"type": "array", "items": {
+                "type": "object", "required": ["index", "status"],
+                "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
+        "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
+                     "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
+                                    "role": {"enum": [V1_ROLE_USER, V1_ROLE_ADMIN],
+                                             "description": "as upstream: \"1\" user, \"2\" admin"},
+                                    "is_sharing_enabled": {"type": "boolean"}}},
+        "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
+                          "properties": {"is_sharing_enabled": {"type": "boolean"}}},
+    }
+
+
+def _oa_parameters(config: Config) -> dict[str, list]:
+    """The parameters a Route names, by name."""
+    return {
+        "stat_id": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                     "description": "the stat's id (24 hex characters)"}],
+        "org_name": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                      "description": "the organization's name (its id)"}],
+        "cascade": [{"name": "cascade", "in": "query", "schema": _oa_bool(),
+                     "description": "true (or 1, yes, on): delete the organization's stats with it"}],
+        "anr": [{"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+        "stat_list": _oa_list_params(STAT_FIELDS, config), "org_list": _oa_list_params(ORG_FIELDS, config),
+        "stat_fields": [_oa_fields_param(STAT_FIELDS)], "org_fields": [_oa_fields_param(ORG_FIELDS)],
+    }
+
+
+def _oa_schema(spec) -> dict | None:
+    """A Route's schema: a component's name, a tuple of names (any of them), or a schema written out."""
+    if isinstance(spec, str):
+        return _oa_ref(spec)
+    if isinstance(spec, tuple):
+        return {"anyOf": [_oa_ref(name) for name in spec]}
+    return spec
+
+
+def _oa_operation(r: Route, parameters: dict) -> dict:
+    """The OpenAPI operation of one route, from the facts it was declared with."""
+    op: dict[str, Any] = {"summary": r.summary}
+    if r.public:
+        op["security"] = []
+    if r.params:
+        op["parameters"] = [param for name in r.params for param in parameters[name]]
+    if r.body is not None:
+        op["requestBody"] = _oa_body(_oa_schema(r.body), r.body_required)
+    responses = dict(r.responses or {})
+    for status, description, *more in r.ok:
+        responses.update(_oa_ok(status, description, *[_oa_schema(more[0])] if more else (), *more[1:]))
+    op["responses"] = {**responses, **_oa_errors(*r.errors)}
+    return op
+
+
+def openapi_document(app: web.Application, server: str = "") -> dict:
+    """The OpenAPI 3.1 description of `app`: every route of ROUTES it serves, with its parameters, bodies and answers."""
+    config: Config = app[CONFIG_KEY]
+    parameters = _oa_parameters(config)
+    rate_headers = {name: {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": text}
+                    for name, text in (("X-Rate-Limit-Limit", "requests allowed per window"),
+                                       ("X-Rate-Limit-Remaining", "requests left in the window"),
+                                       ("X-Rate-Limit-Reset", "UTC epoch second at which the window"
+                                                              " frees a request"))}
+    paths: dict[str, dict] = {}
+    for r in sorted(ROUTES.served(config), key=lambda r: (r.path, r.method)):
+        if r.summary is None:
+            continue
+        method, path, op = r.method, r.path, _oa_operation(r, parameters)
+        op["operationId"] = f"{method.lower()} {path}"
+        if path.startswith("/api/") and config.rate_limit:
+            op["responses"] = {status: ({**answer, "headers": {**answer.get("headers", {}), **rate_headers}}
+                                        if "$ref" not in answer else answer)
+                               for status, answer in op["responses"].items()}
+        if not config.api_key_authentication:
+            op["security"] = []
+        paths.setdefault(path, {})[method.lower()] = op
+    error = {"type": "object", "required": ["error", "status", "action", "target", "exception_msg",
+                                            "status_code", "exception_cls"],
+             "properties": {"error": {"type": "string"}, "status": {"const": "failed"},
+                            "action": {"type": "string"}, "target": {"type": "string"},
+                            "exception_msg": {"type": "string"}, "status_code": {"type": "integer"},
+                            "exception_cls": {"enum": sorted(set(ApiError.NAMES.values()) | {"HTTPException"})},
+                            "errors": {"type": "object", "description": "what is wrong, per field or item index"},
+                            "Error": {"type": "string", "description": "/api/v1/ only: the upstream's key"}}}
+    responses = {}
+    for status, name in ApiError.NAMES.items():
+        responses[name] = {"description": f"{status} {name}: the JSON error object",
+                           "content": {"application/json": {"schema": _oa_ref("Error")}}}
+        if config.rate_limit:
+            responses[name]["headers"] = {**rate_headers, **({"Retry-After": {"schema": {"type": "string"}}}
+                                                             if status == 429 else {})}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "statsd", "version": __version__,
+                 "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
+                                " front office speaks). Every path also answers without its trailing slash, and every"
+                                " GET also answers HEAD (the same status and headers, no body)."},
+        "servers": [{"url": server or "/"}],
+        "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"}},
+            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config),
+                        **_oa_operation_schemas()},
+            "responses": responses,
+        },
+    }
+
+
+@route("GET", OPENAPI_PATH, summary="This OpenAPI description", public=True,
+       ok=((200, "OpenAPI 3.1 document", {"type": "object"}),), errors=ERRORS_PUBLIC)
+async def openapi_json(request: web.Request) -> web.Response:
+    only_params(request)
+    return json_response(openapi_document(request.app, base_url(request)))
+
+
 # ----------------------------------------------------------- app factory ---
 
 # aiohttp refuses a longer request line or header with a plain-text 400 before the app runs;
@@ -5641,7 +5669,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app[RATE_LIMIT_KEY] = config.rate_limit_item()
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
     setup_dashboard(app)
-    ROUTES.add_to(app)
+    ROUTES.add_to(app, config)
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
@@ -5890,28 +5918,10 @@ def cmd_delete_org(config: Config, args) -> int:
     return 0
 
 
-EXPORT_FORMAT = "statsd-export"
 IMPORT_CHUNK = 1000  # stats per journal transaction
 IMPORT_PROGRESS_MIN = 5000  # stats from which a terminal gets a progress bar
-ORG_RECORD_FIELDS = ("name", "token_sha256", "is_admin", "is_sharing_enabled", "created_at", "updated_at")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
-
-
-EXPORT_CHUNK = 100  # records serialized between two writes of a streamed export (measured: 1000 made
-# a cheap request wait ~25 ms at 100k MONARC-shaped stats, 100 about 3 ms)
-
-
-def export_chunks(orgs: list[dict], stats: list[dict], exported_at: str) -> Iterable[bytes]:
-    """The export document (organizations with token hashes only, stats) in pieces of
-    at most EXPORT_CHUNK records; joined, they are one JSON document and a newline."""
-    head = dumps({"format": EXPORT_FORMAT, "version": 1, "statsd": __version__,
-                  "exported_at": exported_at, "organizations": orgs})
-    yield head[:-1] + b',"stats":['
-    for start in range(0, len(stats), EXPORT_CHUNK):
-        items = dumps(stats[start:start + EXPORT_CHUNK])[1:-1]  # without [ and ]
-        yield b"," + items if start else items
-    yield b"]}\n"
 
 
 def cmd_export(config: Config, args) -> int:
