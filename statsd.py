@@ -1601,26 +1601,19 @@ def _convert_bool(raw: str, name: str):
     return value
 
 
-# field name -> (converter of a query value, whether string operators apply)
-STAT_FIELDS = {
-    "id": (lambda raw, name: raw, True),
-    "uuid": (_convert_uuid, True),
-    "organization": (lambda raw, name: raw, True),
-    "anr": (_convert_anr, True),
-    "type": (lambda raw, name: raw, True),
-    "date": (_convert_date, True),
-    "day": (_convert_int, False),
-    "week": (_convert_int, False),
-    "month": (_convert_int, False),
-    "quarter": (_convert_int, False),
-    "year": (_convert_int, False),
-    "data": (lambda raw, name: parse_json_scalar(raw), True),
-    "created_at": (_convert_datetime, True),
-    "updated_at": (_convert_datetime, True),
-}
+def _convert_text(raw: str, name: str):
+    return raw
+
+
+def _convert_json_scalar(raw: str, name: str):
+    return parse_json_scalar(raw)
+
+
+# field name -> (converter of a query value, whether string operators apply); the stats' table is
+# STAT_FIELDS, made from the field table STAT_TABLE
 ORG_FIELDS = {
-    "id": (lambda raw, name: raw, True),
-    "name": (lambda raw, name: raw, True),
+    "id": (_convert_text, True),
+    "name": (_convert_text, True),
     "is_admin": (_convert_bool, False),
     "created_at": (_convert_datetime, True),
     "updated_at": (_convert_datetime, True),
@@ -1807,6 +1800,7 @@ def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) 
     return (stored_as.get(path[0], path[0]),) + path[1:]
 
 
+LINK_FIELDS = ("link", "links")  # an answer's hypermedia links, which _fields may name
 MAX_ORDER_KEYS = 4  # fields in one _order_by
 MAX_FILTERS = 20  # filters in one query
 MAX_FIELDS = 32  # names in one _fields
@@ -1833,7 +1827,7 @@ def _parse_fields(raw: str, schema: dict) -> list[str]:
     if len(names) > MAX_FIELDS:
         raise bad_request(f"_fields takes at most {MAX_FIELDS} names, not {len(names)}")
     for name in names:
-        if name not in schema and name not in ("link", "links"):
+        if name not in schema and name not in LINK_FIELDS:
             raise bad_request(f"unknown field {name!r} in _fields")
     return list(dict.fromkeys(names))
 
@@ -2022,14 +2016,12 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
 
 # ------------------------------------------------------ validation of bodies ---
 
-STAT_CLIENT_FIELDS = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
-                      "data")
-STAT_READ_ONLY = ("id", "created_at", "updated_at", "link", "links")
 PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
 MAX_DATA_DEPTH = 64
 
 
 def _is_int(value) -> bool:
+    """Whether `value` is a JSON integer a stat may hold (64 bits; not a boolean)."""
     return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
 
 
@@ -2052,40 +2044,107 @@ def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
     return True
 
 
-def check_stat_value(name: str, value) -> tuple[Any, str | None]:
-    """(normalized value, None) or (None, what is wrong) for one client field."""
-    if value.__class__ is float and value.is_integer() and (name in PERIODS or name in ("anr", "year")):
-        value = int(value)  # JSON does not tell 1.0 from 1 (nor does the OpenAPI description)
-    if name == "uuid":
-        parsed = parse_uuid(value)
-        return (parsed, None) if parsed else (None, "must be a UUID string")
-    if name == "anr":
-        if _is_int(value):
-            return value, None
-        parsed = parse_uuid(value)
-        return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
-    if name == "type":
-        if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
-            return None, "must be a string of 1 to 120 characters, not only white space"
+def _whole(value):
+    """A whole float as an int: JSON does not tell 1.0 from 1 (nor does the OpenAPI description)."""
+    return int(value) if value.__class__ is float and value.is_integer() else value
+
+
+def _check_uuid(value) -> tuple[Any, str | None]:
+    parsed = parse_uuid(value)
+    return (parsed, None) if parsed else (None, "must be a UUID string")
+
+
+def _check_organization(value) -> tuple[Any, str | None]:
+    return (value, None) if isinstance(value, str) else (None, "must be an organization name")
+
+
+def _check_anr(value) -> tuple[Any, str | None]:
+    value = _whole(value)
+    if _is_int(value):
         return value, None
-    if name == "date":
-        parsed = parse_date(value)
-        return (parsed, None) if parsed else (None, f"must be {DATE_RULE}")
-    if name in PERIODS:
-        low, high = PERIODS[name]
+    parsed = parse_uuid(value)
+    return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
+
+
+def _check_type(value) -> tuple[Any, str | None]:
+    if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
+        return None, "must be a string of 1 to 120 characters, not only white space"
+    return value, None
+
+
+def _check_date(value) -> tuple[Any, str | None]:
+    parsed = parse_date(value)
+    return (parsed, None) if parsed else (None, f"must be {DATE_RULE}")
+
+
+def _check_period(low: int, high: int) -> Callable[[Any], tuple[Any, str | None]]:
+    def check(value):
+        value = _whole(value)
         if not _is_int(value) or not low <= value <= high:
             return None, f"must be an integer from {low} to {high}"
         return value, None
-    if name == "year":
-        return (value, None) if _is_int(value) else (None, "must be an integer")
-    if name == "data":
-        return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
-    if name == "organization":
-        return (value, None) if isinstance(value, str) else (None, "must be an organization name")
-    raise AssertionError(name)
+    return check
 
 
-PERIOD_FIELDS = ("day", "week", "month", "quarter", "year")
+def _check_year(value) -> tuple[Any, str | None]:
+    value = _whole(value)
+    return (value, None) if _is_int(value) else (None, "must be an integer")
+
+
+def _check_data(value) -> tuple[Any, str | None]:
+    return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
+
+
+def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
+    """The OpenAPI schema of an integer from `low` to `high`."""
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+@dataclass(frozen=True)
+class StatField:
+    """One field of a stat record: who sets it, its rule in a body, its reading in a query, its OpenAPI schema."""
+
+    name: str
+    schema: dict  # the OpenAPI schema of its value
+    convert: Callable = _convert_text  # a query value -> the value filters compare, or a 400
+    strings_ok: bool = True  # whether the string operators apply
+    check: Callable | None = None  # a body's value -> (normalized, None) or (None, what is wrong); None: the server sets it
+    kept: bool = False  # set when the stat is created, then read-only (a PUT keeps it)
+
+
+UUID_SCHEMA = {"type": "string", "format": "uuid"}
+STAMP_SCHEMA = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
+STAT_TABLE = (  # in the order of a stored record's fields
+    StatField("uuid", UUID_SCHEMA, _convert_uuid, check=_check_uuid, kept=True),
+    StatField("organization", {"type": "string", "description": "taken from the API key; with authentication off,"
+                               " an existing organization's name"}, check=_check_organization, kept=True),
+    StatField("anr", {"anyOf": [_oa_int(), UUID_SCHEMA]}, _convert_anr, check=_check_anr),
+    StatField("type", {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"}, check=_check_type),
+    StatField("date", {"type": "string", "format": "date", "description": "sets the period fields that are not given"},
+              _convert_date, check=_check_date),
+    *(StatField(name, _oa_int(low, high), _convert_int, False, check=_check_period(low, high))
+      for name, (low, high) in PERIODS.items()),
+    StatField("year", _oa_int(), _convert_int, False, check=_check_year),
+    StatField("data", {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"},
+              _convert_json_scalar, check=_check_data),
+    StatField("created_at", STAMP_SCHEMA, _convert_datetime, kept=True),
+    StatField("updated_at", STAMP_SCHEMA, _convert_datetime),
+    StatField("id", {"type": "string", "pattern": "^[0-9a-f]{24}$"}, kept=True),
+)
+STAT_FIELD = {f.name: f for f in STAT_TABLE}
+STAT_ORDER = tuple(STAT_FIELD)  # a stored record's fields, in order
+STAT_CLIENT_FIELDS = tuple(f.name for f in STAT_TABLE if f.check)
+STAT_READ_ONLY = (*(f.name for f in STAT_TABLE if not f.check), *LINK_FIELDS)  # a new stat may not set them
+STAT_KEPT = tuple(f.name for f in STAT_TABLE if f.kept)
+STAT_FIELDS = {f.name: (f.convert, f.strings_ok) for f in sorted(STAT_TABLE, key=lambda f: f.name != "id")}
+
+
+def check_stat_value(name: str, value) -> tuple[Any, str | None]:
+    """(normalized value, None) or (None, what is wrong) for one client field."""
+    return STAT_FIELD[name].check(value)
+
+
+PERIOD_FIELDS = (*PERIODS, "year")
 
 
 def periods_of(day: str) -> dict:
@@ -2629,9 +2688,7 @@ def stat_client_fields(body: dict, errors: dict) -> dict:
 
 def ordered_stat(values: dict) -> dict:
     """A stat record with its fields in one stable order."""
-    order = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
-             "data", "created_at", "updated_at", "id")
-    record = {name: values[name] for name in order if name in values}
+    record = {name: values[name] for name in STAT_ORDER if name in values}
     if "data" in record:
         record["data"] = stored_data(record["data"])
     return record
@@ -2829,9 +2886,7 @@ async def update_stat(request: web.Request) -> web.Response:
     await ready_to_write(request)
     old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
-    errors = _check_read_only(body, old, ("id", "uuid", "organization", "created_at",
-                                                   "updated_at", "link", "links"),
-                              stat_path(old["id"]), parents)
+    errors = _check_read_only(body, old, STAT_KEPT + STAT_READ_ONLY, stat_path(old["id"]), parents)
     clean = stat_client_fields(body, errors)
     derive_periods(clean, body)
     if request.method == "PUT":
@@ -2840,7 +2895,7 @@ async def update_stat(request: web.Request) -> web.Response:
                 errors[name] = "is required (PUT replaces the stat; use PATCH to change some fields)"
     if errors:
         raise _fail(errors, "stat")
-    kept = {name: old[name] for name in ("id", "uuid", "organization", "created_at") if name in old}
+    kept = {name: old[name] for name in STAT_KEPT if name in old}
     values = {**kept, **clean} if request.method == "PUT" else {**old, **clean}
     new = ordered_stat({**values, "updated_at": utcnow()})
     await store.commit([("stats", new["id"], new)])
@@ -3385,8 +3440,7 @@ async def v1_params(request: web.Request, allowed: tuple) -> dict:
     params: dict[str, Any] = {}
     if (await request.read()).strip():
         body = await read_object(request, " of parameters, e.g. {\"type\": \"risk\"}")
-        params.update({name: int(value) if value.__class__ is float and value.is_integer() else value
-                       for name, value in body.items() if value is not None})  # 1.0 is 1 in JSON
+        params.update({name: _whole(value) for name, value in body.items() if value is not None})
     for name, raw in single_params(request.query).items():
         if name == "api_key":
             continue
@@ -5198,8 +5252,7 @@ def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
 
 def check_older_than(value) -> tuple[int | None, str | None]:
     """(months, None) or (None, what is wrong); 12.0 is 12, as JSON does not tell them apart."""
-    if value.__class__ is float and value.is_integer():
-        value = int(value)
+    value = _whole(value)
     if not _is_int(value) or not 0 <= value <= MAX_MONTHS:
         return None, f"must be a whole number of months from 0 to {MAX_MONTHS}"
     return value, None
@@ -5267,10 +5320,6 @@ SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real d
 
 def _oa_ref(name: str, kind: str = "schemas") -> dict:
     return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
-    return {"type": "integer", "minimum": low, "maximum": high}
 
 
 def _oa_query_values(convert) -> tuple[dict, str]:
@@ -5348,7 +5397,7 @@ def _oa_list_params(schema: dict, config: Config) -> list:
 
 
 def _oa_fields_param(schema: dict) -> dict:
-    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
+    shown = "(" + "|".join([*schema, *LINK_FIELDS]) + ")"
     return {"name": "_fields", "in": "query",
             "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
             "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links;"
@@ -5379,20 +5428,9 @@ def _oa_page(item: str) -> dict:
 
 
 def _oa_stat_schemas(config: Config) -> dict:
-    """The Stat schemas, from the validation rules of check_stat_value and PERIODS."""
-    uuid_s = {"type": "string", "format": "uuid"}
-    client = {"uuid": uuid_s,
-              "organization": {"type": "string", "description": "taken from the API key; with"
-                               " authentication off, an existing organization's name"},
-              "anr": {"anyOf": [_oa_int(), uuid_s]},
-              "type": {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"},
-              "date": {"type": "string", "format": "date", "description": "sets the period fields"
-                       " that are not given"},
-              **{name: _oa_int(low, high) for name, (low, high) in PERIODS.items()},
-              "year": _oa_int(),
-              "data": {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"}}
-    stamp = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
-    server = {"id": {"type": "string", "pattern": "^[0-9a-f]{24}$"}, "created_at": stamp, "updated_at": stamp,
+    """The Stat schemas, from the field table STAT_TABLE."""
+    client = {f.name: f.schema for f in STAT_TABLE if f.check}
+    server = {**{f.name: f.schema for f in STAT_TABLE if not f.check},
               "link": {"type": "string"}, "links": {"type": "array", "items": {"type": "string"}}}
     stat = {"type": "object", "properties": {**client, **server}, "additionalProperties": False}
     no_org = {k: v for k, v in client.items() if k != "organization"}
