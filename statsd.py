@@ -116,6 +116,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | None = None, environ=None, overrides=None) -> "Config":
+        """The settings from defaults, the TOML file (`path`, else ./statsd.toml), STATSD_* variables and `overrides`."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         if path is None and os.path.exists("statsd.toml"):
@@ -147,13 +148,16 @@ class Config:
 
     @classmethod
     def keys(cls) -> set[str]:
+        """The names of the settings."""
         return {f.name for f in fields(cls)}
 
     @classmethod
     def kind(cls, key: str) -> type:
+        """The type of a setting (that of its default)."""
         return type(getattr(cls(), key))
 
     def validate(self) -> None:
+        """Raise ConfigError for the first setting that cannot be used."""
         for key in self.keys():
             value, kind = getattr(self, key), self.kind(key)
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -1468,6 +1472,7 @@ class ApiError(Exception):
 
 
 def bad_request(message: str, errors=None) -> ApiError:
+    """A 400 ApiError."""
     return ApiError(400, message, errors)
 
 
@@ -2049,6 +2054,8 @@ def _whole(value):
     return int(value) if value.__class__ is float and value.is_integer() else value
 
 
+# The rules of the stat fields in a body: value -> (normalized value, None) or (None, what is wrong).
+
 def _check_uuid(value) -> tuple[Any, str | None]:
     parsed = parse_uuid(value)
     return (parsed, None) if parsed else (None, "must be a UUID string")
@@ -2392,7 +2399,7 @@ async def api_middleware(request: web.Request, handler):
 
 
 async def count_request(request: web.Request) -> tuple[dict, web.Response | None]:
-    """Count an /api/ or dashboard request per client and endpoint: its X-Rate-Limit-* headers, and a 429 if over."""
+    """Count an /api/ or dashboard request per client and endpoint: (its X-Rate-Limit-* headers, a 429 if over or None)."""
     item = request.app[RATE_LIMIT_KEY]
     limiter: Limiter = request.app[LIMITER_KEY]
     key = (client_address(request), endpoint_of(request))
@@ -2510,6 +2517,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def json_response(body, status: int = 200, headers=None) -> web.Response:
+    """A JSON answer."""
     return web.Response(body=dumps(body), status=status,
                         headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS)
 
@@ -2519,11 +2527,13 @@ def _link(rel: str, title: str, url: str) -> str:
 
 
 def stat_path(stat_id: str) -> str:
+    """The path of a stat's URL."""
     return f"{API_PREFIX}/stats/{stat_id}/"
 
 
 @functools.lru_cache(maxsize=4096)
 def org_path(name: str) -> str:
+    """The path of an organization's URL (its name percent-encoded)."""
     return f"{API_PREFIX}/organizations/{quote(name, safe='')}/"
 
 
@@ -2589,6 +2599,7 @@ class ParsedQueries:
         self.parsed: dict[str, Query] = {}
 
     def of(self, request: web.Request) -> Query:
+        """The parsed query of a request, from the kept ones when its query string was seen."""
         raw = request.rel_url.raw_query_string
         query = self.parsed.get(raw)
         if query is None:
@@ -2780,6 +2791,7 @@ def _check_read_only(body: dict, old: dict, names, path: str, parents=()) -> dic
 @route("GET", API_PREFIX + "/stats/", summary="List stats", params=("stat_list",),
        ok=((200, "a page of stats", "StatsPage"),), errors=ERRORS_READ)
 async def list_stats(request: web.Request) -> web.Response:
+    """GET /api/v2/stats/: a page of the stats the caller sees, filtered, ordered, with _fields."""
     query = request.app[STAT_QUERIES_KEY].of(request)  # shared: never changed here
     caller: Caller = request[CALLER_KEY]
     if caller.scope is not None:
@@ -2798,6 +2810,7 @@ async def list_stats(request: web.Request) -> web.Response:
        summary="Create one stat (object) or 1 to max_limit stats (list, all-or-nothing)",
        body=("NewStat", "NewStats"), ok=((201, "created", "StatsCreated", LOCATION_HEADER),), errors=ERRORS_WRITE)
 async def create_stats(request: web.Request) -> web.Response:
+    """POST /api/v2/stats/: one stat (object) or 1 to max_limit stats (list), all or nothing."""
     only_params(request)
     body = await read_json(request)
     config: Config = request.app[CONFIG_KEY]
@@ -2867,6 +2880,7 @@ def fields_param(request: web.Request, schema: dict) -> list[str] | None:
        ok=((200, "the stat (with _fields: only those, plus id)", ("Stat", "StatFields")),),
        errors=ERRORS_READ + NOT_FOUND)
 async def get_stat(request: web.Request) -> web.Response:
+    """GET /api/v2/stats/<id>/: one stat the caller sees (with _fields: only those, plus id)."""
     only = fields_param(request, STAT_FIELDS)
     doc = visible_stat(request)
     if only is not None:
@@ -2905,6 +2919,7 @@ async def update_stat(request: web.Request) -> web.Response:
 @route("DELETE", API_PREFIX + "/stats/{id}/", summary="Delete a stat", params=("stat_id",),
        ok=((204, "deleted"),), errors=(400, 401, 404, 429, 500, 503, 507))
 async def delete_stat(request: web.Request) -> web.Response:
+    """DELETE /api/v2/stats/<id>/: one stat the caller sees."""
     only_params(request)
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
@@ -2937,6 +2952,7 @@ def check_token(token) -> str | None:
 
 
 def require_admin(request: web.Request, what: str = "manage organizations") -> None:
+    """403 unless the caller is an admin organization (`what` says what it may not do)."""
     if not request[CALLER_KEY].is_admin:
         raise ApiError(403, f"Forbidden: only an admin organization may {what}")
 
@@ -2952,7 +2968,7 @@ def visible_org(request: web.Request) -> dict:
 
 
 def org_body(body, errors: dict, *, creating: bool) -> tuple[dict, str | None]:
-    """Validated is_admin (and name when creating) plus a new token, if any."""
+    """(the validated is_admin, and name when creating; the new token or None) of an organization body."""
     clean, token = {}, None
     allowed = {"name", "token", "is_admin"} if creating else \
         {"token", "is_admin", "id", "name", "created_at", "updated_at", "link"}
@@ -2998,6 +3014,7 @@ def _unused_token_hash(store: Store, token: str) -> str:
 @route("GET", API_PREFIX + "/organizations/", summary="List organizations (admin)", params=("org_list",),
        ok=((200, "a page of organizations", "OrganizationsPage"),), errors=ERRORS_READ + ADMIN)
 async def list_orgs(request: web.Request) -> web.Response:
+    """GET /api/v2/organizations/ (admin): a page of organizations."""
     require_admin(request)
     query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY], stored_as={"id": "name"})
     page, more = await request.app[STORE_KEY].find("organizations", query)
@@ -3009,6 +3026,7 @@ async def list_orgs(request: web.Request) -> web.Response:
        summary="Create an organization (admin); its token is answered only now", body="NewOrganization",
        ok=((201, "created", "Organization", LOCATION_HEADER),), errors=ERRORS_WRITE + ADMIN)
 async def create_org(request: web.Request) -> web.Response:
+    """POST /api/v2/organizations/ (admin): a new organization; its token is answered only now."""
     require_admin(request)
     only_params(request)
     body = await read_object(request, ": {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
@@ -3027,7 +3045,7 @@ async def create_org(request: web.Request) -> web.Response:
 
 
 def new_organization(store: Store, name: str, token: str | None, is_admin: bool) -> tuple[dict, str]:
-    """A new organization record (only its token's hash) and its clear token."""
+    """(a new organization record, holding only its token's hash; its clear token)."""
     if store.organization(name) is not None:
         raise ApiError(409, f"Conflict: an organization named {name!r} already exists")
     token = token or new_token()
@@ -3042,6 +3060,7 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
        ok=((200, "the organization (with _fields: only those, plus id)", ("Organization", "OrganizationFields")),),
        errors=ERRORS_READ + ADMIN + NOT_FOUND)
 async def get_org(request: web.Request) -> web.Response:
+    """GET /api/v2/organizations/<name>/ (admin): one organization."""
     only = fields_param(request, ORG_FIELDS)
     doc = visible_org(request)
     return json_response(present_org(base_url(request), doc, only))
@@ -3112,6 +3131,7 @@ def check_not_last_admin(store: Store, doc: dict, doing: str) -> None:
        summary="Delete an organization (admin); 409 if it has stats, unless cascade=true",
        params=("org_name", "cascade"), ok=((204, "deleted"),), errors=(400, 401, 409, 429, 500, 503, 507) + ADMIN + NOT_FOUND)
 async def delete_org(request: web.Request) -> web.Response:
+    """DELETE /api/v2/organizations/<name>/ (admin); its stats too with cascade=true, else 409 if it has any."""
     only_params(request, "cascade")
     cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
     store: Store = request.app[STORE_KEY]
@@ -3467,6 +3487,7 @@ def _v1_query_value(name: str, raw: str):
 
 
 def v1_type(params: dict) -> str:
+    """The `type` parameter, one of V1_TYPES (required)."""
     value = params.get("type", MISSING)
     if value is MISSING:
         raise bad_request(f"type is required (one of {', '.join(V1_TYPES)})")
@@ -3519,6 +3540,7 @@ def v1_flag(params: dict, name: str) -> bool:
 
 
 def present_v1_stat(doc: dict) -> dict:
+    """A stat as v1 answers it: {uuid, anr (as text), type, date, data}."""
     return {"uuid": doc["uuid"], "anr": str(doc["anr"]) if "anr" in doc else None, "type": doc["type"],
             "date": stat_date(doc), "data": doc["data"]}
 
@@ -5187,6 +5209,7 @@ async def _scan(records: list[dict], keep: Callable[[dict], bool]) -> list[dict]
 
 
 def utc_today() -> date:
+    """Today's date in UTC."""
     return datetime.now(timezone.utc).date()
 
 
@@ -5684,6 +5707,7 @@ def openapi_document(app: web.Application, server: str = "") -> dict:
 @route("GET", OPENAPI_PATH, summary="This OpenAPI description", public=True,
        ok=((200, "OpenAPI 3.1 document", {"type": "object"}),), errors=ERRORS_PUBLIC)
 async def openapi_json(request: web.Request) -> web.Response:
+    """GET /api/v2/openapi.json (no key): the OpenAPI document, its server the address the client used."""
     only_params(request)
     return json_response(openapi_document(request.app, base_url(request)))
 
@@ -5731,6 +5755,7 @@ async def _close_store(app: web.Application) -> None:
 # ---------------------------------------------------------- command line ---
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: `statsd COMMAND [options]`."""
     parser = argparse.ArgumentParser(prog="statsd", description="Statistics service for MONARC"
                                      " (Stats API v2 on one TinyDB JSON file).")
     parser.add_argument("--version", action="version", version=f"statsd {__version__}")
@@ -5797,6 +5822,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(config: Config, args) -> int:
+    """`statsd serve`: run the server until it is stopped."""
     store = Store(config.database)
     with way_out(LOCK_HINTS["serve"]):
         store.lock()
@@ -5858,6 +5884,7 @@ def _offline(config: Config, work, busy: str) -> Any:
 
 
 def cmd_create_org(config: Config, args) -> int:
+    """`statsd create-organization`: a new organization; prints its token."""
     for problem, what in ((check_org_name(args.name), "NAME"),
                           (args.token is not None and check_token(args.token), "--token")):
         if problem:
@@ -5875,6 +5902,7 @@ def cmd_create_org(config: Config, args) -> int:
 
 
 def cmd_list_orgs(config: Config, args) -> int:
+    """`statsd list-organizations`: a table of the organizations and their stats."""
     async def work(store: Store):
         return [(d["name"], d["is_admin"], store.count_stats(d["name"]), d["created_at"])
                 for d in store.organizations()]
@@ -5886,6 +5914,7 @@ def cmd_list_orgs(config: Config, args) -> int:
 
 
 def cmd_update_org(config: Config, args) -> int:
+    """`statsd update-organization`: make it admin or not, or rotate its token."""
     if args.admin is None and not args.rotate_token:
         raise ConfigError("nothing to change: give --admin, --no-admin or --rotate-token")
     token = new_token() if args.rotate_token else None
@@ -5906,6 +5935,7 @@ def cmd_update_org(config: Config, args) -> int:
 
 
 def cmd_purge(config: Config, args) -> int:
+    """`statsd purge`: delete the stats older than --older-than months."""
     _, problem = check_older_than(args.older_than)
     if problem:
         raise ConfigError(f"--older-than {problem}")
@@ -5921,6 +5951,7 @@ def cmd_purge(config: Config, args) -> int:
 
 
 def cmd_remove_duplicates(config: Config, args) -> int:
+    """`statsd remove-duplicates`: keep the newest stat of each group of duplicates."""
     if args.type is not None:
         _, problem = check_stat_value("type", args.type)
         if problem:
@@ -5936,6 +5967,7 @@ def cmd_remove_duplicates(config: Config, args) -> int:
 
 
 def print_retention_report(report: dict, what: str) -> None:
+    """Print a purge or remove-duplicates report, one line per organization."""
     done = "dry run, nothing deleted" if report["dry_run"] else f"{report['deleted']} deleted"
     print(f"{report['matched']} stat(s) {what}; {done}.")
     for row in report["organizations"]:
@@ -5944,6 +5976,7 @@ def print_retention_report(report: dict, what: str) -> None:
 
 
 def cmd_delete_org(config: Config, args) -> int:
+    """`statsd delete-organization`: delete it (its stats too with --cascade)."""
     async def work(store: Store):
         doc = store.organization(args.name)
         if doc is None:
@@ -5963,6 +5996,7 @@ STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
 
 
 def cmd_export(config: Config, args) -> int:
+    """`statsd export`: the database as one JSON document, offline or from a running server (--url)."""
     if args.output is not None and (os.path.isdir(args.output) or args.output.endswith(os.sep)):
         raise ConfigError(f"--output {args.output} is a folder; name the file to write,"
                           f" e.g. --output {os.path.join(args.output, 'statsd-export.json')}")
@@ -6065,7 +6099,7 @@ async def download_export(endpoint: str, token: str, sink) -> tuple[str, str]:
 
 
 def read_export(path: str) -> tuple[list[dict], list[dict]]:
-    """The organizations and stats of an export file, checked; ConfigError names what is wrong."""
+    """(organizations, stats) of an export file, checked; ConfigError names what is wrong."""
     try:
         with open(path, "rb") as f:
             document = orjson.loads(f.read())
@@ -6197,6 +6231,7 @@ def progress_bar(done: int, total: int, width: int = 40) -> None:
 
 
 def cmd_import(config: Config, args) -> int:
+    """`statsd import`: load an export document into a stopped database."""
     orgs, stats = read_export(args.file)
     show = sys.stderr.isatty() and len(stats) >= IMPORT_PROGRESS_MIN
     progress = progress_bar if show else (lambda done, total: None)
@@ -6226,10 +6261,12 @@ def push_endpoint(url: str) -> str:
 
 
 def push_state_key(args) -> str:
+    """The key under which a push's state file records its progress: endpoint and dates."""
     return f"{push_endpoint(args.url)} {args.date_from or ''} {args.date_to or ''}"
 
 
 def read_push_state(path: str) -> dict:
+    """The state file of `statsd push` ({} when there is none)."""
     try:
         with open(path, "rb") as f:
             state = orjson.loads(f.read())
@@ -6311,10 +6348,11 @@ async def push_stats(store: Store, args, state_path: str) -> dict:
 
 
 def cmd_push(config: Config, args) -> int:
+    """`statsd push`: send the stats to another service's /api/v1/, resuming where the last push stopped."""
     for name in ("date_from", "date_to"):
         value = getattr(args, name)
         if value is not None and parse_date(value) is None:
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not a date written YYYY-MM-DD")
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not {DATE_RULE}")
     if args.date_from and args.date_to and args.date_from > args.date_to:
         raise ConfigError("--date-from must not be after --date-to")
     if args.chunk_size < 1:
@@ -6341,6 +6379,7 @@ def cmd_push(config: Config, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"database": args.database, "host": getattr(args, "host", None),
