@@ -1690,50 +1690,28 @@ def parse_json_scalar(raw: str):
     return raw
 
 
-def _convert_int(raw: str, name: str):
+def _converter(parse: Callable[[str], Any], problem: str) -> Callable[[str, str], Any]:
+    """A reader of query values: `parse` one, else a 400 naming the parameter and the `problem`."""
+    def convert(raw: str, name: str):
+        value = parse(raw)
+        if value is None:
+            raise bad_request(f"{name}: {raw!r} {problem}")
+        return value
+    return convert
+
+
+def parse_anr(raw: str) -> int | str | None:
+    """An analysis: a 64-bit integer or a UUID (canonical), or None."""
     number = parse_int(raw)
-    if number is None:
-        raise bad_request(f"{name}: {raw!r} is not a 64-bit integer")
-    return number
+    return number if number is not None else parse_uuid(raw)
 
 
-def _convert_anr(raw: str, name: str):
-    number = parse_int(raw)
-    if number is not None:
-        return number
-    value = parse_uuid(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is neither an integer nor a UUID")
-    return value
-
-
-def _convert_uuid(raw: str, name: str):
-    value = parse_uuid(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a UUID")
-    return value
-
-
-def _convert_datetime(raw: str, name: str):
-    value = parse_datetime(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a date (2020-05-12) or date-time"
-                          " (2020-05-12T22:29:42.362000)")
-    return value
-
-
-def _convert_date(raw: str, name: str):
-    value = parse_date(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not {DATE_RULE} (2020-05-12)")
-    return value
-
-
-def _convert_bool(raw: str, name: str):
-    value = parse_bool(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a boolean ({BOOL_WORDS_TEXT})")
-    return value
+_convert_int = _converter(parse_int, "is not a 64-bit integer")
+_convert_anr = _converter(parse_anr, "is neither an integer nor a UUID")
+_convert_uuid = _converter(parse_uuid, "is not a UUID")
+_convert_datetime = _converter(parse_datetime, "is not a date (2020-05-12) or date-time (2020-05-12T22:29:42.362000)")
+_convert_date = _converter(parse_date, f"is not {DATE_RULE} (2020-05-12)")
+_convert_bool = _converter(parse_bool, f"is not a boolean ({BOOL_WORDS_TEXT})")
 
 
 def _convert_text(raw: str, name: str):
