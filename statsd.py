@@ -2962,6 +2962,14 @@ def uuid_conflicts(store: Store, docs: Iterable[tuple[int, dict]]) -> dict[int, 
     return conflicts
 
 
+async def body_to_write(request: web.Request, example: str = "", *, optional: bool = False) -> dict:
+    """The JSON object a write sends (with `optional`, no body at all is {}), then the caller as its key stands now."""
+    only_params(request)
+    body = {} if optional and not request.body_exists else await read_object(request, example)
+    await ready_to_write(request)
+    return body
+
+
 async def ready_to_write(request: web.Request) -> Caller:
     """Wait out a checkpoint, then take the caller as its key stands now (v1 and v2 alike).
 
@@ -2999,10 +3007,8 @@ async def get_stat(request: web.Request) -> web.Response:
        body="StatPatch", ok=((200, "the stat", "Stat"),), errors=ERRORS_WRITE + NOT_FOUND)
 async def update_stat(request: web.Request) -> web.Response:
     """PUT replaces the client fields, PATCH merges the given ones."""
-    only_params(request)
-    body = await read_object(request)
+    body = await body_to_write(request)
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
     old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
     errors = _check_read_only(body, old, STAT_KEPT + STAT_READ_ONLY, stat_path(old["id"]), parents)
@@ -3133,11 +3139,9 @@ async def list_orgs(request: web.Request) -> web.Response:
 async def create_org(request: web.Request) -> web.Response:
     """POST /api/v2/organizations/ (admin): a new organization; its token is answered only now."""
     require_admin(request)
-    only_params(request)
-    body = await read_object(request, ": {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
-    store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
+    body = await body_to_write(request, ": {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
     require_admin(request)
+    store: Store = request.app[STORE_KEY]
     errors: dict[str, str] = {}
     clean, token = org_body(body, errors, creating=True)
     if errors:
@@ -3179,10 +3183,8 @@ async def get_org(request: web.Request) -> web.Response:
        errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
 async def update_org(request: web.Request) -> web.Response:
     """PUT sets is_admin (required) and maybe a new token; PATCH sets either."""
-    only_params(request)
-    body = await read_object(request)
+    body = await body_to_write(request)
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
     old = visible_org(request)
     errors = _check_read_only(body, {**old, "id": old["name"]},
                               ("id", "name", "created_at", "updated_at", "link"), org_path(old["name"]))
@@ -5364,13 +5366,6 @@ async def remove_duplicate_stats(store: Store, kind: str | None, dry_run: bool) 
             "matched": len(matched), "deleted": len(deleted), "organizations": _per_organization(matched, deleted)}
 
 
-async def read_options(request: web.Request) -> dict:
-    """The JSON object of options of a POST; no body at all counts as {}."""
-    if not request.body_exists:
-        return {}
-    return await read_object(request, " of options")
-
-
 def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
     errors = {name: "unknown option" for name in body if name not in allowed}
     if "dry_run" in body and not isinstance(body["dry_run"], bool):
@@ -5394,11 +5389,9 @@ def check_older_than(value) -> tuple[int | None, str | None]:
 async def purge_handler(request: web.Request) -> web.Response:
     """POST /api/v2/purge {"older_than": MONTHS, "organization"?: NAME, "dry_run"?: bool}."""
     require_admin(request, "purge stats")
-    only_params(request)
-    body = await read_options(request)
-    store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
+    body = await body_to_write(request, " of options", optional=True)
     require_admin(request, "purge stats")
+    store: Store = request.app[STORE_KEY]
     errors = _option_errors(body, ("older_than", "organization", "dry_run"))
     older_than, problem = check_older_than(body["older_than"]) if "older_than" in body else (None, "is required")
     if problem:
@@ -5421,11 +5414,9 @@ async def purge_handler(request: web.Request) -> web.Response:
 async def remove_duplicates_handler(request: web.Request) -> web.Response:
     """POST /api/v2/remove-duplicates {"type"?: TYPE, "dry_run"?: bool}."""
     require_admin(request, "remove duplicates")
-    only_params(request)
-    body = await read_options(request)
-    store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
+    body = await body_to_write(request, " of options", optional=True)
     require_admin(request, "remove duplicates")
+    store: Store = request.app[STORE_KEY]
     errors = _option_errors(body, ("type", "dry_run"))
     if body.get("type") is not None:
         _, problem = check_stat_value("type", body["type"])
@@ -6131,15 +6122,20 @@ def cmd_export(config: Config, args) -> int:
     return 0
 
 
-def export_endpoint(url: str) -> str:
-    """The GET /api/v2/export address of a statsd given by its base URL (or by that address)."""
+def service_endpoint(url: str, endpoint: str, suffixes: tuple[str, ...]) -> str:
+    """The address of `endpoint` on a service given by its base URL (or by an address ending in `suffixes`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"--url {url!r} must be an http:// or https:// address")
     base = url.rstrip("/")
-    for suffix in ("/export", API_PREFIX):
+    for suffix in suffixes:
         base = base.removesuffix(suffix)
-    return base + API_PREFIX + "/export"
+    return base + endpoint
+
+
+def export_endpoint(url: str) -> str:
+    """The GET /api/v2/export address of a statsd given by its base URL (or by that address)."""
+    return service_endpoint(url, API_PREFIX + "/export", ("/export", API_PREFIX))
 
 
 def export_remote(args) -> int:
@@ -6356,13 +6352,7 @@ class PushFailed(Exception):
 
 def push_endpoint(url: str) -> str:
     """The v1 batch POST address of a stats service given by its base URL (or by that address)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"--url {url!r} must be an http:// or https:// address")
-    base = url.rstrip("/")
-    for suffix in ("/api/v1/stats", "/api/v1"):
-        base = base.removesuffix(suffix)
-    return base + V1_PREFIX + "/stats/"
+    return service_endpoint(url, V1_PREFIX + "/stats/", ("/api/v1/stats", "/api/v1"))
 
 
 def push_state_key(args) -> str:
