@@ -2667,15 +2667,17 @@ class StatViews:
     Pages and single stats are then built from bytes. An entry keeps the record
     it was made from, so a changed or deleted stat never answers from it (stored
     records are replaced on write, never changed in place). At most MAX answers
-    are kept; when full, it starts over. Answers for an unusually long host
-    name are not kept.
+    and MAX_BYTES of them are kept; when full, it starts over. Answers for an
+    unusually long host name are not kept.
     """
 
     MAX = 20000
+    MAX_BYTES = 24 << 20  # MONARC's threat lists make answers of 8 KB: 3,000 of them
     MAX_BASE = 256
 
     def __init__(self):
         self.entries: dict[str, tuple[dict, str, bytes]] = {}
+        self.size = 0
 
     def of(self, base: str, doc: dict) -> bytes:
         """The JSON answer for `doc` (splice it into a page with orjson.Fragment)."""
@@ -2685,9 +2687,14 @@ class StatViews:
         view = dumps(present_stat(base, doc))
         if len(base) > self.MAX_BASE:
             return view
-        if len(self.entries) >= self.MAX:
+        if len(self.entries) >= self.MAX or self.size + len(view) > self.MAX_BYTES:
             self.entries.clear()
+            self.size = 0
+        old = self.entries.get(doc["id"])
+        if old is not None:
+            self.size -= len(old[2])
         self.entries[doc["id"]] = (doc, base, view)
+        self.size += len(view)
         return view
 
 
