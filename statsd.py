@@ -3035,7 +3035,7 @@ async def update_stat(request: web.Request) -> web.Response:
 
 
 @route("DELETE", API_PREFIX + "/stats/{id}/", summary="Delete a stat", params=("stat_id",),
-       ok=((204, "deleted"),), errors=(400, 401, 404, 429, 500, 503, 507))
+       ok=((204, "deleted"),), errors=ERRORS_DELETE + NOT_FOUND)
 async def delete_stat(request: web.Request) -> web.Response:
     """DELETE /api/v2/stats/<id>/: one stat the caller sees."""
     only_params(request)
@@ -3243,7 +3243,7 @@ def check_not_last_admin(store: Store, doc: dict, doing: str) -> None:
 
 @route("DELETE", API_PREFIX + "/organizations/{name}/",
        summary="Delete an organization (admin); 409 if it has stats, unless cascade=true",
-       params=("org_name", "cascade"), ok=((204, "deleted"),), errors=(400, 401, 409, 429, 500, 503, 507) + ADMIN + NOT_FOUND)
+       params=("org_name", "cascade"), ok=((204, "deleted"),), errors=ERRORS_DELETE + (409,) + ADMIN + NOT_FOUND)
 async def delete_org(request: web.Request) -> web.Response:
     """DELETE /api/v2/organizations/<name>/ (admin); its stats too with cascade=true, else 409 if it has any."""
     only_params(request, "cascade")
@@ -5653,7 +5653,8 @@ def _oa_v1_params(schema: dict) -> dict:
 
 
 def _oa_v1_schemas(config: Config) -> dict:
-    uuid_s = {"type": "string", "format": "uuid"}
+    """The /api/v1/ schemas: its stats and pages, its query, the processors' parameters, its client."""
+    uuid_s = UUID_SCHEMA
     day = {"type": "string", "format": "date"}
     flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
                       {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
