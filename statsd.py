@@ -364,7 +364,7 @@ class Index:
 
     def remove(self, doc_id: int, doc: dict) -> None:
         value = doc.get(self.name, MISSING)
-        bucket = self.ids.get(value) if _hashable(value) else None
+        bucket = self.ids.get(value) if _indexable(value) else None
         if bucket is not None:
             bucket.pop(doc_id, None)
             if not bucket:
@@ -382,7 +382,8 @@ class Index:
 INDEXABLE = (str, int, float)  # JSON values that an index holds (not bool: True == 1)
 
 
-def _hashable(value) -> bool:
+def _indexable(value) -> bool:
+    """Whether an index holds `value` (a string or a number, not a boolean)."""
     return value.__class__ in INDEXABLE
 
 
@@ -405,7 +406,7 @@ class Column:
             self.values[doc_id] = self.get(doc)
         self.changed = self.changed or self.filling
 
-    async def fill(self, table: "Table", path: tuple) -> None:
+    async def fill(self, table: "RecordTable", path: tuple) -> None:
         """Read every record; if this is interrupted, the column is dropped, never left half full."""
         self.filling = True
         try:
@@ -429,8 +430,8 @@ class Column:
             self.ready.set()
 
 
-class Table:
-    """One table: its records in creation order, a primary key and indexes."""
+class RecordTable:
+    """One table in memory: its records in creation order, a primary key and indexes (not TinyDB's Table)."""
 
     def __init__(self, name: str, key: str, unique: Iterable[str] = (), indexed: Iterable[str] = (),
                  shared: Iterable[str] = ()):
@@ -447,6 +448,8 @@ class Table:
         self.intersection_ids = 0  # how many ids self.intersections holds
         self.views: list = []  # kept views of the records (date lists, aggregates): added/removed/load
 
+    NOT_ASKED = MISSING  # the states of an intersection: no query asked for it since the last write,
+    ASKED_ONCE = None  # asked once (the next ask keeps its ids), else the tuple of ids kept
     MAX_COLUMNS = 8
     MAX_INTERSECTION_IDS = 1_000_000  # about 8 MB of references, at most
     MAX_INTERSECTIONS = 4096  # combinations kept or seen once, at most
@@ -516,17 +519,17 @@ class Table:
         the ids that pass every test until the next write, so a repeated query
         then costs one lookup.
         """
-        ids = self.intersections.get(key, MISSING)
+        ids = self.intersections.get(key, self.NOT_ASKED)
         if ids.__class__ is tuple:
             return ids, True
         smallest, *others = sorted(id_sets, key=len)
         found = iter(list(smallest))  # a snapshot: the caller may yield to writers while it reads
         for other in others:
             found = filter(other.__contains__, found)  # at C speed
-        if ids is MISSING:
+        if ids is self.NOT_ASKED:
             if len(self.intersections) >= self.MAX_INTERSECTIONS:
                 self.forget_intersections()
-            self.intersections[key] = None  # seen once
+            self.intersections[key] = self.ASKED_ONCE
             return found, False
         docs = self.docs
         for test in tests:
@@ -966,13 +969,13 @@ class Store:
         self._use_tables(self._empty_tables())
 
     @staticmethod
-    def _empty_tables() -> dict[str, Table]:
-        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",))
+    def _empty_tables() -> dict[str, RecordTable]:
+        stats = RecordTable("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",))
         stats.views = [StatDates(), StatAggregates(), DataPacker()]
-        return {"organizations": Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
+        return {"organizations": RecordTable("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
                 "stats": stats}
 
-    def _use_tables(self, tables: dict[str, Table]) -> None:
+    def _use_tables(self, tables: dict[str, RecordTable]) -> None:
         self.tables = tables
         self.orgs, self.stats = tables["organizations"], tables["stats"]
         self.dates, self.aggregates, self.packer = self.stats.views
@@ -1017,7 +1020,7 @@ class Store:
         if organization is not None:
             id_sets.append(self.stats.indexes["organization"].lookup(organization))
         if anr is not MISSING:
-            id_sets.append(self.stats.indexes["anr"].lookup(anr) if _hashable(anr) else {})
+            id_sets.append(self.stats.indexes["anr"].lookup(anr) if _indexable(anr) else {})
         smallest, *others = sorted(id_sets, key=len) if id_sets else [self.stats.docs]
         return [self.stats.docs[i] for i in smallest if all(i in other for other in others)]
 
@@ -1163,7 +1166,7 @@ class Store:
             gc.enable()
             gc.freeze()  # the records live long: keep them out of every later collection
 
-    def _replay(self, tables: dict[str, Table], path: str) -> int:
+    def _replay(self, tables: dict[str, RecordTable], path: str) -> int:
         """Apply a journal's transactions; cut a torn last line, refuse a corrupt middle.
 
         Replaying a transaction that the checkpoint already holds changes
@@ -1467,7 +1470,7 @@ def checkpoint_lines(extra_tables: dict, snapshot: dict[str, list[tuple[int, dic
         yield b"}}\n" if t + 1 == len(snapshot) else b"},\n"
 
 
-def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
+def read_checkpoint(path: str, tables: dict[str, RecordTable]) -> dict:
     """Fill `tables` from the TinyDB file (any TinyDB JSON file; fastest in statsd's own layout).
 
     Returns the file's other tables, which are kept as they are.
@@ -1983,9 +1986,9 @@ class LoopBudget:
             self.since = time.perf_counter()
 
 
-def _index_ids(table: Table, f: Filter) -> dict | None:
+def _index_ids(table: RecordTable, f: Filter) -> dict | None:
     """The ids an index gives for an equality filter, or None when no index applies."""
-    if f.op != "exact" or len(f.path) != 1 or not _hashable(f.value):
+    if f.op != "exact" or len(f.path) != 1 or not _indexable(f.value):
         return None
     name = f.path[0]
     if name == table.key or name in table.unique:
@@ -2006,11 +2009,11 @@ def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
     return iter(lambda: list(itertools.islice(found, STEP)), [])
 
 
-async def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
+async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
     """Ids worth testing, in creation order and in lists of STEP, and the filters still to apply.
 
     Equality filters on indexed fields become an intersection of id sets (with
-    the other filters on indexed fields, kept by Table.matching); else a filter
+    the other filters on indexed fields, kept by RecordTable.matching); else a filter
     inside `data` is run over that path's value column; else every record.
     Every source is a snapshot, so writes may land while the caller yields.
     """
@@ -2050,7 +2053,7 @@ def _sort_value(value):
     return rank, value
 
 
-async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
+async def _sort_values(table: RecordTable, order_by: list) -> Callable[[dict], tuple]:
     """A record's sort value per `order_by` field, then its primary key; paths inside `data` read their column."""
     getters = []
     for path, _ in order_by:
@@ -2086,7 +2089,7 @@ def _merge_key(order_by: list):
 RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
-async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
+async def run_query(table: RecordTable, query: Query) -> tuple[list[dict], bool]:
     """The page of matching records and whether more follow it.
 
     Records are tested STEP at a time and the loop is given back whenever its
