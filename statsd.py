@@ -325,6 +325,7 @@ class AtomicJSONStorage(Storage):
             return None
 
     def read(self) -> dict | None:
+        """The database as TinyDB reads it (None when there is no file); StorageError if it is not one."""
         raw = self.read_raw()
         if raw is None:
             return None
@@ -339,6 +340,7 @@ class AtomicJSONStorage(Storage):
         return data
 
     def write(self, data: dict) -> None:
+        """Replace the file with `data`, atomically."""
         write_atomically(self.path, dumps(data))
 
 
@@ -351,6 +353,7 @@ class Index:
         self.unsorted: set = set()
 
     def add(self, doc_id: int, doc: dict) -> None:
+        """Index a record under its value of the field (if an index holds that value)."""
         value = doc.get(self.name, MISSING)
         if value.__class__ not in INDEXABLE:
             return
@@ -363,6 +366,7 @@ class Index:
         bucket[doc_id] = None
 
     def remove(self, doc_id: int, doc: dict) -> None:
+        """Take a record out of the index."""
         value = doc.get(self.name, MISSING)
         bucket = self.ids.get(value) if _indexable(value) else None
         if bucket is not None:
@@ -542,21 +546,26 @@ class RecordTable:
         return ids, True
 
     def forget_intersections(self) -> None:
+        """Drop every kept intersection (a write changed the records)."""
         self.intersections.clear()
         self.intersection_ids = 0
 
     def get(self, key) -> dict | None:
+        """The record with primary key `key`, or None."""
         doc_id = self.by_key.get(key)
         return None if doc_id is None else self.docs[doc_id]
 
     def doc_id(self, key) -> int | None:
+        """The doc_id of the record with primary key `key`, or None."""
         return self.by_key.get(key)
 
     def find_unique(self, name: str, value) -> dict | None:
+        """The record whose unique field `name` holds `value`, or None."""
         doc_id = self.unique[name].get(value)
         return None if doc_id is None else self.docs[doc_id]
 
     def new_doc_id(self) -> int:
+        """A doc_id no record has had."""
         doc_id, self.next_id = self.next_id, self.next_id + 1
         return doc_id
 
@@ -987,9 +996,11 @@ class Store:
         return self.stats.get(stat_id)
 
     def stat_with_uuid(self, uuid: str) -> dict | None:
+        """The stat with this uuid, or None."""
         return self.stats.find_unique("uuid", uuid)
 
     def organization(self, name: str) -> dict | None:
+        """The organization named `name`, or None."""
         return self.orgs.get(name)
 
     def organization_with_token(self, token_sha256: str) -> dict | None:
@@ -1582,6 +1593,7 @@ class IdGenerator:
 
 
 def hash_token(token: str) -> str:
+    """The SHA-256 hex digest of an API key: what the database keeps of it."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
