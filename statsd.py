@@ -5388,11 +5388,15 @@ async def remove_duplicate_stats(store: Store, kind: str | None, dry_run: bool) 
             "matched": len(matched), "deleted": len(deleted), "organizations": _per_organization(matched, deleted)}
 
 
-def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
+async def admin_options(request: web.Request, what: str, allowed: Iterable[str]) -> tuple[dict, dict[str, str]]:
+    """(the options of an admin POST, the errors of unknown ones and of dry_run), the caller an admin before and after."""
+    require_admin(request, what)
+    body = await body_to_write(request, " of options", optional=True)
+    require_admin(request, what)
     errors = {name: "unknown option" for name in body if name not in allowed}
     if "dry_run" in body and not isinstance(body["dry_run"], bool):
         errors["dry_run"] = "must be true or false"
-    return errors
+    return body, errors
 
 
 def check_older_than(value) -> tuple[int | None, str | None]:
@@ -5410,11 +5414,8 @@ def check_older_than(value) -> tuple[int | None, str | None]:
        errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
 async def purge_handler(request: web.Request) -> web.Response:
     """POST /api/v2/purge {"older_than": MONTHS, "organization"?: NAME, "dry_run"?: bool}."""
-    require_admin(request, "purge stats")
-    body = await body_to_write(request, " of options", optional=True)
-    require_admin(request, "purge stats")
+    body, errors = await admin_options(request, "purge stats", ("older_than", "organization", "dry_run"))
     store: Store = request.app[STORE_KEY]
-    errors = _option_errors(body, ("older_than", "organization", "dry_run"))
     older_than, problem = check_older_than(body["older_than"]) if "older_than" in body else (None, "is required")
     if problem:
         errors["older_than"] = problem
@@ -5435,11 +5436,8 @@ async def purge_handler(request: web.Request) -> web.Response:
        ok=((200, "what matched and what was deleted", "RemoveDuplicatesReport"),), errors=ERRORS_WRITE + ADMIN)
 async def remove_duplicates_handler(request: web.Request) -> web.Response:
     """POST /api/v2/remove-duplicates {"type"?: TYPE, "dry_run"?: bool}."""
-    require_admin(request, "remove duplicates")
-    body = await body_to_write(request, " of options", optional=True)
-    require_admin(request, "remove duplicates")
+    body, errors = await admin_options(request, "remove duplicates", ("type", "dry_run"))
     store: Store = request.app[STORE_KEY]
-    errors = _option_errors(body, ("type", "dry_run"))
     if body.get("type") is not None:
         _, problem = check_stat_value("type", body["type"])
         if problem:
