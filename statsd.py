@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import errno
@@ -345,15 +346,28 @@ class AtomicJSONStorage(Storage):
 
 
 class Index:
-    """Equality index of one field: value -> ids of the records holding it, in order."""
+    """Equality index of one field: value -> ids of the records holding it, in order.
+
+    A deferred index is filled after loading (`fill`, in the background), or by
+    its first lookup if that comes sooner; until it is filled, `docs` is the
+    table it will read.
+    """
 
     def __init__(self, name: str):
         self.name = name
         self.ids: dict[Any, dict[int, None]] = {}
         self.unsorted: set = set()
+        self.docs: dict[int, dict] | None = None  # while deferred: the records to read
+        self.touched: set | None = None  # while filling: the ids written meanwhile
+
+    FILL_STEP = 2048  # records read between two looks at the loop budget
 
     def add(self, doc_id: int, doc: dict) -> None:
         """Index a record under its value of the field (if an index holds that value)."""
+        if self.docs is not None:  # deferred: the fill reads the records as they are then
+            if self.touched is not None:
+                self.touched.add(doc_id)
+            return
         value = doc.get(self.name, MISSING)
         if value.__class__ not in INDEXABLE:
             return
@@ -367,6 +381,10 @@ class Index:
 
     def remove(self, doc_id: int, doc: dict) -> None:
         """Take a record out of the index."""
+        if self.docs is not None:
+            if self.touched is not None:
+                self.touched.add(doc_id)
+            return
         value = doc.get(self.name, MISSING)
         bucket = self.ids.get(value) if _indexable(value) else None
         if bucket is not None:
@@ -375,8 +393,41 @@ class Index:
                 del self.ids[value]
                 self.unsorted.discard(value)
 
+    def defer(self, docs: dict[int, dict]) -> None:
+        """Leave this index empty until `fill` (or a lookup) reads `docs`."""
+        self.ids, self.unsorted, self.docs = {}, set(), docs
+
+    def fill_now(self) -> None:
+        """Read every record at once (a lookup before the background fill ended)."""
+        if self.docs is not None:
+            self.ids = _index_buckets(self.name, list(self.docs.items()), {}, {})
+            self.docs = self.touched = None
+
+    async def fill(self) -> None:
+        """Read the records a chunk at a time, giving the loop back; writes meanwhile are seen."""
+        if self.docs is None or self.touched is not None:
+            return
+        docs, budget, ids, shared = self.docs, LoopBudget(), {}, {}
+        doc_ids, self.touched = list(docs), set()
+        for start in range(0, len(doc_ids), self.FILL_STEP):
+            chunk = doc_ids[start:start + self.FILL_STEP]
+            _index_buckets(self.name, [(doc_id, docs[doc_id]) for doc_id in chunk if doc_id in docs], ids, shared)
+            await budget.spend()
+            if self.docs is not docs:  # a lookup filled it meanwhile
+                return
+        touched, self.ids, self.docs, self.touched = self.touched, ids, None, None
+        for doc_id in touched:  # written or deleted while filling: as they are now
+            for value, bucket in list(ids.items()):
+                if bucket.pop(doc_id, MISSING) is not MISSING and not bucket:
+                    del ids[value]
+            doc = docs.get(doc_id)
+            if doc is not None:
+                self.add(doc_id, doc)
+
     def lookup(self, value) -> dict[int, None]:
         """The ids holding `value`, in creation order."""
+        if self.docs is not None:
+            self.fill_now()
         if value in self.unsorted:
             self.ids[value] = dict.fromkeys(sorted(self.ids[value]))
             self.unsorted.discard(value)
@@ -384,6 +435,26 @@ class Index:
 
 
 INDEXABLE = (str, int, float)  # JSON values that an index holds (not bool: True == 1)
+
+
+def _index_buckets(name: str, pairs: list[tuple[int, dict]], ids: dict, shared: dict) -> dict:
+    """Add (doc_id, doc) pairs, in id order, to `ids` (value -> {doc_id: None}); returns `ids`.
+
+    Each str or int value becomes the one object `shared` keeps for it: a
+    hundred thousand copies of "risk" or of 2026 would cost memory.
+    """
+    for doc_id, doc in pairs:
+        value = doc.get(name, MISSING)
+        cls = value.__class__
+        if cls is str or cls is int:
+            doc[name] = value = shared.setdefault(value, value)
+        elif cls is not float:
+            continue
+        bucket = ids.get(value)
+        if bucket is None:
+            ids[value] = bucket = {}
+        bucket[doc_id] = None
+    return ids
 
 
 def _indexable(value) -> bool:
@@ -435,11 +506,12 @@ class Column:
 
 
 class RecordTable:
-    """One table in memory: its records in creation order, a primary key and indexes (not TinyDB's Table)."""
+    """One table in memory: its records in creation order, a primary key and indexes (not TinyDB's RecordTable)."""
 
     def __init__(self, name: str, key: str, unique: Iterable[str] = (), indexed: Iterable[str] = (),
-                 shared: Iterable[str] = ()):
+                 shared: Iterable[str] = (), deferred: Iterable[str] = ()):
         self.name = name
+        self.deferred = tuple(deferred)  # indexes filled after loading (Index.fill), or when first looked up
         self.shared = tuple(shared)  # fields with few values, kept as one object per value (as indexed ones are)
         self.key = key
         self.docs: dict[int, dict] = {}
@@ -468,17 +540,10 @@ class RecordTable:
         for name, ids in self.unique.items():
             ids.update({doc[name]: doc_id for doc_id, doc in pairs if name in doc})
         for name, index in self.indexes.items():
-            canonical: dict = {}
-            for doc_id, doc in pairs:
-                value = doc.get(name, MISSING)
-                if value.__class__ is str or value.__class__ is int:
-                    doc[name] = value = canonical.setdefault(value, value)  # one object per value
-                elif value.__class__ not in INDEXABLE:
-                    continue
-                bucket = index.ids.get(value)
-                if bucket is None:
-                    index.ids[value] = bucket = {}
-                bucket[doc_id] = None
+            if name in self.deferred:
+                index.defer(self.docs)
+            else:
+                _index_buckets(name, pairs, index.ids, {})
         for name in self.shared:
             canonical = {}
             for doc_id, doc in pairs:
@@ -603,7 +668,8 @@ class RecordTable:
         for index in self.indexes.values():
             index.add(doc_id, doc)
 
-STAT_INDEXED = ("organization", "type", "anr", "year", "quarter", "month", "week", "day")
+STAT_PERIODS = ("year", "quarter", "month", "week", "day")
+STAT_INDEXED = ("organization", "type", "anr", *STAT_PERIODS)
 
 
 def stat_date(doc: dict) -> str:
@@ -662,13 +728,23 @@ class StatDates:
                     del self.anrs[key]
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
+        lists, anrs = self.lists, collections.Counter()
         for doc_id, doc in pairs:
-            entry = (stat_date(doc), doc_id)
-            for key in self._keys(doc):
-                self.lists.setdefault(key, []).append(entry)
-            self._count_anr(doc, 1)
-        for entries in self.lists.values():
+            kind, organization, anr = doc.get("type"), doc.get("organization"), doc.get("anr")
+            entry = (doc["date"] if "date" in doc else stat_date(doc), doc_id)
+            for key in ((kind,), (kind, "organization", organization), (kind, "anr", anr)):
+                found = lists.get(key)
+                if found is None:
+                    lists[key] = [entry]
+                else:
+                    found.append(entry)
+            anrs[(kind, organization, anr)] += 1
+        for entries in lists.values():
             entries.sort()
+        for (kind, organization, anr), count in anrs.items():
+            for key in ((kind,), (kind, organization)):
+                counts = self.anrs.setdefault(key, {})
+                counts[anr] = counts.get(anr, 0) + count
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
                 organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
@@ -979,7 +1055,8 @@ class Store:
 
     @staticmethod
     def _empty_tables() -> dict[str, RecordTable]:
-        stats = RecordTable("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",))
+        stats = RecordTable("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",),
+                            deferred=STAT_PERIODS)
         stats.views = [StatDates(), StatAggregates(), DataPacker()]
         return {"organizations": RecordTable("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
                 "stats": stats}
@@ -1324,9 +1401,11 @@ class Store:
     PACK_PAUSE = 1.0  # seconds between two passes of the packer
 
     async def _pack_forever(self) -> None:
-        """Compress new records' data in the background; after the loaded file's, give freed memory back."""
+        """Fill deferred indexes and compress new records' data in the background; give freed memory back."""
         loop, first = asyncio.get_running_loop(), True
         while True:
+            for index in self.stats.indexes.values():
+                await index.fill()  # the deferred ones; the others return at once
             packed = await self.packer.pack_waiting()
             if first or packed >= 10_000:
                 await loop.run_in_executor(None, release_free_memory)
@@ -1487,15 +1566,15 @@ def read_checkpoint(path: str, tables: dict[str, RecordTable]) -> dict:
     Returns the file's other tables, which are kept as they are.
     """
     storage = AtomicJSONStorage(path)
-    raw = storage.read_raw()
-    if raw is None:
+    try:
+        with open(path, "rb") as f:
+            rows = _checkpoint_rows(_blocks(f)) if f.read(len(CHECKPOINT_MARK)) == CHECKPOINT_MARK else None
+    except FileNotFoundError:
         return {}
-    rows = _checkpoint_rows(raw) if raw.startswith(CHECKPOINT_MARK) else None
     if rows is None:
         data = storage.read() or {}
         rows = {name: [(doc_id, as_record(name, doc)) for doc_id, doc in table.items()]
                 if name in tables else table for name, table in data.items()}
-    del raw
     extra = {}
     for name, rows_of in rows.items():
         table = tables.get(name)
@@ -1512,8 +1591,35 @@ def read_checkpoint(path: str, tables: dict[str, RecordTable]) -> dict:
     return extra
 
 
-def _line_spans(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
-    """(start, end) of each line of `raw` from `start`, one at a time (copies of them all would double the memory)."""
+BLOCK = 8 << 20  # bytes of the file read at once when loading
+
+
+def _blocks(f) -> Iterable[bytes]:
+    """The rest of file `f` in blocks of about BLOCK bytes, each of whole lines.
+
+    Records keep views of their block, so a block's memory goes back whole,
+    and soon, once its records are packed (one block the size of the file
+    would go back in one long unmapping, on the loop).
+    """
+    rest = b""
+    while True:
+        block = f.read(BLOCK)
+        if not block:
+            if rest:
+                yield rest
+            return
+        block = rest + block if rest else block
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:
+            rest = block
+            continue
+        rest = block[cut:]
+        yield block[:cut] if rest else block
+
+
+def _line_spans(raw: bytes) -> Iterable[tuple[int, int]]:
+    """(start, end) of each line of `raw`, one at a time (copies of them all would double the memory)."""
+    start = 0
     while start < len(raw):
         end = raw.find(b"\n", start)
         end = len(raw) if end == -1 else end
@@ -1521,44 +1627,51 @@ def _line_spans(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
         start = end + 1
 
 
-def _checkpoint_rows(raw: bytes) -> dict | None:
-    """name -> [(doc_id, record)] or other table, from a file in statsd's layout; None if it is not.
+def _checkpoint_rows(blocks: Iterable[bytes]) -> dict | None:
+    """name -> [(doc_id, record)] or other table, from a file in statsd's layout (after its mark); None if it is not.
 
-    Each stat's `data` is left in the file's bytes, as a memoryview: nothing is copied.
+    Each stat's `data` is left in its block of the file, as a memoryview: nothing is copied.
     """
     rows: dict[str, Any] = {}
     current = None
-    view = memoryview(raw)
     try:
-        for start, end in _line_spans(raw, len(CHECKPOINT_MARK)):
-            if current is None:
-                line = raw[start:end]
-                if line.endswith(b":{"):
-                    current = rows[orjson.loads(line[:-2])] = []
-                    continue
-                name, _, value = line.rstrip(b",").partition(b":")
-                rows[orjson.loads(name)] = orjson.loads(value)
-                continue
-            if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
-                current = None
-                continue
-            if raw[end - 1] == 44:  # ","
-                end -= 1
-            colon = raw.index(b'":', start, end)
-            doc_id, body = raw[start + 1:colon].decode(), colon + 2
-            at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
-            if at == -1 and raw.startswith(b'{"data":', body, end):
-                at = body
-            if at >= 0 and raw[end - 1] == 125:  # "}"
-                doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
-                doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
-            else:
-                doc = orjson.loads(raw[body:end])
-            current.append((doc_id, doc))
+        for raw in blocks:
+            current = _block_rows(raw, rows, current)
     except (ValueError, KeyError, IndexError) as e:
         log.warning("%s: not in statsd's own layout (%s); reading it as plain TinyDB JSON", "checkpoint", e)
         return None
     return rows
+
+
+def _block_rows(raw: bytes, rows: dict, current: list | None) -> list | None:
+    """Add the records of one block of whole lines to `rows`; the table being read at its end (None between tables)."""
+    view = memoryview(raw)
+    for start, end in _line_spans(raw):
+        if current is None:
+            line = raw[start:end]
+            if line.endswith(b":{"):
+                current = rows[orjson.loads(line[:-2])] = []
+                continue
+            name, _, value = line.rstrip(b",").partition(b":")
+            rows[orjson.loads(name)] = orjson.loads(value)
+            continue
+        if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
+            current = None
+            continue
+        if raw[end - 1] == 44:  # ","
+            end -= 1
+        colon = raw.index(b'":', start, end)
+        doc_id, body = raw[start + 1:colon].decode(), colon + 2
+        at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
+        if at == -1 and raw.startswith(b'{"data":', body, end):
+            at = body
+        if at >= 0 and raw[end - 1] == 125:  # "}"
+            doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
+            doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
+        else:
+            doc = orjson.loads(raw[body:end])
+        current.append((doc_id, doc))
+    return current
 
 
 def _encode_journal_line(ops) -> bytes:
