@@ -1,9 +1,15 @@
 """statsd: a standalone statistics service for MONARC.
 
-One module, read top to bottom in the order data flows through it:
+One module, read top to bottom in the order data flows through it; its
+sections (the `# --- name ---` banners) are:
 
-    config -> storage -> query -> middleware (rate limit, errors, auth)
-           -> handlers -> app factory -> command line
+    config -> storage -> query -> validation of bodies -> routes
+           -> auth and rate-limit middleware -> handlers (/api/v2/) -> v1 processors
+           -> MONARC /api/v1 handlers -> dashboard -> retention -> OpenAPI
+           -> app factory -> command line
+
+Each route is declared once, on its handler (`@route`), with the facts its
+OpenAPI operation is built from.
 
 Statistics and organizations live in memory and in one TinyDB JSON file.
 Every write is appended to a journal beside that file and fsynced before it
@@ -58,6 +64,7 @@ log = logging.getLogger("statsd")
 
 API_PREFIX = "/api/v2"
 V1_PREFIX = "/api/v1"  # the upstream API that the MONARC front office speaks
+OPENAPI_PATH = API_PREFIX + "/openapi.json"
 MISSING = object()  # a field a record does not have
 
 
@@ -144,6 +151,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | None = None, environ=None, overrides=None) -> "Config":
+        """The settings from defaults, the TOML file (`path`, else ./statsd.toml), STATSD_* variables and `overrides`."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         if path is None and os.path.exists("statsd.toml"):
@@ -175,13 +183,16 @@ class Config:
 
     @classmethod
     def keys(cls) -> set[str]:
+        """The names of the settings."""
         return {f.name for f in fields(cls)}
 
     @classmethod
     def kind(cls, key: str) -> type:
+        """The type of a setting (that of its default)."""
         return type(getattr(cls(), key))
 
     def validate(self) -> None:
+        """Raise ConfigError for the first setting that cannot be used."""
         for key in self.keys():
             value, kind = getattr(self, key), self.kind(key)
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -320,6 +331,7 @@ class AtomicJSONStorage(Storage):
             return None
 
     def read(self) -> dict | None:
+        """The database as TinyDB reads it (None when there is no file); StorageError if it is not one."""
         raw = self.read_raw()
         if raw is None:
             return None
@@ -334,6 +346,7 @@ class AtomicJSONStorage(Storage):
         return data
 
     def write(self, data: dict) -> None:
+        """Replace the file with `data`, atomically."""
         write_atomically(self.path, dumps(data))
 
 
@@ -355,6 +368,7 @@ class Index:
     FILL_STEP = 2048  # records read between two looks at the loop budget
 
     def add(self, doc_id: int, doc: dict) -> None:
+        """Index a record under its value of the field (if an index holds that value)."""
         if self.docs is not None:  # deferred: the fill reads the records as they are then
             if self.touched is not None:
                 self.touched.add(doc_id)
@@ -371,12 +385,13 @@ class Index:
         bucket[doc_id] = None
 
     def remove(self, doc_id: int, doc: dict) -> None:
+        """Take a record out of the index."""
         if self.docs is not None:
             if self.touched is not None:
                 self.touched.add(doc_id)
             return
         value = doc.get(self.name, MISSING)
-        bucket = self.ids.get(value) if _hashable(value) else None
+        bucket = self.ids.get(value) if _indexable(value) else None
         if bucket is not None:
             bucket.pop(doc_id, None)
             if not bucket:
@@ -447,7 +462,8 @@ def _index_buckets(name: str, pairs: list[tuple[int, dict]], ids: dict, shared: 
     return ids
 
 
-def _hashable(value) -> bool:
+def _indexable(value) -> bool:
+    """Whether an index holds `value` (a string or a number, not a boolean)."""
     return value.__class__ in INDEXABLE
 
 
@@ -470,7 +486,7 @@ class Column:
             self.values[doc_id] = self.get(doc)
         self.changed = self.changed or self.filling
 
-    async def fill(self, table: "Table", path: tuple) -> None:
+    async def fill(self, table: "RecordTable", path: tuple) -> None:
         """Read every record; if this is interrupted, the column is dropped, never left half full."""
         self.filling = True
         try:
@@ -494,8 +510,8 @@ class Column:
             self.ready.set()
 
 
-class Table:
-    """One table: its records in creation order, a primary key and indexes."""
+class RecordTable:
+    """One table in memory: its records in creation order, a primary key and indexes (not TinyDB's RecordTable)."""
 
     def __init__(self, name: str, key: str, unique: Iterable[str] = (), indexed: Iterable[str] = (),
                  shared: Iterable[str] = (), deferred: Iterable[str] = ()):
@@ -513,6 +529,8 @@ class Table:
         self.intersection_ids = 0  # how many ids self.intersections holds
         self.views: list = []  # kept views of the records (date lists, aggregates): added/removed/load
 
+    NOT_ASKED = MISSING  # the states of an intersection: no query asked for it since the last write,
+    ASKED_ONCE = None  # asked once (the next ask keeps its ids), else the tuple of ids kept
     MAX_COLUMNS = 8
     MAX_INTERSECTION_IDS = 1_000_000  # about 8 MB of references, at most
     MAX_INTERSECTIONS = 4096  # combinations kept or seen once, at most
@@ -575,17 +593,17 @@ class Table:
         the ids that pass every test until the next write, so a repeated query
         then costs one lookup.
         """
-        ids = self.intersections.get(key, MISSING)
+        ids = self.intersections.get(key, self.NOT_ASKED)
         if ids.__class__ is tuple:
             return ids, True
         smallest, *others = sorted(id_sets, key=len)
         found = iter(list(smallest))  # a snapshot: the caller may yield to writers while it reads
         for other in others:
             found = filter(other.__contains__, found)  # at C speed
-        if ids is MISSING:
+        if ids is self.NOT_ASKED:
             if len(self.intersections) >= self.MAX_INTERSECTIONS:
                 self.forget_intersections()
-            self.intersections[key] = None  # seen once
+            self.intersections[key] = self.ASKED_ONCE
             return found, False
         docs = self.docs
         for test in tests:
@@ -598,21 +616,26 @@ class Table:
         return ids, True
 
     def forget_intersections(self) -> None:
+        """Drop every kept intersection (a write changed the records)."""
         self.intersections.clear()
         self.intersection_ids = 0
 
     def get(self, key) -> dict | None:
+        """The record with primary key `key`, or None."""
         doc_id = self.by_key.get(key)
         return None if doc_id is None else self.docs[doc_id]
 
     def doc_id(self, key) -> int | None:
+        """The doc_id of the record with primary key `key`, or None."""
         return self.by_key.get(key)
 
     def find_unique(self, name: str, value) -> dict | None:
+        """The record whose unique field `name` holds `value`, or None."""
         doc_id = self.unique[name].get(value)
         return None if doc_id is None else self.docs[doc_id]
 
     def new_doc_id(self) -> int:
+        """A doc_id no record has had."""
         doc_id, self.next_id = self.next_id, self.next_id + 1
         return doc_id
 
@@ -1036,14 +1059,14 @@ class Store:
         self._use_tables(self._empty_tables())
 
     @staticmethod
-    def _empty_tables() -> dict[str, Table]:
-        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",),
-                      deferred=STAT_PERIODS)
+    def _empty_tables() -> dict[str, RecordTable]:
+        stats = RecordTable("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",),
+                            deferred=STAT_PERIODS)
         stats.views = [StatDates(), StatAggregates(), DataPacker()]
-        return {"organizations": Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
+        return {"organizations": RecordTable("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
                 "stats": stats}
 
-    def _use_tables(self, tables: dict[str, Table]) -> None:
+    def _use_tables(self, tables: dict[str, RecordTable]) -> None:
         self.tables = tables
         self.orgs, self.stats = tables["organizations"], tables["stats"]
         self.dates, self.aggregates, self.packer = self.stats.views
@@ -1055,9 +1078,11 @@ class Store:
         return self.stats.get(stat_id)
 
     def stat_with_uuid(self, uuid: str) -> dict | None:
+        """The stat with this uuid, or None."""
         return self.stats.find_unique("uuid", uuid)
 
     def organization(self, name: str) -> dict | None:
+        """The organization named `name`, or None."""
         return self.orgs.get(name)
 
     def organization_with_token(self, token_sha256: str) -> dict | None:
@@ -1088,7 +1113,7 @@ class Store:
         if organization is not None:
             id_sets.append(self.stats.indexes["organization"].lookup(organization))
         if anr is not MISSING:
-            id_sets.append(self.stats.indexes["anr"].lookup(anr) if _hashable(anr) else {})
+            id_sets.append(self.stats.indexes["anr"].lookup(anr) if _indexable(anr) else {})
         smallest, *others = sorted(id_sets, key=len) if id_sets else [self.stats.docs]
         return [self.stats.docs[i] for i in smallest if all(i in other for other in others)]
 
@@ -1234,7 +1259,7 @@ class Store:
             gc.enable()
             gc.freeze()  # the records live long: keep them out of every later collection
 
-    def _replay(self, tables: dict[str, Table], path: str) -> int:
+    def _replay(self, tables: dict[str, RecordTable], path: str) -> int:
         """Apply a journal's transactions; cut a torn last line, refuse a corrupt middle.
 
         Replaying a transaction that the checkpoint already holds changes
@@ -1541,7 +1566,7 @@ def checkpoint_lines(extra_tables: dict, snapshot: dict[str, list[tuple[int, dic
         yield b"}}\n" if t + 1 == len(snapshot) else b"},\n"
 
 
-def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
+def read_checkpoint(path: str, tables: dict[str, RecordTable]) -> dict:
     """Fill `tables` from the TinyDB file (any TinyDB JSON file; fastest in statsd's own layout).
 
     Returns the file's other tables, which are kept as they are.
@@ -1687,6 +1712,7 @@ class IdGenerator:
 
 
 def hash_token(token: str) -> str:
+    """The SHA-256 hex digest of an API key: what the database keeps of it."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -1710,6 +1736,7 @@ class ApiError(Exception):
 
 
 def bad_request(message: str, errors=None) -> ApiError:
+    """A 400 ApiError."""
     return ApiError(400, message, errors)
 
 
@@ -1771,6 +1798,7 @@ def parse_datetime(value: str) -> str | None:
 
 
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_RULE = "a date written YYYY-MM-DD"
 
 
 def parse_date(value) -> str | None:
@@ -1796,72 +1824,43 @@ def parse_json_scalar(raw: str):
     return raw
 
 
-def _convert_int(raw: str, name: str):
+def _converter(parse: Callable[[str], Any], problem: str) -> Callable[[str, str], Any]:
+    """A reader of query values: `parse` one, else a 400 naming the parameter and the `problem`."""
+    def convert(raw: str, name: str):
+        value = parse(raw)
+        if value is None:
+            raise bad_request(f"{name}: {raw!r} {problem}")
+        return value
+    return convert
+
+
+def parse_anr(raw: str) -> int | str | None:
+    """An analysis: a 64-bit integer or a UUID (canonical), or None."""
     number = parse_int(raw)
-    if number is None:
-        raise bad_request(f"{name}: {raw!r} is not a 64-bit integer")
-    return number
+    return number if number is not None else parse_uuid(raw)
 
 
-def _convert_anr(raw: str, name: str):
-    number = parse_int(raw)
-    if number is not None:
-        return number
-    value = parse_uuid(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is neither an integer nor a UUID")
-    return value
+_convert_int = _converter(parse_int, "is not a 64-bit integer")
+_convert_anr = _converter(parse_anr, "is neither an integer nor a UUID")
+_convert_uuid = _converter(parse_uuid, "is not a UUID")
+_convert_datetime = _converter(parse_datetime, "is not a date (2020-05-12) or date-time (2020-05-12T22:29:42.362000)")
+_convert_date = _converter(parse_date, f"is not {DATE_RULE} (2020-05-12)")
+_convert_bool = _converter(parse_bool, f"is not a boolean ({BOOL_WORDS_TEXT})")
 
 
-def _convert_uuid(raw: str, name: str):
-    value = parse_uuid(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a UUID")
-    return value
+def _convert_text(raw: str, name: str):
+    return raw
 
 
-def _convert_datetime(raw: str, name: str):
-    value = parse_datetime(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a date (2020-05-12) or date-time"
-                          " (2020-05-12T22:29:42.362000)")
-    return value
+def _convert_json_scalar(raw: str, name: str):
+    return parse_json_scalar(raw)
 
 
-def _convert_date(raw: str, name: str):
-    value = parse_date(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a date written YYYY-MM-DD (2020-05-12)")
-    return value
-
-
-def _convert_bool(raw: str, name: str):
-    value = parse_bool(raw)
-    if value is None:
-        raise bad_request(f"{name}: {raw!r} is not a boolean ({BOOL_WORDS_TEXT})")
-    return value
-
-
-# field name -> (converter of a query value, whether string operators apply)
-STAT_FIELDS = {
-    "id": (lambda raw, name: raw, True),
-    "uuid": (_convert_uuid, True),
-    "organization": (lambda raw, name: raw, True),
-    "anr": (_convert_anr, True),
-    "type": (lambda raw, name: raw, True),
-    "date": (_convert_date, True),
-    "day": (_convert_int, False),
-    "week": (_convert_int, False),
-    "month": (_convert_int, False),
-    "quarter": (_convert_int, False),
-    "year": (_convert_int, False),
-    "data": (lambda raw, name: parse_json_scalar(raw), True),
-    "created_at": (_convert_datetime, True),
-    "updated_at": (_convert_datetime, True),
-}
+# field name -> (converter of a query value, whether string operators apply); the stats' table is
+# STAT_FIELDS, made from the field table STAT_TABLE
 ORG_FIELDS = {
-    "id": (lambda raw, name: raw, True),
-    "name": (lambda raw, name: raw, True),
+    "id": (_convert_text, True),
+    "name": (_convert_text, True),
     "is_admin": (_convert_bool, False),
     "created_at": (_convert_datetime, True),
     "updated_at": (_convert_datetime, True),
@@ -1912,7 +1911,7 @@ def _value_test(op: str, value) -> Callable[[Any], bool]:
         return lambda s: not exact(s)
     if op in ("in", "nin"):
         keyed = {(_rank(v), v) for v in value}
-        hit = lambda s: s is not MISSING and _hashable_or_none(s) and (_rank(s), s) in keyed
+        hit = lambda s: s is not MISSING and _may_be_listed(s) and (_rank(s), s) in keyed
         return hit if op == "in" else (lambda s: not hit(s))
     if op == "exists":
         return lambda s: (s is not MISSING) == value
@@ -1931,7 +1930,8 @@ def _value_test(op: str, value) -> Callable[[Any], bool]:
     return lambda s: s.__class__ is str and test(s)
 
 
-def _hashable_or_none(value) -> bool:
+def _may_be_listed(value) -> bool:
+    """Whether a stored value can equal an item of an in/nin list (null, a string or a number)."""
     return value is None or isinstance(value, (str, int, float))
 
 
@@ -1960,17 +1960,17 @@ class Filter:
         return self.path, self.op, tuple(self.value) if self.value.__class__ is list else self.value
 
     @functools.cached_property
-    def test(self) -> Callable[[Any], bool]:
-        """The test of a stored value."""
+    def value_test(self) -> Callable[[Any], bool]:
+        """The test of one stored value (MISSING when the record lacks it)."""
         return _value_test(self.op, self.value)
 
     @functools.cached_property
-    def predicate(self) -> Callable[[dict], bool]:
-        """The test applied to a whole record."""
+    def record_test(self) -> Callable[[dict], bool]:
+        """The test of a whole record (its value at `path`)."""
         direct = len(self.path) == 1 and self.path[0] != "data"  # data is kept serialized
         if direct and self.op in COMPARE and self.value.__class__ in NUMBER:
             return _number_comparison(self.path[0], self.op, self.value)
-        test = self.test
+        test = self.value_test
         if direct:
             name = self.path[0]
             return lambda doc: test(doc.get(name, MISSING))
@@ -2001,13 +2001,8 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
     """
     stored_as = stored_as or {}
     query = Query(limit=config.default_limit)
-    seen: dict[str, str] = {}
-    for name, raw in params.items():
+    for name, raw in single_params(params, PAGE_ALIASES).items():
         canonical = PAGE_ALIASES.get(name, name)
-        if canonical in seen:
-            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
-            raise bad_request(f"query parameter {name!r} is given more than once{also}")
-        seen[canonical] = name
         if canonical in ("_skip", "_limit"):
             number = parse_int(raw)
             if number is None or number < 0:
@@ -2030,6 +2025,20 @@ def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
     return query
 
 
+def single_params(params, aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """The query parameters, each given once, else a 400; `aliases` maps other names of a parameter to it."""
+    seen: dict[str, str] = {}
+    single: dict[str, str] = {}
+    for name, raw in params.items():
+        canonical = aliases.get(name, name) if aliases else name
+        if canonical in seen:
+            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
+            raise bad_request(f"query parameter {name!r} is given more than once{also}")
+        seen[canonical] = name
+        single[name] = raw
+    return single
+
+
 def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) -> tuple[str, ...]:
     """The path of a field (or of a place inside `data`) in the stored records."""
     path = tuple(name.split("__"))
@@ -2038,6 +2047,7 @@ def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) 
     return (stored_as.get(path[0], path[0]),) + path[1:]
 
 
+LINK_FIELDS = ("link", "links")  # an answer's hypermedia links, which _fields may name
 MAX_ORDER_KEYS = 4  # fields in one _order_by
 MAX_FILTERS = 20  # filters in one query
 MAX_FIELDS = 32  # names in one _fields
@@ -2064,7 +2074,7 @@ def _parse_fields(raw: str, schema: dict) -> list[str]:
     if len(names) > MAX_FIELDS:
         raise bad_request(f"_fields takes at most {MAX_FIELDS} names, not {len(names)}")
     for name in names:
-        if name not in schema and name not in ("link", "links"):
+        if name not in schema and name not in LINK_FIELDS:
             raise bad_request(f"unknown field {name!r} in _fields")
     return list(dict.fromkeys(names))
 
@@ -2149,9 +2159,9 @@ class Turns:
             self.loop.call_soon(self._next)
 
 
-def _index_ids(table: Table, f: Filter) -> dict | None:
+def _index_ids(table: RecordTable, f: Filter) -> dict | None:
     """The ids an index gives for an equality filter, or None when no index applies."""
-    if f.op != "exact" or len(f.path) != 1 or not _hashable(f.value):
+    if f.op != "exact" or len(f.path) != 1 or not _indexable(f.value):
         return None
     name = f.path[0]
     if name == table.key or name in table.unique:
@@ -2172,11 +2182,11 @@ def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
     return iter(lambda: list(itertools.islice(found, STEP)), [])
 
 
-async def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
+async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
     """Ids worth testing, in creation order and in lists of STEP, and the filters still to apply.
 
     Equality filters on indexed fields become an intersection of id sets (with
-    the other filters on indexed fields, kept by Table.matching); else a filter
+    the other filters on indexed fields, kept by RecordTable.matching); else a filter
     inside `data` is run over that path's value column; else every record.
     Every source is a snapshot, so writes may land while the caller yields.
     """
@@ -2193,13 +2203,13 @@ async def _candidates(table: Table, filters: list[Filter]) -> tuple[Iterable[lis
         return _steps(list(indexed[0][1])), rest
     if indexed:
         key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
-        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.predicate for f in narrowing])
+        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.record_test for f in narrowing])
         return _steps(ids), rest if tested else narrowing + rest
     rest = narrowing + rest
     for position, f in enumerate(rest):
         if f.path[0] == "data":
             column = await table.column(f.path)
-            ids, values, test = list(column), list(column.values()), f.test
+            ids, values, test = list(column), list(column.values()), f.value_test
             steps = (list(itertools.compress(ids[start:start + STEP], map(test, values[start:start + STEP])))
                      for start in range(0, len(ids), STEP))
             return steps, rest[:position] + rest[position + 1:]
@@ -2216,7 +2226,7 @@ def _sort_value(value):
     return rank, value
 
 
-async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
+async def _sort_values(table: RecordTable, order_by: list) -> Callable[[dict], tuple]:
     """A record's sort value per `order_by` field, then its primary key; paths inside `data` read their column."""
     getters = []
     for path, _ in order_by:
@@ -2257,7 +2267,7 @@ def _merge_key(order_by: list):
 RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
-async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
+async def run_query(table: RecordTable, query: Query) -> tuple[list[dict], bool]:
     """The page of matching records and whether more follow it.
 
     Records are tested STEP at a time and the loop is given back whenever its
@@ -2266,8 +2276,8 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
     """
     steps, remaining = await _candidates(table, query.filters)
     # a path inside data is read from its column (parsing each record's data would outlast any budget)
-    columns = [(await table.column(f.path), f.test) for f in remaining if f.path[0] == "data"]
-    predicates = [f.predicate for f in remaining if f.path[0] != "data"]
+    columns = [(await table.column(f.path), f.value_test) for f in remaining if f.path[0] == "data"]
+    predicates = [f.record_test for f in remaining if f.path[0] != "data"]
     wanted = query.skip + query.limit + 1
     docs, budget = table.docs, LoopBudget()
     key = await _sort_values(table, query.order_by) if query.order_by else None
@@ -2304,14 +2314,12 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
 
 # ------------------------------------------------------ validation of bodies ---
 
-STAT_CLIENT_FIELDS = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
-                      "data")
-STAT_READ_ONLY = ("id", "created_at", "updated_at", "link", "links")
 PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
 MAX_DATA_DEPTH = 64
 
 
 def _is_int(value) -> bool:
+    """Whether `value` is a JSON integer a stat may hold (64 bits; not a boolean)."""
     return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
 
 
@@ -2334,40 +2342,109 @@ def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
     return True
 
 
-def check_stat_value(name: str, value) -> tuple[Any, str | None]:
-    """(normalized value, None) or (None, what is wrong) for one client field."""
-    if value.__class__ is float and value.is_integer() and (name in PERIODS or name in ("anr", "year")):
-        value = int(value)  # JSON does not tell 1.0 from 1 (nor does the OpenAPI description)
-    if name == "uuid":
-        parsed = parse_uuid(value)
-        return (parsed, None) if parsed else (None, "must be a UUID string")
-    if name == "anr":
-        if _is_int(value):
-            return value, None
-        parsed = parse_uuid(value)
-        return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
-    if name == "type":
-        if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
-            return None, "must be a string of 1 to 120 characters, not only white space"
+def _whole(value):
+    """A whole float as an int: JSON does not tell 1.0 from 1 (nor does the OpenAPI description)."""
+    return int(value) if value.__class__ is float and value.is_integer() else value
+
+
+# The rules of the stat fields in a body: value -> (normalized value, None) or (None, what is wrong).
+
+def _check_uuid(value) -> tuple[Any, str | None]:
+    parsed = parse_uuid(value)
+    return (parsed, None) if parsed else (None, "must be a UUID string")
+
+
+def _check_organization(value) -> tuple[Any, str | None]:
+    return (value, None) if isinstance(value, str) else (None, "must be an organization name")
+
+
+def _check_anr(value) -> tuple[Any, str | None]:
+    value = _whole(value)
+    if _is_int(value):
         return value, None
-    if name == "date":
-        parsed = parse_date(value)
-        return (parsed, None) if parsed else (None, "must be a date written YYYY-MM-DD")
-    if name in PERIODS:
-        low, high = PERIODS[name]
+    parsed = parse_uuid(value)
+    return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
+
+
+def _check_type(value) -> tuple[Any, str | None]:
+    if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
+        return None, "must be a string of 1 to 120 characters, not only white space"
+    return value, None
+
+
+def _check_date(value) -> tuple[Any, str | None]:
+    parsed = parse_date(value)
+    return (parsed, None) if parsed else (None, f"must be {DATE_RULE}")
+
+
+def _check_period(low: int, high: int) -> Callable[[Any], tuple[Any, str | None]]:
+    def check(value):
+        value = _whole(value)
         if not _is_int(value) or not low <= value <= high:
             return None, f"must be an integer from {low} to {high}"
         return value, None
-    if name == "year":
-        return (value, None) if _is_int(value) else (None, "must be an integer")
-    if name == "data":
-        return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
-    if name == "organization":
-        return (value, None) if isinstance(value, str) else (None, "must be an organization name")
-    raise AssertionError(name)
+    return check
 
 
-PERIOD_FIELDS = ("day", "week", "month", "quarter", "year")
+def _check_year(value) -> tuple[Any, str | None]:
+    value = _whole(value)
+    return (value, None) if _is_int(value) else (None, "must be an integer")
+
+
+def _check_data(value) -> tuple[Any, str | None]:
+    return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
+
+
+def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
+    """The OpenAPI schema of an integer from `low` to `high`."""
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+@dataclass(frozen=True)
+class StatField:
+    """One field of a stat record: who sets it, its rule in a body, its reading in a query, its OpenAPI schema."""
+
+    name: str
+    schema: dict  # the OpenAPI schema of its value
+    convert: Callable = _convert_text  # a query value -> the value filters compare, or a 400
+    strings_ok: bool = True  # whether the string operators apply
+    check: Callable | None = None  # a body's value -> (normalized, None) or (None, what is wrong); None: the server sets it
+    kept: bool = False  # set when the stat is created, then read-only (a PUT keeps it)
+
+
+UUID_SCHEMA = {"type": "string", "format": "uuid"}
+STAMP_SCHEMA = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
+STAT_TABLE = (  # in the order of a stored record's fields
+    StatField("uuid", UUID_SCHEMA, _convert_uuid, check=_check_uuid, kept=True),
+    StatField("organization", {"type": "string", "description": "taken from the API key; with authentication off,"
+                               " an existing organization's name"}, check=_check_organization, kept=True),
+    StatField("anr", {"anyOf": [_oa_int(), UUID_SCHEMA]}, _convert_anr, check=_check_anr),
+    StatField("type", {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"}, check=_check_type),
+    StatField("date", {"type": "string", "format": "date", "description": "sets the period fields that are not given"},
+              _convert_date, check=_check_date),
+    *(StatField(name, _oa_int(low, high), _convert_int, False, check=_check_period(low, high))
+      for name, (low, high) in PERIODS.items()),
+    StatField("year", _oa_int(), _convert_int, False, check=_check_year),
+    StatField("data", {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"},
+              _convert_json_scalar, check=_check_data),
+    StatField("created_at", STAMP_SCHEMA, _convert_datetime, kept=True),
+    StatField("updated_at", STAMP_SCHEMA, _convert_datetime),
+    StatField("id", {"type": "string", "pattern": "^[0-9a-f]{24}$"}, kept=True),
+)
+STAT_FIELD = {f.name: f for f in STAT_TABLE}
+STAT_ORDER = tuple(STAT_FIELD)  # a stored record's fields, in order
+STAT_CLIENT_FIELDS = tuple(f.name for f in STAT_TABLE if f.check)
+STAT_READ_ONLY = (*(f.name for f in STAT_TABLE if not f.check), *LINK_FIELDS)  # a new stat may not set them
+STAT_KEPT = tuple(f.name for f in STAT_TABLE if f.kept)
+STAT_FIELDS = {f.name: (f.convert, f.strings_ok) for f in sorted(STAT_TABLE, key=lambda f: f.name != "id")}
+
+
+def check_stat_value(name: str, value) -> tuple[Any, str | None]:
+    """(normalized value, None) or (None, what is wrong) for one client field."""
+    return STAT_FIELD[name].check(value)
+
+
+PERIOD_FIELDS = (*PERIODS, "year")
 
 
 def periods_of(day: str) -> dict:
@@ -2375,6 +2452,18 @@ def periods_of(day: str) -> dict:
     moment = date.fromisoformat(day)
     return {"day": moment.timetuple().tm_yday, "week": moment.isocalendar().week, "month": moment.month,
             "quarter": (moment.month - 1) // 3 + 1, "year": moment.year}
+
+
+def months_before(day: date, months: int) -> date:
+    """The same day `months` months earlier (the last day of a shorter month)."""
+    index = day.year * 12 + day.month - 1 - months
+    year, month = divmod(index, 12)
+    for last in (31, 30, 29, 28):
+        try:
+            return date(year, month + 1, min(day.day, last))
+        except ValueError:
+            continue
+    raise AssertionError(day)
 
 
 def derive_periods(clean: dict, body: dict) -> None:
@@ -2389,6 +2478,85 @@ def _link_path_matches(value, path: str) -> bool:
     return bool(found) and urlsplit(found.group(1)).path == path
 
 
+# ------------------------------------------------------------------ routes ---
+# Each handler carries its route: @route(METHOD, path, OpenAPI facts). ROUTES then
+# builds the router (create_app) and the OpenAPI document (openapi_document).
+
+ERRORS_PUBLIC = (400, 429, 500)  # the error statuses of a route that needs no key
+ERRORS_READ = (400, 401, 429, 500)
+ERRORS_WRITE = (400, 401, 409, 413, 415, 429, 500, 503, 507)
+ERRORS_DELETE = (400, 401, 429, 500, 503, 507)
+ERRORS_V1 = (400, 401, 403, 426, 429, 500)
+ERRORS_V1_WRITE = ERRORS_V1 + (413, 415, 503, 507)
+ADMIN, NOT_FOUND = (403,), (404,)
+LOCATION_HEADER = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
+
+
+@dataclass
+class Route:
+    """One route: its method, its path as documented, its handler and the facts of its OpenAPI operation.
+
+    A path ending in "/" (other than "/") is served with and without that slash.
+    A schema is named (str: a component), listed (tuple: any of those components)
+    or written out (dict).
+    """
+
+    method: str
+    path: str
+    handler: Callable
+    summary: str | None = None  # None: left out of the OpenAPI document (the dashboard's HTML pages)
+    params: tuple = ()  # names of parameters (see _oa_parameters)
+    body: Any = None  # the schema of the request body
+    body_required: bool = True
+    ok: tuple = ()  # (status, description[, schema[, headers]]) of each success
+    errors: tuple = ()  # the error statuses
+    responses: dict | None = None  # the responses written out, in place of ok and errors
+    public: bool = False  # needs no API key
+    when: Callable[[Config], bool] | None = None  # served only when this holds of the config
+
+    def forms(self) -> tuple[str, ...]:
+        """The paths that reach it: with its trailing slash first (the form links use), then without."""
+        return (self.path, self.path[:-1]) if self.path.endswith("/") and self.path != "/" else (self.path,)
+
+
+class Routes:
+    """Every route of the app, each declared once on its handler."""
+
+    def __init__(self):
+        self.all: list[Route] = []
+
+    def route(self, method: str, path: str, **facts) -> Callable:
+        """A decorator declaring that `method path` is answered by the function it decorates."""
+        def declare(handler):
+            self.all.append(Route(method, path, handler, **facts))
+            return handler
+        return declare
+
+    def served(self, config: Config) -> list[Route]:
+        """The routes an app with `config` serves; fixed paths before those with {placeholders}."""
+        return sorted((r for r in self.all if r.when is None or r.when(config)), key=lambda r: "{" in r.path)
+
+    def add_to(self, app: web.Application, config: Config) -> None:
+        """Register the served routes: one resource per path form, holding all its methods (a wrong
+        method is then a 405); GET brings HEAD, which aiohttp answers without the body."""
+        resources: dict[str, web.Resource] = {}
+        for r in self.served(config):
+            for form in r.forms():
+                if form not in resources:
+                    resources[form] = app.router.add_resource(form)
+                resources[form].add_route(r.method, r.handler)
+                if r.method == "GET":
+                    resources[form].add_route("HEAD", r.handler)
+
+    @functools.cached_property
+    def public_paths(self) -> frozenset[str]:
+        """The paths of the routes that need no key (read once every route is declared)."""
+        return frozenset(form for r in self.all if r.public for form in r.forms())
+
+
+ROUTES = Routes()
+route = ROUTES.route
+
 # ------------------------------------------- auth and rate-limit middleware ---
 
 @dataclass
@@ -2400,8 +2568,13 @@ class Caller:
     token_sha256: str | None = None  # to look the key up again after an await
 
     @property
-    def sees_all(self) -> bool:
-        return self.is_admin
+    def scope(self) -> str | None:
+        """The one organization whose stats this caller sees, or None: an admin sees every organization's."""
+        return None if self.is_admin else self.organization
+
+    def sees(self, organization: str | None) -> bool:
+        """Whether this caller may see the stats of `organization`."""
+        return self.is_admin or organization == self.organization
 
 
 CONFIG_KEY = web.AppKey("config", Config)
@@ -2519,7 +2692,7 @@ async def api_middleware(request: web.Request, handler):
 
 
 async def count_request(request: web.Request) -> tuple[dict, web.Response | None]:
-    """Count an /api/ or dashboard request per client and endpoint: its X-Rate-Limit-* headers, and a 429 if over."""
+    """Count an /api/ or dashboard request per client and endpoint: (its X-Rate-Limit-* headers, a 429 if over or None)."""
     item = request.app[RATE_LIMIT_KEY]
     limiter: Limiter = request.app[LIMITER_KEY]
     key = (client_address(request), endpoint_of(request))
@@ -2549,18 +2722,60 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
 
 
 def authenticate(request: web.Request) -> None:
-    """Resolve the API key (X-API-KEY header or api_key argument) to the request's Caller."""
+    """Set the request's Caller before its handler runs; routes that need no key are left alone.
+
+    An /api/v1/ path that no route answers is a 404 or 405 whatever the key, as upstream.
+    """
     path = request.path
-    if not path.startswith("/api/") or path.startswith(V1_PREFIX + "/") or path in PUBLIC_PATHS:
-        return  # /api/v1/ handlers authenticate as the upstream does
-    if not request.app[CONFIG_KEY].api_key_authentication:
-        request[CALLER_KEY] = Caller(None, True)
+    if not path.startswith("/api/") or path in ROUTES.public_paths:
         return
-    keys = one_key(request)
-    caller = _caller_for(request.app[STORE_KEY], keys[0]) if keys else None
-    if caller is None:
-        raise ApiError(401, "Unauthorized")
-    request[CALLER_KEY] = caller
+    if path.startswith(V1_PREFIX + "/") and request.match_info.http_exception is not None:
+        return
+    request[CALLER_KEY] = resolve_caller(request)
+
+
+V1_UNAUTHORIZED = "Unauthorized - Authentication required."
+V1_FORBIDDEN = "Forbidden - Authentication failed."
+MONARC_MIN_VERSION = (2, 10, 2)
+MONARC_AGENT_RE = re.compile(r"MONARC/([0-9]+(?:\.[0-9]+)*)")
+
+
+def resolve_caller(request: web.Request) -> Caller:
+    """The caller named by the request's API key as it stands now, or the refusal of the request's API.
+
+    /api/v2/ refuses a missing or unknown key with 401. /api/v1/ refuses as upstream:
+    426 for a MONARC older than 2.10.2 (by its User-Agent), then 401 without a key,
+    403 with a wrong one. With api_key_authentication off every caller is an admin;
+    in v1 a known key still names the organization that new stats and client/me belong to.
+    """
+    v1 = request.path.startswith(V1_PREFIX + "/")
+    if v1:
+        check_monarc_version(request)
+    open_ = not request.app[CONFIG_KEY].api_key_authentication
+    if open_ and not v1:
+        return Caller(None, True)
+    key = presented_key(request)
+    known = _caller_for(request.app[STORE_KEY], key) if key is not None else None
+    if open_:
+        return Caller(known.organization if known else None, True)
+    if known is None:
+        if not v1:
+            raise ApiError(401, "Unauthorized")
+        raise ApiError(401, V1_UNAUTHORIZED) if key is None else ApiError(403, V1_FORBIDDEN)
+    return known
+
+
+def check_monarc_version(request: web.Request) -> None:
+    """A MONARC older than 2.10.2 (by its User-Agent) gets 426, as upstream."""
+    found = MONARC_AGENT_RE.search(request.headers.get("User-Agent", ""))
+    if found and tuple(int(part) for part in found.group(1).split(".")) < MONARC_MIN_VERSION:
+        raise ApiError(426, "Upgrade Required - This service requires use of MONARC version >= 2.10.2.")
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The non-empty API key sent (X-API-KEY header or api_key argument), else None; 400 if sent twice."""
+    keys = [k for k in one_key(request) if k]
+    return keys[0] if keys else None
 
 
 def sent_keys(request: web.Request) -> list[str]:
@@ -2591,11 +2806,11 @@ def _caller_for(store: Store, token: str) -> Caller | None:
 
 
 # -------------------------------------------------------------- handlers ---
-
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def json_response(body, status: int = 200, headers=None) -> web.Response:
+    """A JSON answer."""
     return web.Response(body=dumps(body), status=status,
                         headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS)
 
@@ -2605,11 +2820,13 @@ def _link(rel: str, title: str, url: str) -> str:
 
 
 def stat_path(stat_id: str) -> str:
+    """The path of a stat's URL."""
     return f"{API_PREFIX}/stats/{stat_id}/"
 
 
 @functools.lru_cache(maxsize=4096)
 def org_path(name: str) -> str:
+    """The path of an organization's URL (its name percent-encoded)."""
     return f"{API_PREFIX}/organizations/{quote(name, safe='')}/"
 
 
@@ -2682,6 +2899,7 @@ class ParsedQueries:
         self.parsed: dict[str, Query] = {}
 
     def of(self, request: web.Request) -> Query:
+        """The parsed query of a request, from the kept ones when its query string was seen."""
         raw = request.rel_url.raw_query_string
         query = self.parsed.get(raw)
         if query is None:
@@ -2717,21 +2935,11 @@ def base_url(request: web.Request) -> str:
     return f"{scheme}://{host}"
 
 
-def single_query(request: web.Request) -> dict[str, str]:
-    """The query parameters, each given once (a repeated one is a 400)."""
-    params: dict[str, str] = {}
-    for name, raw in request.query.items():
-        if name in params:
-            raise bad_request(f"query parameter {name!r} is given more than once")
-        params[name] = raw
-    return params
-
-
 def only_params(request: web.Request, *allowed: str) -> None:
     """Refuse query parameters a route does not take (the API key is always allowed)."""
     if not request.rel_url.raw_query_string:
         return
-    for name in single_query(request):
+    for name in single_params(request.query):
         if name != "api_key" and name not in allowed:
             raise bad_request(f"unknown query parameter {name!r}")
 
@@ -2753,6 +2961,14 @@ async def read_json(request: web.Request):
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+async def read_object(request: web.Request, example: str = "") -> dict:
+    """The request body as a JSON object, else a 400 (ending with `example`, the shape expected)."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object" + example)
+    return body
 
 
 def _fail(errors: dict, what: str) -> ApiError:
@@ -2783,13 +2999,11 @@ def stat_client_fields(body: dict, errors: dict) -> dict:
 
 def ordered_stat(values: dict) -> dict:
     """A stat record with its fields in one stable order."""
-    order = ("uuid", "organization", "anr", "type", "date", "day", "week", "month", "quarter", "year",
-             "data", "created_at", "updated_at", "id")
-    return {name: values[name] for name in order if name in values}
+    return {name: values[name] for name in STAT_ORDER if name in values}
 
 
-def new_stat(request: web.Request, body, now: str) -> dict:
-    """A new stat record from a POSTed object, or ApiError(400) naming what is wrong."""
+def new_stat(request: web.Request, body, now: str, also: dict | None = None) -> dict:
+    """A new stat record from a posted object, or ApiError(400) naming what is wrong (and the errors `also` found)."""
     if not isinstance(body, dict):
         raise bad_request("a stat must be a JSON object")
     errors: dict[str, str] = {}
@@ -2810,6 +3024,7 @@ def new_stat(request: web.Request, body, now: str) -> dict:
     organization = _stat_organization(request, body, errors)
     if organization is not None:
         clean["organization"] = organization
+    errors.update(also or {})
     if errors:
         raise _fail(errors, "stat")
     return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
@@ -2844,12 +3059,12 @@ def visible_stat(request: web.Request) -> dict:
     stat_id = request.match_info["id"]
     doc = request.app[STORE_KEY].stat(stat_id)
     caller: Caller = request[CALLER_KEY]
-    if doc is None or not (caller.sees_all or doc.get("organization") == caller.organization):
+    if doc is None or not caller.sees(doc.get("organization")):
         raise ApiError(404, f"Not Found: no stat with id {stat_id!r}")
     return doc
 
 
-def _check_read_only(request: web.Request, body: dict, old: dict, names, path: str, parents=()) -> dict:
+def _check_read_only(body: dict, old: dict, names, path: str, parents=()) -> dict:
     """Read-only fields may come back unchanged; a change is an error naming the field."""
     errors = {}
     for name in names:
@@ -2870,11 +3085,14 @@ def _check_read_only(request: web.Request, body: dict, old: dict, names, path: s
     return errors
 
 
+@route("GET", API_PREFIX + "/stats/", summary="List stats", params=("stat_list",),
+       ok=((200, "a page of stats", "StatsPage"),), errors=ERRORS_READ)
 async def list_stats(request: web.Request) -> web.Response:
+    """GET /api/v2/stats/: a page of the stats the caller sees, filtered, ordered, with _fields."""
     query = request.app[STAT_QUERIES_KEY].of(request)  # shared: never changed here
     caller: Caller = request[CALLER_KEY]
-    if not caller.sees_all:
-        query = replace(query, filters=[Filter(("organization",), "exact", caller.organization), *query.filters])
+    if caller.scope is not None:
+        query = replace(query, filters=[Filter(("organization",), "exact", caller.scope), *query.filters])
     page, more = await request.app[STORE_KEY].find("stats", query)
     base = base_url(request)
     if query.fields is None:
@@ -2885,7 +3103,11 @@ async def list_stats(request: web.Request) -> web.Response:
     return json_response({"data": data, "has_more": more})
 
 
+@route("POST", API_PREFIX + "/stats/",
+       summary="Create one stat (object) or 1 to max_limit stats (list, all-or-nothing)",
+       body=("NewStat", "NewStats"), ok=((201, "created", "StatsCreated", LOCATION_HEADER),), errors=ERRORS_WRITE)
 async def create_stats(request: web.Request) -> web.Response:
+    """POST /api/v2/stats/: one stat (object) or 1 to max_limit stats (list), all or nothing."""
     only_params(request)
     body = await read_json(request)
     config: Config = request.app[CONFIG_KEY]
@@ -2907,13 +3129,7 @@ async def create_stats(request: web.Request) -> web.Response:
             errors[str(i)] = e.errors or e.message
     if errors:
         raise bad_request(f"{len(errors)} of {len(items)} stats are invalid; nothing was stored", errors)
-    conflicts, seen = {}, {}
-    for i, doc in enumerate(docs):
-        if doc["uuid"] in seen:
-            conflicts[str(i)] = f"uuid {doc['uuid']} repeats item {seen[doc['uuid']]}"
-        elif store.stat_with_uuid(doc["uuid"]) is not None:
-            conflicts[str(i)] = f"uuid {doc['uuid']} already exists"
-        seen[doc["uuid"]] = i
+    conflicts = {str(i): problem for i, problem in uuid_conflicts(store, enumerate(docs)).items()}
     if conflicts:
         message = conflicts["0"] if single else \
             f"{len(conflicts)} of {len(items)} stats conflict with stored ones; nothing was stored"
@@ -2926,21 +3142,35 @@ async def create_stats(request: web.Request) -> web.Response:
     return json_response({"data": [present_stat(base, d) for d in docs]}, 201)
 
 
-async def ready_to_write(request: web.Request) -> Caller:
-    """Wait out a checkpoint, then take the caller as its key stands now.
+def uuid_conflicts(store: Store, docs: Iterable[tuple[int, dict]]) -> dict[int, str]:
+    """Item index -> what is wrong, for each new stat whose uuid an earlier item or a stored stat holds."""
+    conflicts, seen = {}, {}
+    for i, doc in docs:
+        if doc["uuid"] in seen:
+            conflicts[i] = f"uuid {doc['uuid']} repeats item {seen[doc['uuid']]}"
+        elif store.stat_with_uuid(doc["uuid"]) is not None:
+            conflicts[i] = f"uuid {doc['uuid']} already exists"
+        seen[doc["uuid"]] = i
+    return conflicts
 
-    Authentication ran before the body was read: meanwhile the key may have
+
+async def body_to_write(request: web.Request, example: str = "", *, optional: bool = False) -> dict:
+    """The JSON object a write sends (with `optional`, no body at all is {}), then the caller as its key stands now."""
+    only_params(request)
+    body = {} if optional and not request.body_exists else await read_object(request, example)
+    await ready_to_write(request)
+    return body
+
+
+async def ready_to_write(request: web.Request) -> Caller:
+    """Wait out a checkpoint, then take the caller as its key stands now (v1 and v2 alike).
+
+    The caller was resolved before the body was read: meanwhile the key may have
     been rotated, its organization demoted or deleted. Call this after the
     handler's last await and before the checks that justify its write.
     """
-    store: Store = request.app[STORE_KEY]
-    await store.writable()
-    caller: Caller = request[CALLER_KEY]
-    if caller.token_sha256 is not None:
-        org = store.organization_with_token(caller.token_sha256)
-        if org is None:
-            raise ApiError(401, "Unauthorized")
-        caller = request[CALLER_KEY] = Caller(org["name"], bool(org.get("is_admin")), caller.token_sha256)
+    await request.app[STORE_KEY].writable()
+    caller = request[CALLER_KEY] = resolve_caller(request)
     return caller
 
 
@@ -2951,7 +3181,11 @@ def fields_param(request: web.Request, schema: dict) -> list[str] | None:
     return None if raw is None else _parse_fields(raw, schema)
 
 
+@route("GET", API_PREFIX + "/stats/{id}/", summary="Get a stat", params=("stat_id", "stat_fields"),
+       ok=((200, "the stat (with _fields: only those, plus id)", ("Stat", "StatFields")),),
+       errors=ERRORS_READ + NOT_FOUND)
 async def get_stat(request: web.Request) -> web.Response:
+    """GET /api/v2/stats/<id>/: one stat the caller sees (with _fields: only those, plus id)."""
     only = fields_param(request, STAT_FIELDS)
     doc = visible_stat(request)
     if only is not None:
@@ -2959,19 +3193,17 @@ async def get_stat(request: web.Request) -> web.Response:
     return web.Response(body=request.app[STAT_VIEWS_KEY].of(base_url(request), doc), headers=JSON_HEADERS)
 
 
+@route("PUT", API_PREFIX + "/stats/{id}/", summary="Replace a stat's client fields", params=("stat_id",),
+       body="StatPut", ok=((200, "the stat", "Stat"),), errors=ERRORS_WRITE + NOT_FOUND)
+@route("PATCH", API_PREFIX + "/stats/{id}/", summary="Change some of a stat's fields", params=("stat_id",),
+       body="StatPatch", ok=((200, "the stat", "Stat"),), errors=ERRORS_WRITE + NOT_FOUND)
 async def update_stat(request: web.Request) -> web.Response:
     """PUT replaces the client fields, PATCH merges the given ones."""
-    only_params(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
+    body = await body_to_write(request)
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
     old = visible_stat(request)
     parents = [org_path(old["organization"])] if "organization" in old else []
-    errors = _check_read_only(request, body, old, ("id", "uuid", "organization", "created_at",
-                                                   "updated_at", "link", "links"),
-                              stat_path(old["id"]), parents)
+    errors = _check_read_only(body, old, STAT_KEPT + STAT_READ_ONLY, stat_path(old["id"]), parents)
     clean = stat_client_fields(body, errors)
     derive_periods(clean, body)
     if request.method == "PUT":
@@ -2980,14 +3212,17 @@ async def update_stat(request: web.Request) -> web.Response:
                 errors[name] = "is required (PUT replaces the stat; use PATCH to change some fields)"
     if errors:
         raise _fail(errors, "stat")
-    kept = {name: old[name] for name in ("id", "uuid", "organization", "created_at") if name in old}
+    kept = {name: old[name] for name in STAT_KEPT if name in old}
     values = {**kept, **clean} if request.method == "PUT" else {**old, **clean}
     new = ordered_stat({**values, "updated_at": utcnow()})
     await store.commit([("stats", new["id"], new)])
     return json_response(present_stat(base_url(request), new))
 
 
+@route("DELETE", API_PREFIX + "/stats/{id}/", summary="Delete a stat", params=("stat_id",),
+       ok=((204, "deleted"),), errors=ERRORS_DELETE + NOT_FOUND)
 async def delete_stat(request: web.Request) -> web.Response:
+    """DELETE /api/v2/stats/<id>/: one stat the caller sees."""
     only_params(request)
     store: Store = request.app[STORE_KEY]
     await ready_to_write(request)
@@ -3020,6 +3255,7 @@ def check_token(token) -> str | None:
 
 
 def require_admin(request: web.Request, what: str = "manage organizations") -> None:
+    """403 unless the caller is an admin organization (`what` says what it may not do)."""
     if not request[CALLER_KEY].is_admin:
         raise ApiError(403, f"Forbidden: only an admin organization may {what}")
 
@@ -3035,7 +3271,7 @@ def visible_org(request: web.Request) -> dict:
 
 
 def org_body(body, errors: dict, *, creating: bool) -> tuple[dict, str | None]:
-    """Validated is_admin (and name when creating) plus a new token, if any."""
+    """(the validated is_admin, and name when creating; the new token or None) of an organization body."""
     clean, token = {}, None
     allowed = {"name", "token", "is_admin"} if creating else \
         {"token", "is_admin", "id", "name", "created_at", "updated_at", "link"}
@@ -3078,7 +3314,10 @@ def _unused_token_hash(store: Store, token: str) -> str:
     return digest
 
 
+@route("GET", API_PREFIX + "/organizations/", summary="List organizations (admin)", params=("org_list",),
+       ok=((200, "a page of organizations", "OrganizationsPage"),), errors=ERRORS_READ + ADMIN)
 async def list_orgs(request: web.Request) -> web.Response:
+    """GET /api/v2/organizations/ (admin): a page of organizations."""
     require_admin(request)
     query = parse_query(request.query, ORG_FIELDS, request.app[CONFIG_KEY], stored_as={"id": "name"})
     page, more = await request.app[STORE_KEY].find("organizations", query)
@@ -3086,15 +3325,15 @@ async def list_orgs(request: web.Request) -> web.Response:
     return json_response({"data": [present_org(base, d, query.fields) for d in page], "has_more": more})
 
 
+@route("POST", API_PREFIX + "/organizations/",
+       summary="Create an organization (admin); its token is answered only now", body="NewOrganization",
+       ok=((201, "created", "Organization", LOCATION_HEADER),), errors=ERRORS_WRITE + ADMIN)
 async def create_org(request: web.Request) -> web.Response:
+    """POST /api/v2/organizations/ (admin): a new organization; its token is answered only now."""
     require_admin(request)
-    only_params(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object: {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
+    body = await body_to_write(request, ": {\"name\": ..., \"token\"?: ..., \"is_admin\"?: ...}")
+    require_admin(request)
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
-    require_admin(request)
     errors: dict[str, str] = {}
     clean, token = org_body(body, errors, creating=True)
     if errors:
@@ -3107,7 +3346,7 @@ async def create_org(request: web.Request) -> web.Response:
 
 
 def new_organization(store: Store, name: str, token: str | None, is_admin: bool) -> tuple[dict, str]:
-    """A new organization record (only its token's hash) and its clear token."""
+    """(a new organization record, holding only its token's hash; its clear token)."""
     if store.organization(name) is not None:
         raise ApiError(409, f"Conflict: an organization named {name!r} already exists")
     token = token or new_token()
@@ -3117,22 +3356,29 @@ def new_organization(store: Store, name: str, token: str | None, is_admin: bool)
     return doc, token
 
 
+@route("GET", API_PREFIX + "/organizations/{name}/", summary="Get an organization (admin)",
+       params=("org_name", "org_fields"),
+       ok=((200, "the organization (with _fields: only those, plus id)", ("Organization", "OrganizationFields")),),
+       errors=ERRORS_READ + ADMIN + NOT_FOUND)
 async def get_org(request: web.Request) -> web.Response:
+    """GET /api/v2/organizations/<name>/ (admin): one organization."""
     only = fields_param(request, ORG_FIELDS)
     doc = visible_org(request)
     return json_response(present_org(base_url(request), doc, only))
 
 
+@route("PUT", API_PREFIX + "/organizations/{name}/", summary="Set is_admin and maybe a new token (admin)",
+       params=("org_name",), body="OrganizationPut", ok=((200, "the organization", "Organization"),),
+       errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
+@route("PATCH", API_PREFIX + "/organizations/{name}/", summary="Set is_admin or a new token (key rotation) (admin)",
+       params=("org_name",), body="OrganizationPatch", ok=((200, "the organization", "Organization"),),
+       errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
 async def update_org(request: web.Request) -> web.Response:
     """PUT sets is_admin (required) and maybe a new token; PATCH sets either."""
-    only_params(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
+    body = await body_to_write(request)
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
     old = visible_org(request)
-    errors = _check_read_only(request, body, {**old, "id": old["name"]},
+    errors = _check_read_only(body, {**old, "id": old["name"]},
                               ("id", "name", "created_at", "updated_at", "link"), org_path(old["name"]))
     clean, token = org_body(body, errors, creating=False)
     if request.method == "PUT" and "is_admin" not in body:
@@ -3180,7 +3426,11 @@ def check_not_last_admin(store: Store, doc: dict, doing: str) -> None:
                             " organization admin first")
 
 
+@route("DELETE", API_PREFIX + "/organizations/{name}/",
+       summary="Delete an organization (admin); 409 if it has stats, unless cascade=true",
+       params=("org_name", "cascade"), ok=((204, "deleted"),), errors=ERRORS_DELETE + (409,) + ADMIN + NOT_FOUND)
 async def delete_org(request: web.Request) -> web.Response:
+    """DELETE /api/v2/organizations/<name>/ (admin); its stats too with cascade=true, else 409 if it has any."""
     only_params(request, "cascade")
     cascade = _convert_bool(request.query.get("cascade", "false"), "cascade")
     store: Store = request.app[STORE_KEY]
@@ -3247,6 +3497,33 @@ INDEX_HTML = """<!DOCTYPE html>
 """
 
 
+EXPORT_FORMAT = "statsd-export"
+ORG_RECORD_FIELDS = ("name", "token_sha256", "is_admin", "is_sharing_enabled", "created_at", "updated_at")
+
+
+EXPORT_CHUNK = 100  # records serialized between two writes of a streamed export (measured: 1000 made
+# a cheap request wait ~25 ms at 100k MONARC-shaped stats, 100 about 3 ms)
+
+
+def export_chunks(orgs: list[dict], stats: list[dict], exported_at: str) -> Iterable[bytes]:
+    """The export document (organizations with token hashes only, stats) in pieces of
+    at most EXPORT_CHUNK records; joined, they are one JSON document and a newline."""
+    head = dumps({"format": EXPORT_FORMAT, "version": 1, "statsd": __version__,
+                  "exported_at": exported_at, "organizations": orgs})
+    yield head[:-1] + b',"stats":['
+    for start in range(0, len(stats), EXPORT_CHUNK):
+        items = dumps(stats[start:start + EXPORT_CHUNK])[1:-1]  # without [ and ]
+        yield b"," + items if start else items
+    yield b"]}\n"
+
+
+@route("GET", API_PREFIX + "/export/",
+       summary="Online backup (admin): the `statsd export` document of this server, a snapshot taken"
+               " at one instant, streamed; `statsd import` restores it into a stopped database",
+       ok=((200, "the export document (chunked)", "Export", {
+           "X-Export-Organizations": {"schema": {"type": "string"}, "description": "organizations in it"},
+           "X-Export-Stats": {"schema": {"type": "string"}, "description": "stats in it"}}),),
+       errors=ERRORS_READ + ADMIN + (503,))
 async def export_all(request: web.Request) -> web.StreamResponse:
     """The `statsd export` document of the running server: a snapshot taken at once, then streamed.
 
@@ -3278,6 +3555,17 @@ async def export_all(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+ROOT_FACTS = dict(  # GET / is the index, or with the dashboard on its overview page
+    summary="Service index (with Accept: application/json; browsers get the dashboard's overview page)", public=True,
+    responses={"200": {"description": "name, version and entry points (JSON), or the dashboard's overview (HTML)",
+                       "content": {"application/json": {"schema": {"type": "object"}},
+                                   "text/html": {"schema": {"type": "string"}}}},
+               "303": {"description": "a browser not logged in is sent to the dashboard's login page",
+                       "headers": {"Location": {"schema": {"type": "string"}}}}},
+    errors=(429,))
+
+
+@route("GET", "/", when=lambda config: config.dashboard == "off", **ROOT_FACTS)
 async def index(request: web.Request) -> web.Response:
     """/: JSON links to the entry points; with the dashboard off, a browser gets them as an HTML page."""
     accept = request.headers.get("Accept", "*/*")
@@ -3291,6 +3579,9 @@ async def index(request: web.Request) -> web.Response:
                           "endpoints": [API_PREFIX + "/stats/", API_PREFIX + "/organizations/"], "links": links})
 
 
+@route("GET", API_PREFIX + "/", summary="API index: the caller's organization and links to the entry points",
+       ok=((200, "organization, is_admin and links", {"type": "object", "required": ["organization", "is_admin", "links"]}),),
+       errors=ERRORS_READ)
 async def api_index(request: web.Request) -> web.Response:
     """GET /api/v2/: who the key belongs to, and the entry points."""
     only_params(request)
@@ -3299,809 +3590,7 @@ async def api_index(request: web.Request) -> web.Response:
                           "is_admin": caller.is_admin, "links": index_links(request)})
 
 
-# ------------------------------------------------------------ OpenAPI ---
-# GET /api/v2/openapi.json: an OpenAPI 3.1 description built from the app's own
-# routes and from the tables the code runs on (STAT_FIELDS, ORG_FIELDS,
-# OPERATORS, PERIODS, ApiError.NAMES, the v1 processors), so it cannot drift.
-# It is public (no key), and counted by the rate limit like every /api/ request.
-
-OPENAPI_PATH = API_PREFIX + "/openapi.json"
-PUBLIC_PATHS = {OPENAPI_PATH}  # /api/ paths that need no key (v1 routes authenticate themselves)
-UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real date
-
-
-def _oa_ref(name: str, kind: str = "schemas") -> dict:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
-    return {"type": "integer", "minimum": low, "maximum": high}
-
-
-def _oa_query_values(convert) -> tuple[dict, str]:
-    """(schema of one query value, pattern of one item of an in/nin list) for a field's converter."""
-    if convert is _convert_int:
-        return _oa_int(), "[+-]?[0-9]{1,18}"
-    if convert is _convert_uuid:
-        return {"type": "string", "pattern": UUID_PATTERN}, UUID_PATTERN[1:-1]
-    if convert is _convert_anr:
-        return {"anyOf": [_oa_int(), {"type": "string", "pattern": UUID_PATTERN}]}, \
-            f"([+-]?[0-9]{{1,18}}|{UUID_PATTERN[1:-1]})"
-    if convert is _convert_date:
-        return {"type": "string", "format": "date"}, SAFE_DATE
-    if convert is _convert_datetime:
-        return {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": f"^{SAFE_DATE}$"},
-                          {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-                                                        r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
-    if convert is _convert_bool:
-        return _oa_bool(), f"({'|'.join(TRUE_WORDS + FALSE_WORDS)})"
-    return {"type": "string"}, "[^,]*"
-
-
-def _oa_bool(description: str = "") -> dict:
-    """A boolean query value: the words parse_bool reads (any case)."""
-    return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS],
-            "description": " ".join(filter(None, (description, f"{BOOL_WORDS_TEXT}, in any case")))}
-
-
-def _oa_filters(schema: dict) -> dict:
-    """The filter parameters of a list route, from its field table and OPERATORS."""
-    properties = {}
-    for name, (convert, strings_ok) in schema.items():
-        value, item = _oa_query_values(convert)
-        properties[name] = value
-        for op in OPERATORS:
-            if op in STRING_OPS and not strings_ok:
-                continue
-            if op == "exists":
-                properties[f"{name}__{op}"] = _oa_bool()
-            elif op in ("in", "nin"):
-                properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
-            elif op in STRING_OPS:
-                properties[f"{name}__{op}"] = {"type": "string"}
-            else:
-                properties[f"{name}__{op}"] = value
-    filters = {"type": "object", "properties": properties, "additionalProperties": False,
-               "maxProperties": MAX_FILTERS}
-    if "data" in schema:
-        ops = "|".join(op for op in OPERATORS if op != "exists")
-        filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
-                                        "^data(__[A-Za-z0-9]+)*__exists$": _oa_bool()}
-    return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
-            "description": f"Filters (at most {MAX_FILTERS}), combined with AND: `field=value` (exact) or"
-                           " `field__OPERATOR=value`;"
-                           f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
-                           " string operators apply to string fields only"
-                           + ("; any path inside `data` is written with double underscores,"
-                              " e.g. data__total__current__operational__gt=5" if "data" in schema else "")}
-
-
-def _oa_list_params(schema: dict, config: Config) -> list:
-    names = ", ".join(schema)
-    params = [{"name": name, "in": "query", "schema": _oa_int(0) if "limit" not in name
-               else _oa_int(0, config.max_limit), "description": text}
-              for name, text in (("_skip", "records to skip (alias: offset)"),
-                                 ("_limit", f"page size, default {config.default_limit}, at most"
-                                            f" {config.max_limit} (alias: limit)"))]
-    order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
-    params.append({"name": "_order_by", "in": "query",
-                   "schema": {"type": "string", "pattern": f"^{order}(,{order}){{0,{MAX_ORDER_KEYS - 1}}}$"},
-                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id);"
-                                  f" at most {MAX_ORDER_KEYS}, each field once (else 400)"})
-    params.append(_oa_fields_param(schema))
-    return params + [_oa_filters(schema)]
-
-
-def _oa_fields_param(schema: dict) -> dict:
-    shown = "(" + "|".join([*schema, "link", "links"]) + ")"
-    return {"name": "_fields", "in": "query",
-            "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
-            "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links;"
-                           f" at most {MAX_FIELDS} names"}
-
-
-def _oa_body(schema: dict, required: bool = True) -> dict:
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
-
-
-def _oa_ok(status: int, description: str, schema: dict | None = None, headers=None) -> dict:
-    out: dict[str, Any] = {"description": description}
-    if schema is not None:
-        out["content"] = {"application/json": {"schema": schema}}
-    if headers:
-        out["headers"] = headers
-    return {str(status): out}
-
-
-def _oa_errors(*statuses: int) -> dict:
-    return {str(status): _oa_ref(ApiError.NAMES[status], "responses") for status in statuses}
-
-
-def _oa_stat_schemas(config: Config) -> dict:
-    """The Stat schemas, from the validation rules of check_stat_value and PERIODS."""
-    uuid_s = {"type": "string", "format": "uuid"}
-    client = {"uuid": uuid_s,
-              "organization": {"type": "string", "description": "taken from the API key; with"
-                               " authentication off, an existing organization's name"},
-              "anr": {"anyOf": [_oa_int(), uuid_s]},
-              "type": {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"},
-              "date": {"type": "string", "format": "date", "description": "sets the period fields"
-                       " that are not given"},
-              **{name: _oa_int(low, high) for name, (low, high) in PERIODS.items()},
-              "year": _oa_int(),
-              "data": {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"}}
-    stamp = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
-    server = {"id": {"type": "string", "pattern": "^[0-9a-f]{24}$"}, "created_at": stamp, "updated_at": stamp,
-              "link": {"type": "string"}, "links": {"type": "array", "items": {"type": "string"}}}
-    stat = {"type": "object", "properties": {**client, **server}, "additionalProperties": False}
-    no_org = {k: v for k, v in client.items() if k != "organization"}
-    writable = {"type": "object", "properties": no_org, "additionalProperties": False}
-    changeable = {**writable, "properties": {k: v for k, v in no_org.items() if k != "uuid"}}
-    return {
-        "Stat": {**stat, "required": ["id", "uuid", "type", "data", "created_at", "updated_at", "link"]},
-        "StatFields": {**stat, "required": ["id"], "description": "a stat, with only the _fields asked for"},
-        "NewStat": {**writable, "required": ["type", "data"]},
-        "StatPut": {**changeable, "required": ["type", "data"],
-                    "description": "replaces the client fields; read-only fields (id, uuid, organization,"
-                                   " created_at, updated_at, link, links) may be sent back unchanged"},
-        "StatPatch": {**changeable, "description": "merges the given fields; read-only fields may be sent"
-                                                   " back unchanged"},
-        "NewStats": {"type": "array", "minItems": 1, "maxItems": config.max_limit,
-                     "items": _oa_ref("NewStat"), "description": "created all-or-nothing"},
-    }
-
-
-def _oa_org_schemas() -> dict:
-    stamp = {"type": "string"}
-    token = {"type": "string", "pattern": TOKEN_RE.pattern.join("^$")}
-    name = {"type": "string", "minLength": 1, "maxLength": ORG_NAME_MAX,
-            "pattern": "^[^/\\s\\x00-\\x1f\\x7f]([^/\\x00-\\x1f\\x7f]*[^/\\s\\x00-\\x1f\\x7f])?$"}
-    org = {"type": "object", "additionalProperties": False,
-           "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "is_admin": {"type": "boolean"},
-                          "created_at": stamp, "updated_at": stamp, "link": {"type": "string"},
-                          "token": {"type": "string", "description": "only in the answer that set it"}}}
-    return {
-        "Organization": {**org, "required": ["id", "name", "is_admin", "created_at", "updated_at", "link"]},
-        "OrganizationFields": {**org, "required": ["id"]},
-        "NewOrganization": {"type": "object", "additionalProperties": False, "required": ["name"],
-                            "properties": {"name": name, "token": token, "is_admin": {"type": "boolean"}}},
-        "OrganizationPut": {"type": "object", "additionalProperties": False, "required": ["is_admin"],
-                            "properties": {"token": token, "is_admin": {"type": "boolean"}}},
-        "OrganizationPatch": {"type": "object", "additionalProperties": False,
-                              "properties": {"token": token, "is_admin": {"type": "boolean"}}},
-    }
-
-
-def _oa_operation_schemas() -> dict:
-    """The export document, and the options and reports of the retention calls."""
-    dry_run = {"type": "boolean", "description": "true: only count, delete nothing (default false)"}
-    count = {"type": "integer", "minimum": 0}
-    report = {"type": "object", "required": ["dry_run", "matched", "deleted", "organizations"], "properties": {
-        "dry_run": {"type": "boolean"}, "matched": count,
-        "deleted": {**count, "description": "0 on a dry run; fewer than matched when some of them were"
-                                            " changed or deleted by others meanwhile"},
-        "organizations": {"type": "array", "items": {
-            "type": "object", "required": ["organization", "matched", "deleted"],
-            "properties": {"organization": {"type": ["string", "null"]}, "matched": count, "deleted": count}}}}}
-    return {
-        "Export": {"type": "object", "required": ["format", "version", "statsd", "exported_at", "organizations",
-                                                  "stats"],
-                   "properties": {"format": {"const": EXPORT_FORMAT}, "version": {"const": 1},
-                                  "statsd": {"type": "string"}, "exported_at": {"type": "string"},
-                                  "organizations": {"type": "array", "items": {
-                                      "type": "object", "required": ["name", "token_sha256", "is_admin"],
-                                      "properties": {name: {"type": "boolean"} if name.startswith("is_")
-                                                     else {"type": "string"} for name in ORG_RECORD_FIELDS},
-                                      "additionalProperties": False}},
-                                  "stats": {"type": "array", "items": {
-                                      "type": "object", "description": "a stat record as stored (no links)"}}}},
-        "PurgeOptions": {"type": "object", "additionalProperties": False, "required": ["older_than"], "properties": {
-            "older_than": {**_oa_int(0, MAX_MONTHS), "description": "months; a stat dated exactly that many months"
-                                                                    " ago is kept"},
-            "organization": {"type": ["string", "null"], "description": "only this (existing) organization's stats"},
-            "dry_run": dry_run}},
-        "RemoveDuplicatesOptions": {"type": "object", "additionalProperties": False, "properties": {
-            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": r"\S",
-                     "description": "only stats of this type; a type no stat has matches none"},
-            "dry_run": dry_run}},
-        "PurgeReport": {**report, "required": [*report["required"], "older_than", "before", "organization"],
-                        "properties": {**report["properties"], "older_than": {"type": "integer"},
-                                       "before": {"type": "string", "format": "date",
-                                                  "description": "stats dated before this day matched"},
-                                       "organization": {"type": ["string", "null"]}}},
-        "RemoveDuplicatesReport": {**report, "required": [*report["required"], "type", "groups"],
-                                   "properties": {**report["properties"], "type": {"type": ["string", "null"]},
-                                                  "groups": {"type": "integer", "description": "groups that had"
-                                                             " duplicates (one stat of each is kept)"}}},
-    }
-
-
-def _oa_v1_params(schema: dict) -> dict:
-    """A v1 parameters object: a null optional parameter counts as absent (as upstream)."""
-    props = {name: value if name in schema["required"] else {"anyOf": [value, {"type": "null"}]}
-             for name, value in schema["properties"].items()}
-    return {**schema, "properties": props}
-
-
-def _oa_v1_schemas(config: Config) -> dict:
-    uuid_s = {"type": "string", "format": "uuid"}
-    day = {"type": "string", "format": "date"}
-    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
-                      {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
-    zero_one = {"anyOf": [{"enum": [0, 1]}, {"type": "string", "pattern": "^\\s*\\+?[01]\\s*$"}]}
-    count = {"anyOf": [_oa_int(0), {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,18}\\s*$",
-                                    "description": "a numeric string, as PHP sends it"}]}
-    processed = []
-    for name, func in V1_PROCESSORS.items():
-        params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
-        if name == "risk_averages_on_date":
-            params["properties"] = {name: {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(({0})(,({0}))*)?$"
-                                                                       .format("|".join(choices))}]}
-                                    for name, choices in (("risks_type", RISK_KINDS), ("risks_state", RISK_STATES))}
-        processed.append(_oa_v1_params({
-            "type": "object", "additionalProperties": False, "required": ["type", "processor"],
-            "description": " ".join(func.__doc__.split()),
-            "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
-                           "processor_params": params, "date_from": day, "date_to": day,
-                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one,
-                           "organization": {"type": "string", "description": "statsd only: the stats of this"
-                                            " organization alone (an ordinary one may name only itself)"}}}))
-    v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
-               "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
-                              "date": day, "data": {}}}
-    page = {"type": "object", "required": ["metadata", "data"],
-            "properties": {"metadata": {"type": "object", "required": ["count", "offset", "limit"],
-                                        "properties": {k: {"type": "string", "pattern": "^[0-9]+$"}
-                                                       for k in ("count", "offset", "limit")}},
-                           "data": {"type": "array", "items": _oa_ref("V1Stat")}}}
-    return {
-        "V1Stat": v1_stat,
-        "V1Page": page,
-        "V1Query": _oa_v1_params({
-            "type": "object", "additionalProperties": False, "required": ["type"],
-            "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
-                           "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
-                           "offset": count, "limit": count, "group_by_anr": zero_one}}),
-        "V1Processed": {"oneOf": processed},
-        "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
-            "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
-            "properties": {"uuid": uuid_s, "anr": uuid_s, "type": {"enum": list(V1_TYPES)}, "date": day,
-                           "data": {"description": f"any JSON value nested at most {MAX_DATA_DEPTH} levels"}}}},
-        "V1Created": {**page, "required": ["metadata", "data", "results"], "properties": {
-            **page["properties"], "results": {"type": "array", "items": {
-                "type": "object", "required": ["index", "status"],
-                "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
-        "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
-                     "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
-                                    "role": {"enum": [V1_ROLE_USER, V1_ROLE_ADMIN],
-                                             "description": "as upstream: \"1\" user, \"2\" admin"},
-                                    "is_sharing_enabled": {"type": "boolean"}}},
-        "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
-                          "properties": {"is_sharing_enabled": {"type": "boolean"}}},
-    }
-
-
-def _oa_operations(config: Config) -> dict:
-    """(method, path) -> operation, for every route create_app registers (paths as documented)."""
-    stat_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-               "description": "the stat's id (24 hex characters)"}
-    org_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-                "description": "the organization's name (its id)"}
-    cascade = {"name": "cascade", "in": "query", "schema": _oa_bool(),
-               "description": "true (or 1, yes, on): delete the organization's stats with it"}
-    anr = {"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-    location = {"Location": {"schema": {"type": "string"}, "description": "URL of the new object"}}
-    read, write, item = (400, 401, 429, 500), (400, 401, 409, 413, 415, 429, 500, 503, 507), (404,)
-    admin = (403,)
-    v1 = (400, 401, 403, 426, 429, 500)
-    v1_write = v1 + (413, 415, 503, 507)
-    stats_page = {"type": "object", "required": ["data", "has_more"], "properties": {
-        "data": {"type": "array", "items": _oa_ref("StatFields")}, "has_more": {"type": "boolean"}}}
-    orgs_page = {"type": "object", "required": ["data", "has_more"], "properties": {
-        "data": {"type": "array", "items": _oa_ref("OrganizationFields")}, "has_more": {"type": "boolean"}}}
-    s, o, v = API_PREFIX + "/stats/", API_PREFIX + "/organizations/", V1_PREFIX
-    ops = {
-        ("GET", "/"): {"summary": "Service index (with Accept: application/json; browsers get the dashboard's"
-                              " overview page)", "security": [],
-                       "responses": {"200": {"description": "name, version and entry points (JSON), or the"
-                                                            " dashboard's overview (HTML)",
-                                             "content": {"application/json": {"schema": {"type": "object"}},
-                                                         "text/html": {"schema": {"type": "string"}}}},
-                                     "303": {"description": "a browser not logged in is sent to the dashboard's"
-                                                            " login page",
-                                             "headers": {"Location": {"schema": {"type": "string"}}}},
-                                     **_oa_errors(429)}},
-        ("GET", API_PREFIX + "/"): {"summary": "API index: the caller's organization and links to the entry points",
-                                    "responses": {**_oa_ok(200, "organization, is_admin and links", {
-                                        "type": "object", "required": ["organization", "is_admin", "links"]}),
-                                        **_oa_errors(*read)}},
-        ("GET", V1_PREFIX + "/"): {"summary": "MONARC: the v1 routes (no key)", "security": [],
-                                   "responses": {**_oa_ok(200, "the routes", {"type": "object", "required": ["routes"]}),
-                                                 **_oa_errors(400, 429, 500)}},
-        ("GET", OPENAPI_PATH): {"summary": "This OpenAPI description", "security": [],
-                                "responses": {**_oa_ok(200, "OpenAPI 3.1 document", {"type": "object"}),
-                                              **_oa_errors(400, 429, 500)}},
-        ("GET", s): {"summary": "List stats", "parameters": _oa_list_params(STAT_FIELDS, config),
-                     "responses": {**_oa_ok(200, "a page of stats", stats_page), **_oa_errors(*read)}},
-        ("POST", s): {"summary": "Create one stat (object) or 1 to max_limit stats (list, all-or-nothing)",
-                      "requestBody": _oa_body({"oneOf": [_oa_ref("NewStat"), _oa_ref("NewStats")]}),
-                      "responses": {"201": {"description": "created", "headers": location, "content": {
-                          "application/json": {"schema": {"oneOf": [_oa_ref("Stat"), {
-                              "type": "object", "required": ["data"], "additionalProperties": False, "properties": {
-                                  "data": {"type": "array", "items": _oa_ref("Stat")}}}]}}}},
-                                    **_oa_errors(*write)}},
-        ("GET", s + "{id}/"): {"summary": "Get a stat", "parameters": [stat_id, _oa_fields_param(STAT_FIELDS)],
-                               "responses": {**_oa_ok(200, "the stat (with _fields: only those, plus id)", {
-                                   "anyOf": [_oa_ref("Stat"), _oa_ref("StatFields")]}), **_oa_errors(*read, *item)}},
-        ("PUT", s + "{id}/"): {"summary": "Replace a stat's client fields", "parameters": [stat_id],
-                               "requestBody": _oa_body(_oa_ref("StatPut")),
-                               "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")), **_oa_errors(*write, *item)}},
-        ("PATCH", s + "{id}/"): {"summary": "Change some of a stat's fields", "parameters": [stat_id],
-                                 "requestBody": _oa_body(_oa_ref("StatPatch")),
-                                 "responses": {**_oa_ok(200, "the stat", _oa_ref("Stat")),
-                                               **_oa_errors(*write, *item)}},
-        ("DELETE", s + "{id}/"): {"summary": "Delete a stat", "parameters": [stat_id],
-                                  "responses": {**_oa_ok(204, "deleted"), **_oa_errors(400, 401, 404, 429, 500, 503, 507)}},
-        ("GET", o): {"summary": "List organizations (admin)", "parameters": _oa_list_params(ORG_FIELDS, config),
-                     "responses": {**_oa_ok(200, "a page of organizations", orgs_page), **_oa_errors(*read, *admin)}},
-        ("POST", o): {"summary": "Create an organization (admin); its token is answered only now",
-                      "requestBody": _oa_body(_oa_ref("NewOrganization")),
-                      "responses": {**_oa_ok(201, "created", _oa_ref("Organization"), location),
-                                    **_oa_errors(*write, *admin)}},
-        ("GET", o + "{name}/"): {"summary": "Get an organization (admin)",
-                                 "parameters": [org_name, _oa_fields_param(ORG_FIELDS)],
-                                 "responses": {**_oa_ok(200, "the organization (with _fields: only those, plus id)", {
-                                     "anyOf": [_oa_ref("Organization"), _oa_ref("OrganizationFields")]}),
-                                               **_oa_errors(*read, *admin, *item)}},
-        ("PUT", o + "{name}/"): {"summary": "Set is_admin and maybe a new token (admin)", "parameters": [org_name],
-                                 "requestBody": _oa_body(_oa_ref("OrganizationPut")),
-                                 "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
-                                               **_oa_errors(*write, *admin, *item)}},
-        ("PATCH", o + "{name}/"): {"summary": "Set is_admin or a new token (key rotation) (admin)",
-                                   "parameters": [org_name], "requestBody": _oa_body(_oa_ref("OrganizationPatch")),
-                                   "responses": {**_oa_ok(200, "the organization", _oa_ref("Organization")),
-                                                 **_oa_errors(*write, *admin, *item)}},
-        ("DELETE", o + "{name}/"): {"summary": "Delete an organization (admin); 409 if it has stats, unless"
-                                               " cascade=true", "parameters": [org_name, cascade],
-                                    "responses": {**_oa_ok(204, "deleted"),
-                                                  **_oa_errors(400, 401, 409, 429, 500, 503, 507, *admin, *item)}},
-        ("GET", API_PREFIX + "/export/"): {
-            "summary": "Online backup (admin): the `statsd export` document of this server, a snapshot taken"
-                       " at one instant, streamed; `statsd import` restores it into a stopped database",
-            "responses": {**_oa_ok(200, "the export document (chunked)", _oa_ref("Export"), {
-                "X-Export-Organizations": {"schema": {"type": "string"}, "description": "organizations in it"},
-                "X-Export-Stats": {"schema": {"type": "string"}, "description": "stats in it"}}),
-                **_oa_errors(*read, *admin, 503)}},
-        ("POST", API_PREFIX + "/purge/"): {
-            "summary": "Retention (admin): delete the stats dated more than `older_than` months before today"
-                       " (UTC), in chunks; `dry_run` only counts",
-            "requestBody": _oa_body(_oa_ref("PurgeOptions")),
-            "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("PurgeReport")),
-                          **_oa_errors(*write, *admin, 404)}},
-        ("POST", API_PREFIX + "/remove-duplicates/"): {
-            "summary": "Retention (admin): of the stats with the same organization, anr, type and date, keep the"
-                       " newest (latest created_at) and delete the others, in chunks; `dry_run` only counts",
-            "requestBody": _oa_body(_oa_ref("RemoveDuplicatesOptions"), required=False),
-            "responses": {**_oa_ok(200, "what matched and what was deleted", _oa_ref("RemoveDuplicatesReport")),
-                          **_oa_errors(*write, *admin)}},
-        ("GET", v + "/stats/"): {"summary": "MONARC: stats of one type (parameters in a JSON body or the query"
-                                            " string)", "requestBody": _oa_body(_oa_ref("V1Query")),
-                                 "responses": {**_oa_ok(200, "stats", _oa_ref("V1Page")), **_oa_errors(*v1, 413, 415)}},
-        ("POST", v + "/stats/"): {"summary": "MONARC: send stats, each stored on its own",
-                                  "requestBody": _oa_body(_oa_ref("V1NewStats")),
-                                  "responses": {**_oa_ok(201, "all stored", _oa_ref("V1Created")),
-                                                **_oa_ok(207, "some items failed", _oa_ref("V1Created")),
-                                                **_oa_errors(*v1_write)}},
-        ("GET", v + "/stats/{anr}/"): {"summary": "MONARC: the caller's stats of an analysis (an admin's: all)",
-                                       "parameters": [anr],
-                                       "responses": {**_oa_ok(200, "the stats, oldest first (none: [])", {
-                                           "type": "array", "items": _oa_ref("V1Stat")}),
-                                           **_oa_errors(*v1)}},
-        ("DELETE", v + "/stats/{anr}/"): {"summary": "MONARC: delete the caller's stats of an analysis",
-                                          "parameters": [anr],
-                                          "responses": {**_oa_ok(204, "deleted (also when there were none)"),
-                                                        **_oa_errors(*v1, 503, 507)}},
-        ("GET", v + "/stats/processed/"): {"summary": "MONARC: a processor over the stats of every organization",
-                                           "requestBody": _oa_body(_oa_ref("V1Processed")),
-                                           "responses": {**_oa_ok(200, "processed", {
-                                               "type": "object", "required": ["type", "processor", "data"]}),
-                                               **_oa_errors(*v1, 413, 415)}},
-        ("GET", v + "/stats/processed/list/"): {"summary": "MONARC: the processors (no key)", "security": [],
-                                                "responses": {**_oa_ok(200, "processors", {
-                                                    "type": "array", "items": {
-                                                        "type": "object", "required": ["name", "description"]}}),
-                                                    **_oa_errors(400, 429, 500)}},
-        ("GET", v + "/client/me/"): {"summary": "MONARC: the caller's organization",
-                                     "responses": {**_oa_ok(200, "the client", _oa_ref("V1Client")),
-                                                   **_oa_errors(*v1)}},
-        ("PATCH", v + "/client/me/"): {"summary": "MONARC: turn sharing on or off",
-                                       "requestBody": _oa_body(_oa_ref("V1ClientPatch")),
-                                       "responses": {**_oa_ok(200, "the client", _oa_ref("V1Client")),
-                                                     **_oa_errors(*v1_write)}},
-    }
-    return ops
-
-
-def openapi_path(canonical: str) -> str:
-    """The documented form of a route's path: with one trailing slash (both forms answer)."""
-    return canonical if canonical == "/" or canonical.endswith(".json") else canonical.rstrip("/") + "/"
-
-
-def app_routes(app: web.Application) -> set[tuple[str, str]]:
-    """(method, documented path) of every route of the app (HEAD, added by aiohttp with GET, aside;
-    the dashboard's HTML pages under /dashboard/ too: they are no API)."""
-    return {(r.method, openapi_path(r.resource.canonical)) for r in app.router.routes()
-            if r.method != "HEAD" and r.resource is not None
-            and not r.resource.canonical.startswith(DASHBOARD_PREFIX)}
-
-
-def openapi_document(app: web.Application, server: str = "") -> dict:
-    """The OpenAPI 3.1 description of `app`: every route, with its parameters, bodies and answers."""
-    config: Config = app[CONFIG_KEY]
-    known = _oa_operations(config)
-    rate_headers = {name: {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": text}
-                    for name, text in (("X-Rate-Limit-Limit", "requests allowed per window"),
-                                       ("X-Rate-Limit-Remaining", "requests left in the window"),
-                                       ("X-Rate-Limit-Reset", "UTC epoch second at which the window"
-                                                              " frees a request"))}
-    paths: dict[str, dict] = {}
-    for method, path in sorted(app_routes(app), key=lambda pair: (pair[1], pair[0])):
-        op = dict(known.get((method, path)) or {"summary": "UNDOCUMENTED", "responses": _oa_errors(500)})
-        op["operationId"] = f"{method.lower()} {path}"
-        if path.startswith("/api/") and config.rate_limit:
-            op["responses"] = {status: ({**answer, "headers": {**answer.get("headers", {}), **rate_headers}}
-                                        if "$ref" not in answer else answer)
-                               for status, answer in op["responses"].items()}
-        if not config.api_key_authentication:
-            op["security"] = []
-        paths.setdefault(path, {})[method.lower()] = op
-    error = {"type": "object", "required": ["error", "status", "action", "target", "exception_msg",
-                                            "status_code", "exception_cls"],
-             "properties": {"error": {"type": "string"}, "status": {"const": "failed"},
-                            "action": {"type": "string"}, "target": {"type": "string"},
-                            "exception_msg": {"type": "string"}, "status_code": {"type": "integer"},
-                            "exception_cls": {"enum": sorted(set(ApiError.NAMES.values()) | {"HTTPException"})},
-                            "errors": {"type": "object", "description": "what is wrong, per field or item index"},
-                            "Error": {"type": "string", "description": "/api/v1/ only: the upstream's key"}}}
-    responses = {}
-    for status, name in ApiError.NAMES.items():
-        responses[name] = {"description": f"{status} {name}: the JSON error object",
-                           "content": {"application/json": {"schema": _oa_ref("Error")}}}
-        if config.rate_limit:
-            responses[name]["headers"] = {**rate_headers, **({"Retry-After": {"schema": {"type": "string"}}}
-                                                             if status == 429 else {})}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "statsd", "version": __version__,
-                 "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
-                                " front office speaks). Every path also answers without its trailing slash, and every"
-                                " GET also answers HEAD (the same status and headers, no body)."},
-        "servers": [{"url": server or "/"}],
-        "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
-                                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"}},
-            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config),
-                        **_oa_operation_schemas()},
-            "responses": responses,
-        },
-    }
-
-
-async def openapi_json(request: web.Request) -> web.Response:
-    only_params(request)
-    return json_response(openapi_document(request.app, base_url(request)))
-
-
-# ------------------------------------------------- MONARC /api/v1 handlers ---
-# The upstream stats service's API, as today's MONARC front office calls it,
-# on the same store as /api/v2/: the v1 view of a stat is {uuid, anr, type, date, data}.
-
-V1_TYPES = ("risk", "vulnerability", "threat", "cartography", "compliance")
-V1_LIST_PARAMS = ("type", "anrs", "anr", "date_from", "date_to", "get_last", "offset", "limit", "group_by_anr")
-V1_PROCESSED_PARAMS = ("type", "processor", "processor_params", "date_from", "date_to", "anrs",
-                       "local_stats_only", "organization")
-V1_UNAUTHORIZED = "Unauthorized - Authentication required."
-V1_FORBIDDEN = "Forbidden - Authentication failed."
-MONARC_MIN_VERSION = (2, 10, 2)
-MONARC_AGENT_RE = re.compile(r"MONARC/([0-9]+(?:\.[0-9]+)*)")
-V1_DEFAULT_MONTHS = 3
-
-
-def check_monarc_version(request: web.Request) -> None:
-    """A MONARC older than 2.10.2 (by its User-Agent) gets 426, as upstream."""
-    found = MONARC_AGENT_RE.search(request.headers.get("User-Agent", ""))
-    if found and tuple(int(part) for part in found.group(1).split(".")) < MONARC_MIN_VERSION:
-        raise ApiError(426, "Upgrade Required - This service requires use of MONARC version >= 2.10.2.")
-
-
-def presented_key(request: web.Request) -> str | None:
-    """The non-empty API key sent (X-API-KEY header or api_key argument), else None; 400 if sent twice."""
-    keys = [k for k in one_key(request) if k]
-    return keys[0] if keys else None
-
-
-def v1_caller(request: web.Request) -> Caller:
-    """The caller of a v1 route: 426 for an old MONARC, then 401 without a key, 403 with a wrong one.
-
-    With api_key_authentication off everything is open; a known key still
-    names the organization that new stats and client/me belong to.
-    """
-    check_monarc_version(request)
-    store: Store = request.app[STORE_KEY]
-    key = presented_key(request)
-    known = _caller_for(store, key) if key is not None else None
-    if not request.app[CONFIG_KEY].api_key_authentication:
-        return Caller(known.organization if known else None, True)
-    if key is None and not any(sent_keys(request)):
-        raise ApiError(401, V1_UNAUTHORIZED)
-    if known is None:
-        raise ApiError(403, V1_FORBIDDEN)
-    return known
-
-
-async def v1_params(request: web.Request, allowed: tuple) -> dict:
-    """The parameters of a v1 GET: a JSON object body and/or the query string (not both for one name)."""
-    params: dict[str, Any] = {}
-    if (await request.read()).strip():
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object of parameters, e.g. {\"type\": \"risk\"}")
-        params.update({name: int(value) if value.__class__ is float and value.is_integer() else value
-                       for name, value in body.items() if value is not None})  # 1.0 is 1 in JSON
-    for name, raw in single_query(request).items():
-        if name == "api_key":
-            continue
-        if name in params:
-            raise bad_request(f"parameter {name!r} is given both in the body and in the query string")
-        params[name] = _v1_query_value(name, raw)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise bad_request(f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(allowed)})")
-    return params
-
-
-def _v1_query_value(name: str, raw: str):
-    """A query-string value in the type its JSON form would have (numbers and flags stay text:
-    v1_count and v1_flag read text as they do in a body)."""
-    if name == "anrs":
-        return [item.strip() for item in raw.split(",") if item.strip()]
-    if name == "processor_params":
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise bad_request(f"processor_params: {raw!r} is not a JSON object") from None
-    return raw
-
-
-def v1_type(params: dict) -> str:
-    value = params.get("type", MISSING)
-    if value is MISSING:
-        raise bad_request(f"type is required (one of {', '.join(V1_TYPES)})")
-    if value not in V1_TYPES:
-        raise bad_request(f"type: {value!r} is not one of {', '.join(V1_TYPES)}")
-    return value
-
-
-def v1_date(params: dict, name: str) -> str | None:
-    value = params.get(name)
-    if value is not None and parse_date(value) is None:
-        raise bad_request(f"{name}: {value!r} is not a date written YYYY-MM-DD")
-    return value
-
-
-def v1_anrs(params: dict) -> set | None:
-    """The anrs asked for (`anrs` list and/or `anr`), or None for every anr."""
-    wanted = params.get("anrs", [])
-    if not isinstance(wanted, list):
-        raise bad_request("anrs must be a list of analysis UUIDs")
-    named = [("anrs", value) for value in wanted] + ([("anr", params["anr"])] if "anr" in params else [])
-    anrs = set()
-    for name, value in named:
-        parsed = parse_uuid(value)
-        if parsed is None:
-            raise bad_request(f"{name}: {value!r} is not an analysis UUID")
-        anrs.add(parsed)
-    return anrs or None
-
-
-def v1_count(params: dict, name: str, choices=None) -> int:
-    """An integer parameter: a JSON integer or, as upstream's parser takes, a numeric string (PHP's)."""
-    value = params.get(name, 0)
-    number = parse_int(value.strip()) if isinstance(value, str) else value
-    if not _is_int(number) or number < 0 or (choices and number not in choices):
-        allowed = " or ".join(map(str, choices)) if choices else "a non-negative integer"
-        raise bad_request(f"{name}: {value!r} is not {allowed}")
-    return number
-
-
-def v1_flag(params: dict, name: str) -> bool:
-    """A flag: true/false, 0/1, or a word parse_bool reads; "" is false, as upstream's parser has it."""
-    value = params.get(name, False)
-    if isinstance(value, str):
-        flag = parse_bool(value) if value.strip() else False
-        if flag is not None:
-            return flag
-    elif value in (0, 1) and not isinstance(value, float):
-        return bool(value)
-    raise bad_request(f"{name}: {value!r} is not true or false ({BOOL_WORDS_TEXT})")
-
-
-def months_before(day: date, months: int) -> date:
-    """The same day `months` months earlier (the last day of a shorter month)."""
-    index = day.year * 12 + day.month - 1 - months
-    year, month = divmod(index, 12)
-    for last in (31, 30, 29, 28):
-        try:
-            return date(year, month + 1, min(day.day, last))
-        except ValueError:
-            continue
-    raise AssertionError(day)
-
-
-def present_v1_stat(doc: dict) -> dict:
-    return {"uuid": doc["uuid"], "anr": str(doc["anr"]) if "anr" in doc else None, "type": doc["type"],
-            "date": stat_date(doc), "data": doc["data"]}
-
-
-def v1_page(items: list, count: int, offset: int = 0, limit: int = 0) -> dict:
-    """The v1 list body; its metadata values are strings, as upstream."""
-    return {"metadata": {"count": str(count), "offset": str(offset), "limit": str(limit)},
-            "data": items}
-
-
-async def v1_list_stats(request: web.Request) -> web.Response:
-    """GET stats/: one type, by anrs, by date (default: the last 3 months) or only the latest per anr."""
-    caller = v1_caller(request)
-    params = await v1_params(request, V1_LIST_PARAMS)
-    kind, anrs = v1_type(params), v1_anrs(params)
-    date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
-    offset, limit = v1_count(params, "offset"), v1_count(params, "limit")
-    v1_count(params, "group_by_anr", (0, 1))  # accepted and, as upstream, without effect
-    store: Store = request.app[STORE_KEY]
-    owner = None if caller.sees_all else caller.organization
-    if v1_flag(params, "get_last"):
-        found = [present_v1_stat(d) for d in store.latest_stats(kind, organization=owner, anrs=anrs)]
-        return json_response(v1_page(found, len(found)))
-    today = date.today()
-    date_from = date_from or months_before(today, V1_DEFAULT_MONTHS).isoformat()
-    date_to = date_to or today.isoformat()
-    matching = store.stats_between(kind, date_from, date_to, organization=owner, anrs=anrs)
-    page = matching[offset:offset + limit] if limit else matching[offset:]
-    return json_response(v1_page([present_v1_stat(d) for d in page], len(page), offset, limit))
-
-
-def v1_new_stat(request: web.Request, caller: Caller, item, now: str) -> dict:
-    """A stat record from one item of a v1 batch, or ApiError(400) naming what is wrong."""
-    if not isinstance(item, dict):
-        raise bad_request("a stat must be a JSON object {\"anr\", \"type\", \"date\", \"data\"}")
-    errors: dict[str, str] = {}
-    clean = validated_fields(item, ("uuid", "anr", "type", "date", "data"), errors)
-    for name in ("anr", "type", "date", "data"):
-        if name not in item:
-            errors[name] = "is required"
-    if "anr" in item and parse_uuid(item["anr"]) is None:
-        errors["anr"] = "must be the analysis' UUID, as a string"  # v1 has no integer anrs
-    if "type" in clean and clean["type"] not in V1_TYPES:
-        errors["type"] = f"must be one of {', '.join(V1_TYPES)}"
-    if errors:
-        raise _fail(errors, "stat")
-    clean.setdefault("uuid", str(uuidlib.uuid4()))
-    derive_periods(clean, item)
-    if caller.organization is not None:
-        clean["organization"] = caller.organization
-    return ordered_stat({**clean, "id": new_stat_id(request), "created_at": now, "updated_at": now})
-
-
-async def v1_create_stats(request: web.Request) -> web.Response:
-    """POST stats/ with a list: each item stored on its own; 201 if all went in, else 207 with per-item results."""
-    caller = v1_caller(request)
-    only_params(request)
-    body = await read_json(request)
-    config: Config = request.app[CONFIG_KEY]
-    if not isinstance(body, list) or len(body) > config.max_limit:
-        raise bad_request(f"the body must be a JSON list of at most {config.max_limit} stats"
-                          " [{\"anr\", \"type\", \"date\", \"data\"}, ...]")
-    store: Store = request.app[STORE_KEY]
-    await store.writable()
-    caller = v1_caller(request)  # the key as it stands after the body was read
-    now = utcnow()
-    docs, results, seen = [], [], set()
-    for i, item in enumerate(body):
-        try:
-            doc = v1_new_stat(request, caller, item, now)
-        except ApiError as e:
-            results.append({"index": i, "status": 400, "error": e.message, "errors": e.errors})
-            continue
-        if doc["uuid"] in seen or store.stat_with_uuid(doc["uuid"]) is not None:
-            results.append({"index": i, "status": 409, "uuid": doc["uuid"],
-                            "error": f"Conflict: uuid {doc['uuid']} already exists"})
-            continue
-        seen.add(doc["uuid"])
-        docs.append(doc)
-        results.append({"index": i, "status": 201, "uuid": doc["uuid"]})
-    if docs:
-        await store.commit([("stats", doc["id"], doc) for doc in docs])
-    answer = {**v1_page([present_v1_stat(d) for d in docs], len(docs)), "results": results}
-    return json_response(answer, 201 if len(docs) == len(body) else 207)
-
-
-def v1_path_anr(request: web.Request) -> str:
-    """The analysis UUID of a stats/<anr> URL; 400 if it is none (upstream answers 500)."""
-    anr = parse_uuid(request.match_info["anr"])
-    if anr is None:
-        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
-    return anr
-
-
-async def v1_anr_stats(request: web.Request) -> web.Response:
-    """GET stats/<anr>: the caller's stats of that analysis (an admin's: every organization's), as a list."""
-    caller = v1_caller(request)
-    only_params(request)
-    anr = v1_path_anr(request)
-    docs = request.app[STORE_KEY].stats_of(organization=None if caller.sees_all else caller.organization, anr=anr)
-    return json_response([present_v1_stat(d) for d in docs])
-
-
-async def v1_delete_stats(request: web.Request) -> web.Response:
-    """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
-    caller = v1_caller(request)
-    only_params(request)
-    anr = v1_path_anr(request)
-    store: Store = request.app[STORE_KEY]
-    await store.writable()
-    caller = v1_caller(request)
-    owned = store.stats_of(organization=caller.organization, anr=anr)
-    if owned:
-        await store.commit([("stats", d["id"], None) for d in owned])
-    return web.Response(status=204)
-
-
-V1_ROLE_USER, V1_ROLE_ADMIN = "1", "2"  # upstream's role numbers, which it answers as strings
-
-
-def client_me_body(org: dict | None, key: str | None) -> dict:
-    """client/me as upstream answers it; the token is the key presented (only its hash is stored)."""
-    if org is None:
-        return {"name": None, "token": key, "role": V1_ROLE_ADMIN, "is_sharing_enabled": True}
-    return {"name": org["name"], "token": key, "role": V1_ROLE_ADMIN if org.get("is_admin") else V1_ROLE_USER,
-            "is_sharing_enabled": org.get("is_sharing_enabled", True)}
-
-
-async def v1_client_me(request: web.Request) -> web.Response:
-    """GET client/me; PATCH client/me sets is_sharing_enabled."""
-    caller = v1_caller(request)
-    only_params(request)
-    store: Store = request.app[STORE_KEY]
-    key = presented_key(request)
-    org = store.organization(caller.organization) if caller.organization is not None else None
-    if request.method != "PATCH":  # GET, HEAD
-        return json_response(client_me_body(org, key))
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object {\"is_sharing_enabled\": true|false}")
-    current = client_me_body(org, key)
-    errors = {name: "is read-only (only is_sharing_enabled may be changed)" for name in body
-              if name != "is_sharing_enabled" and (name not in current or body[name] != current[name])}
-    if not isinstance(body.get("is_sharing_enabled"), bool):
-        errors["is_sharing_enabled"] = "is required, true or false"
-    if errors:
-        raise _fail(errors, "client")
-    if org is None:
-        raise bad_request("no organization to change: with api_key_authentication off, send the key"
-                          " of an existing organization")
-    await store.writable()
-    caller = v1_caller(request)
-    org = store.organization(caller.organization) if caller.organization is not None else None
-    if org is None:
-        raise ApiError(403, V1_FORBIDDEN)
-    new = {**org, "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}
-    await store.commit([("organizations", new["name"], new)])
-    return json_response(client_me_body(new, key))
-
-
+# ----------------------------------------------------------- v1 processors ---
 # processors: (days, labels, processor_params) -> data, from the kept sums of each day
 # (StatAggregates over every organization; a walk over the chosen stats for a narrower choice)
 
@@ -4254,10 +3743,271 @@ def organization_activity(store: Store, organization: str | None) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------- MONARC /api/v1 handlers ---
+# The upstream stats service's API, as today's MONARC front office calls it,
+# on the same store as /api/v2/: the v1 view of a stat is {uuid, anr, type, date, data}.
+
+V1_TYPES = ("risk", "vulnerability", "threat", "cartography", "compliance")
+V1_LIST_PARAMS = ("type", "anrs", "anr", "date_from", "date_to", "get_last", "offset", "limit", "group_by_anr")
+V1_PROCESSED_PARAMS = ("type", "processor", "processor_params", "date_from", "date_to", "anrs",
+                       "local_stats_only", "organization")
+V1_DEFAULT_MONTHS = 3
+
+
+async def v1_params(request: web.Request, allowed: tuple) -> dict:
+    """The parameters of a v1 GET: a JSON object body and/or the query string (not both for one name)."""
+    params: dict[str, Any] = {}
+    if (await request.read()).strip():
+        body = await read_object(request, " of parameters, e.g. {\"type\": \"risk\"}")
+        params.update({name: _whole(value) for name, value in body.items() if value is not None})
+    for name, raw in single_params(request.query).items():
+        if name == "api_key":
+            continue
+        if name in params:
+            raise bad_request(f"parameter {name!r} is given both in the body and in the query string")
+        params[name] = _v1_query_value(name, raw)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise bad_request(f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(allowed)})")
+    return params
+
+
+def _v1_query_value(name: str, raw: str):
+    """A query-string value in the type its JSON form would have (numbers and flags stay text:
+    v1_count and v1_flag read text as they do in a body)."""
+    if name == "anrs":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if name == "processor_params":
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise bad_request(f"processor_params: {raw!r} is not a JSON object") from None
+    return raw
+
+
+def v1_type(params: dict) -> str:
+    """The `type` parameter, one of V1_TYPES (required)."""
+    value = params.get("type", MISSING)
+    if value is MISSING:
+        raise bad_request(f"type is required (one of {', '.join(V1_TYPES)})")
+    if value not in V1_TYPES:
+        raise bad_request(f"type: {value!r} is not one of {', '.join(V1_TYPES)}")
+    return value
+
+
+def v1_date(params: dict, name: str) -> str | None:
+    """A date parameter (date_from, date_to), or None when absent."""
+    value = params.get(name)
+    return None if value is None else _convert_date(value, name)
+
+
+def v1_anrs(params: dict) -> set | None:
+    """The anrs asked for (`anrs` list and/or `anr`), or None for every anr."""
+    wanted = params.get("anrs", [])
+    if not isinstance(wanted, list):
+        raise bad_request("anrs must be a list of analysis UUIDs")
+    named = [("anrs", value) for value in wanted] + ([("anr", params["anr"])] if "anr" in params else [])
+    anrs = set()
+    for name, value in named:
+        parsed = parse_uuid(value)
+        if parsed is None:
+            raise bad_request(f"{name}: {value!r} is not an analysis UUID")
+        anrs.add(parsed)
+    return anrs or None
+
+
+def v1_count(params: dict, name: str, choices=None) -> int:
+    """An integer parameter: a JSON integer or, as upstream's parser takes, a numeric string (PHP's)."""
+    value = params.get(name, 0)
+    number = parse_int(value.strip()) if isinstance(value, str) else value
+    if not _is_int(number) or number < 0 or (choices and number not in choices):
+        allowed = " or ".join(map(str, choices)) if choices else "a non-negative integer"
+        raise bad_request(f"{name}: {value!r} is not {allowed}")
+    return number
+
+
+def v1_flag(params: dict, name: str) -> bool:
+    """A flag: true/false, 0/1, or a word parse_bool reads; "" is false, as upstream's parser has it."""
+    value = params.get(name, False)
+    if isinstance(value, str):
+        flag = parse_bool(value) if value.strip() else False
+        if flag is not None:
+            return flag
+    elif value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    raise bad_request(f"{name}: {value!r} is not true or false ({BOOL_WORDS_TEXT})")
+
+
+def present_v1_stat(doc: dict) -> dict:
+    """A stat as v1 answers it: {uuid, anr (as text), type, date, data}."""
+    return {"uuid": doc["uuid"], "anr": str(doc["anr"]) if "anr" in doc else None, "type": doc["type"],
+            "date": stat_date(doc), "data": doc["data"]}
+
+
+def v1_page(items: list, count: int, offset: int = 0, limit: int = 0) -> dict:
+    """The v1 list body; its metadata values are strings, as upstream."""
+    return {"metadata": {"count": str(count), "offset": str(offset), "limit": str(limit)},
+            "data": items}
+
+
+@route("GET", V1_PREFIX + "/stats/", summary="MONARC: stats of one type (parameters in a JSON body or the query string)",
+       body="V1Query", ok=((200, "stats", "V1Page"),), errors=ERRORS_V1 + (413, 415))
+async def v1_list_stats(request: web.Request) -> web.Response:
+    """GET stats/: one type, by anrs, by date (default: the last 3 months) or only the latest per anr."""
+    caller: Caller = request[CALLER_KEY]
+    params = await v1_params(request, V1_LIST_PARAMS)
+    kind, anrs = v1_type(params), v1_anrs(params)
+    date_from, date_to = v1_date(params, "date_from"), v1_date(params, "date_to")
+    offset, limit = v1_count(params, "offset"), v1_count(params, "limit")
+    v1_count(params, "group_by_anr", (0, 1))  # accepted and, as upstream, without effect
+    store: Store = request.app[STORE_KEY]
+    owner = caller.scope
+    if v1_flag(params, "get_last"):
+        found = [present_v1_stat(d) for d in store.latest_stats(kind, organization=owner, anrs=anrs)]
+        return json_response(v1_page(found, len(found)))
+    today = date.today()
+    date_from = date_from or months_before(today, V1_DEFAULT_MONTHS).isoformat()
+    date_to = date_to or today.isoformat()
+    matching = store.stats_between(kind, date_from, date_to, organization=owner, anrs=anrs)
+    page = matching[offset:offset + limit] if limit else matching[offset:]
+    return json_response(v1_page([present_v1_stat(d) for d in page], len(page), offset, limit))
+
+
+V1_STAT_FIELDS = ("uuid", "anr", "type", "date", "data")
+
+
+def v1_stat_body(caller: Caller, item) -> tuple[dict, dict]:
+    """(the /api/v2/ body, the errors only v1 finds) of one item of a v1 batch: its v1 fields, the caller's organization."""
+    if not isinstance(item, dict):
+        raise bad_request("a stat must be a JSON object {\"anr\", \"type\", \"date\", \"data\"}")
+    errors = {name: "unknown field" for name in item if name not in V1_STAT_FIELDS}
+    errors.update({name: "is required" for name in ("anr", "date") if name not in item})
+    if "anr" in item and parse_uuid(item["anr"]) is None:
+        errors["anr"] = "must be the analysis' UUID, as a string"  # v1 has no integer anrs
+    if "type" in item and item["type"] not in V1_TYPES and check_stat_value("type", item["type"])[1] is None:
+        errors["type"] = f"must be one of {', '.join(V1_TYPES)}"
+    body = {name: item[name] for name in V1_STAT_FIELDS if name in item}
+    if caller.organization is not None:
+        body["organization"] = caller.organization
+    return body, errors
+
+
+@route("POST", V1_PREFIX + "/stats/", summary="MONARC: send stats, each stored on its own", body="V1NewStats",
+       ok=((201, "all stored", "V1Created"), (207, "some items failed", "V1Created")), errors=ERRORS_V1_WRITE)
+async def v1_create_stats(request: web.Request) -> web.Response:
+    """POST stats/ with a list: each item stored on its own; 201 if all went in, else 207 with per-item results."""
+    only_params(request)
+    body = await read_json(request)
+    config: Config = request.app[CONFIG_KEY]
+    if not isinstance(body, list) or len(body) > config.max_limit:
+        raise bad_request(f"the body must be a JSON list of at most {config.max_limit} stats"
+                          " [{\"anr\", \"type\", \"date\", \"data\"}, ...]")
+    store: Store = request.app[STORE_KEY]
+    caller = await ready_to_write(request)
+    now = utcnow()
+    valid, results = {}, {}
+    for i, item in enumerate(body):
+        try:
+            v2_body, v1_errors = v1_stat_body(caller, item)
+            valid[i] = new_stat(request, v2_body, now, also=v1_errors)
+        except ApiError as e:
+            results[i] = {"index": i, "status": 400, "error": e.message, "errors": e.errors}
+    conflicts = uuid_conflicts(store, valid.items())
+    docs = [doc for i, doc in valid.items() if i not in conflicts]
+    for i, doc in valid.items():
+        results[i] = {"index": i, "status": 201, "uuid": doc["uuid"]} if i not in conflicts else \
+            {"index": i, "status": 409, "uuid": doc["uuid"], "error": f"Conflict: {conflicts[i]}"}
+    results = [results[i] for i in sorted(results)]
+    if docs:
+        await store.commit([("stats", doc["id"], doc) for doc in docs])
+    answer = {**v1_page([present_v1_stat(d) for d in docs], len(docs)), "results": results}
+    return json_response(answer, 201 if len(docs) == len(body) else 207)
+
+
+def v1_path_anr(request: web.Request) -> str:
+    """The analysis UUID of a stats/<anr> URL; 400 if it is none (upstream answers 500)."""
+    anr = parse_uuid(request.match_info["anr"])
+    if anr is None:
+        raise bad_request(f"{request.match_info['anr']!r} is not an analysis UUID")
+    return anr
+
+
+@route("GET", V1_PREFIX + "/stats/{anr}/", summary="MONARC: the caller's stats of an analysis (an admin's: all)",
+       params=("anr",), ok=((200, "the stats, oldest first (none: [])", "V1Stats"),), errors=ERRORS_V1)
+async def v1_anr_stats(request: web.Request) -> web.Response:
+    """GET stats/<anr>: the caller's stats of that analysis (an admin's: every organization's), as a list."""
+    caller: Caller = request[CALLER_KEY]
+    only_params(request)
+    anr = v1_path_anr(request)
+    docs = request.app[STORE_KEY].stats_of(organization=caller.scope, anr=anr)
+    return json_response([present_v1_stat(d) for d in docs])
+
+
+@route("DELETE", V1_PREFIX + "/stats/{anr}/", summary="MONARC: delete the caller's stats of an analysis",
+       params=("anr",), ok=((204, "deleted (also when there were none)"),), errors=ERRORS_V1 + (503, 507))
+async def v1_delete_stats(request: web.Request) -> web.Response:
+    """DELETE stats/<anr>: the caller's stats of that analysis (204 even when there were none)."""
+    only_params(request)
+    anr = v1_path_anr(request)
+    store: Store = request.app[STORE_KEY]
+    caller = await ready_to_write(request)
+    owned = store.stats_of(organization=caller.organization, anr=anr)
+    if owned:
+        await store.commit([("stats", d["id"], None) for d in owned])
+    return web.Response(status=204)
+
+
+V1_ROLE_USER, V1_ROLE_ADMIN = "1", "2"  # upstream's role numbers, which it answers as strings
+
+
+def client_me_body(org: dict | None, key: str | None) -> dict:
+    """client/me as upstream answers it; the token is the key presented (only its hash is stored)."""
+    if org is None:
+        return {"name": None, "token": key, "role": V1_ROLE_ADMIN, "is_sharing_enabled": True}
+    return {"name": org["name"], "token": key, "role": V1_ROLE_ADMIN if org.get("is_admin") else V1_ROLE_USER,
+            "is_sharing_enabled": org.get("is_sharing_enabled", True)}
+
+
+@route("GET", V1_PREFIX + "/client/me/", summary="MONARC: the caller's organization",
+       ok=((200, "the client", "V1Client"),), errors=ERRORS_V1)
+@route("PATCH", V1_PREFIX + "/client/me/", summary="MONARC: turn sharing on or off", body="V1ClientPatch",
+       ok=((200, "the client", "V1Client"),), errors=ERRORS_V1_WRITE)
+async def v1_client_me(request: web.Request) -> web.Response:
+    """GET client/me; PATCH client/me sets is_sharing_enabled."""
+    caller: Caller = request[CALLER_KEY]
+    only_params(request)
+    store: Store = request.app[STORE_KEY]
+    key = presented_key(request)
+    org = store.organization(caller.organization) if caller.organization is not None else None
+    if request.method != "PATCH":  # GET, HEAD
+        return json_response(client_me_body(org, key))
+    body = await read_object(request, " {\"is_sharing_enabled\": true|false}")
+    current = client_me_body(org, key)
+    errors = {name: "is read-only (only is_sharing_enabled may be changed)" for name in body
+              if name != "is_sharing_enabled" and (name not in current or body[name] != current[name])}
+    if not isinstance(body.get("is_sharing_enabled"), bool):
+        errors["is_sharing_enabled"] = "is required, true or false"
+    if errors:
+        raise _fail(errors, "client")
+    if org is None:
+        raise bad_request("no organization to change: with api_key_authentication off, send the key"
+                          " of an existing organization")
+    caller = await ready_to_write(request)
+    org = store.organization(caller.organization) if caller.organization is not None else None
+    if org is None:
+        raise ApiError(403, V1_FORBIDDEN)
+    new = {**org, "is_sharing_enabled": body["is_sharing_enabled"], "updated_at": utcnow()}
+    await store.commit([("organizations", new["name"], new)])
+    return json_response(client_me_body(new, key))
+
+
+@route("GET", V1_PREFIX + "/stats/processed/", summary="MONARC: a processor over the stats of every organization",
+       body="V1Processed", ok=((200, "processed", {"type": "object", "required": ["type", "processor", "data"]}),),
+       errors=ERRORS_V1 + (413, 415))
 async def v1_processed(request: web.Request) -> web.Response:
     """GET stats/processed/: a processor applied to the stats of one type, over every organization
     (or one: `organization`, a statsd addition; an ordinary organization may name only its own)."""
-    caller = v1_caller(request)
+    caller: Caller = request[CALLER_KEY]
     params = await v1_params(request, V1_PROCESSED_PARAMS)
     kind, anrs = v1_type(params), v1_anrs(params)
     processor = params.get("processor", MISSING)
@@ -4276,24 +4026,29 @@ async def v1_processed(request: web.Request) -> web.Response:
     if organization is not None:
         if not isinstance(organization, str):
             raise bad_request("organization must be an organization name")
-        if not caller.sees_all and organization != caller.organization:
+        if not caller.sees(organization):
             raise ApiError(403, "Forbidden: an ordinary organization may ask only for its own organization")
     data = await processed_stats(request.app[STORE_KEY], kind, processor, processor_params, date_from=date_from,
                                  date_to=date_to, anrs=anrs, organization=organization)
     return json_response({"type": kind, "processor": processor, "data": data})
 
 
+@route("GET", V1_PREFIX + "/", summary="MONARC: the v1 routes (no key)", public=True,
+       ok=((200, "the routes", {"type": "object", "required": ["routes"]}),), errors=ERRORS_PUBLIC)
 async def v1_index(request: web.Request) -> web.Response:
     """GET /api/v1/ (no key, as upstream's API page): the v1 routes, from the app's own routes."""
     only_params(request)
     base = base_url(request)
-    routes = sorted((path, method) for method, path in app_routes(request.app)
-                    if path.startswith(V1_PREFIX + "/") and path != V1_PREFIX + "/")
+    routes = sorted((r.path, r.method) for r in ROUTES.served(request.app[CONFIG_KEY])
+                    if r.path.startswith(V1_PREFIX + "/") and r.path != V1_PREFIX + "/")
     return json_response({"service": "statsd", "version": __version__, "api": "v1 (MONARC front office)",
                           "routes": [{"method": method, "path": path, "url": base + path} for path, method in routes],
                           "links": {"openapi": base_url(request) + OPENAPI_PATH, "v2": base_url(request) + API_PREFIX + "/"}})
 
 
+@route("GET", V1_PREFIX + "/stats/processed/list/", summary="MONARC: the processors (no key)", public=True,
+       ok=((200, "processors", {"type": "array", "items": {"type": "object", "required": ["name", "description"]}}),),
+       errors=ERRORS_PUBLIC)
 async def v1_processors(request: web.Request) -> web.Response:
     """GET stats/processed/list (no key): the processors and what they compute."""
     return json_response([{"name": name, "description": " ".join(func.__doc__.split())}
@@ -4328,7 +4083,13 @@ TEMPLATES_KEY = web.AppKey("dashboard_templates", object)
 LOGIN_LIMIT_KEY = web.AppKey("dashboard_login_limit", object)
 
 
+def dashboard_on(config: Config) -> bool:
+    """Whether the dashboard's routes are served (`/` is then its overview)."""
+    return config.dashboard != "off"
+
+
 def is_dashboard_path(path: str) -> bool:
+    """Whether a path is the dashboard's (`/` included)."""
     return path == "/" or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
 
 
@@ -4979,6 +4740,7 @@ def choices_for(request: web.Request, viewer: Viewer, sel: Selection) -> dict:
     return {"organizations": organizations[:1000], "analyses": analyses[:1000]}
 
 
+@route("GET", "/", when=dashboard_on, **ROOT_FACTS)
 async def dashboard_overview(request: web.Request) -> web.Response:
     """`/`: the JSON service index for clients asking for JSON, else the overview page."""
     accept = request.headers.get("Accept", "*/*")
@@ -5016,6 +4778,7 @@ def _file_time(path: str) -> str | None:
         return None
 
 
+@route("GET", DASHBOARD_PREFIX + "/landscape/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_landscape(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=True)
@@ -5028,6 +4791,7 @@ async def dashboard_landscape(request: web.Request) -> web.Response:
         "measures": MEASURE_NAMES, "json_url": charts["threats"].chart.json_url})
 
 
+@route("GET", DASHBOARD_PREFIX + "/evolution/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_evolution(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=True)
@@ -5040,6 +4804,7 @@ async def dashboard_evolution(request: web.Request) -> web.Response:
         "measures": MEASURE_NAMES, "json_url": charts["evolution-threats"].chart.json_url})
 
 
+@route("GET", DASHBOARD_PREFIX + r"/charts/{name:[a-z-]+}.{ext:[a-z]+}", when=dashboard_on)
 @dashboard_handler
 async def dashboard_chart(request: web.Request) -> web.Response:
     """A chart of a page, alone, as SVG or CSV: /dashboard/charts/NAME.svg?the page's choices."""
@@ -5064,6 +4829,7 @@ EXPLORER_ORDERS = {"-created_at": "newest first", "created_at": "oldest first", 
                    "date": "earliest date first", "type": "type", "organization": "organization"}
 
 
+@route("GET", DASHBOARD_PREFIX + "/explorer/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_explorer(request: web.Request) -> web.Response:
     """The stats as a table: the same query parameters as /api/v2/stats/ (empty ones ignored)."""
@@ -5110,6 +4876,7 @@ def _data_summary(data) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
+@route("GET", DASHBOARD_PREFIX + "/stats/{id}/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_stat(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=False)
@@ -5131,6 +4898,7 @@ async def dashboard_stat(request: web.Request) -> web.Response:
         "json_url": stat_path(doc["id"])})
 
 
+@route("GET", DASHBOARD_PREFIX + "/organizations/{name}/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_organization(request: web.Request) -> web.Response:
     viewer = page_viewer(request, aggregated=False)
@@ -5177,6 +4945,8 @@ def _check_same_origin(request: web.Request) -> None:
                                   " of another site, or none)")
 
 
+@route("GET", DASHBOARD_PREFIX + "/login/", when=dashboard_on)
+@route("POST", DASHBOARD_PREFIX + "/login/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_login(request: web.Request) -> web.Response:
     """GET: the login form. POST: check the key, start a session, go where the person was going."""
@@ -5212,6 +4982,7 @@ async def dashboard_login(request: web.Request) -> web.Response:
     return response
 
 
+@route("POST", DASHBOARD_PREFIX + "/logout/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_logout(request: web.Request) -> web.Response:
     _check_same_origin(request)
@@ -5221,35 +4992,26 @@ async def dashboard_logout(request: web.Request) -> web.Response:
     return response
 
 
+@route("GET", DASHBOARD_PREFIX + "/static/dashboard.css", when=dashboard_on)
 @dashboard_handler
 async def dashboard_css(request: web.Request) -> web.Response:
     return web.Response(text=DASHBOARD_TEMPLATES["dashboard.css"], content_type="text/css", charset="utf-8",
                         headers={"Cache-Control": "public, max-age=3600"})
 
 
+@route("GET", DASHBOARD_PREFIX + "/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_home(request: web.Request) -> web.Response:
     return see_other("/")
 
 
-def add_dashboard_routes(app: web.Application) -> None:
-    """The dashboard's routes (none when dashboard = "off"); `/` is the overview."""
-    config: Config = app[CONFIG_KEY]
-    if config.dashboard == "off":
-        app.router.add_get("/", index)
+def setup_dashboard(app: web.Application) -> None:
+    """The dashboard's sessions, templates and login limit (none when dashboard = "off")."""
+    if not dashboard_on(app[CONFIG_KEY]):
         return
     app[SESSIONS_KEY] = Sessions()
     app[TEMPLATES_KEY] = dashboard_templates()
     app[LOGIN_LIMIT_KEY] = limits.parse(LOGIN_RATE_LIMIT)
-    app.router.add_get("/", dashboard_overview)
-    routes = [("GET", "", dashboard_home), ("GET", "/landscape", dashboard_landscape),
-              ("GET", "/evolution", dashboard_evolution), ("GET", "/explorer", dashboard_explorer),
-              ("GET", "/stats/{id}", dashboard_stat), ("GET", "/organizations/{name}", dashboard_organization),
-              ("GET", "/login", dashboard_login), ("POST", "/login", dashboard_login),
-              ("POST", "/logout", dashboard_logout)]
-    add_routes(app, DASHBOARD_PREFIX, routes)
-    app.router.add_get(DASHBOARD_PREFIX + "/static/dashboard.css", dashboard_css)
-    app.router.add_get(DASHBOARD_PREFIX + r"/charts/{name:[a-z-]+}.{ext:[a-z]+}", dashboard_chart)
 
 
 # The dashboard's templates and stylesheet, carried by this module (no data files to ship).
@@ -5746,6 +5508,7 @@ async def _scan(records: list[dict], keep: Callable[[dict], bool]) -> list[dict]
 
 
 def utc_today() -> date:
+    """Today's date in UTC."""
     return datetime.now(timezone.utc).date()
 
 
@@ -5795,41 +5558,34 @@ async def remove_duplicate_stats(store: Store, kind: str | None, dry_run: bool) 
             "matched": len(matched), "deleted": len(deleted), "organizations": _per_organization(matched, deleted)}
 
 
-async def read_options(request: web.Request) -> dict:
-    """The JSON object of options of a POST; no body at all counts as {}."""
-    if not request.body_exists:
-        return {}
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object of options")
-    return body
-
-
-def _option_errors(body: dict, allowed: Iterable[str]) -> dict[str, str]:
+async def admin_options(request: web.Request, what: str, allowed: Iterable[str]) -> tuple[dict, dict[str, str]]:
+    """(the options of an admin POST, the errors of unknown ones and of dry_run), the caller an admin before and after."""
+    require_admin(request, what)
+    body = await body_to_write(request, " of options", optional=True)
+    require_admin(request, what)
     errors = {name: "unknown option" for name in body if name not in allowed}
     if "dry_run" in body and not isinstance(body["dry_run"], bool):
         errors["dry_run"] = "must be true or false"
-    return errors
+    return body, errors
 
 
 def check_older_than(value) -> tuple[int | None, str | None]:
     """(months, None) or (None, what is wrong); 12.0 is 12, as JSON does not tell them apart."""
-    if value.__class__ is float and value.is_integer():
-        value = int(value)
+    value = _whole(value)
     if not _is_int(value) or not 0 <= value <= MAX_MONTHS:
         return None, f"must be a whole number of months from 0 to {MAX_MONTHS}"
     return value, None
 
 
+@route("POST", API_PREFIX + "/purge/",
+       summary="Retention (admin): delete the stats dated more than `older_than` months before today"
+               " (UTC), in chunks; `dry_run` only counts",
+       body="PurgeOptions", ok=((200, "what matched and what was deleted", "PurgeReport"),),
+       errors=ERRORS_WRITE + ADMIN + NOT_FOUND)
 async def purge_handler(request: web.Request) -> web.Response:
     """POST /api/v2/purge {"older_than": MONTHS, "organization"?: NAME, "dry_run"?: bool}."""
-    require_admin(request, "purge stats")
-    only_params(request)
-    body = await read_options(request)
+    body, errors = await admin_options(request, "purge stats", ("older_than", "organization", "dry_run"))
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
-    require_admin(request, "purge stats")
-    errors = _option_errors(body, ("older_than", "organization", "dry_run"))
     older_than, problem = check_older_than(body["older_than"]) if "older_than" in body else (None, "is required")
     if problem:
         errors["older_than"] = problem
@@ -5843,15 +5599,15 @@ async def purge_handler(request: web.Request) -> web.Response:
                                            body.get("dry_run", False)))
 
 
+@route("POST", API_PREFIX + "/remove-duplicates/",
+       summary="Retention (admin): of the stats with the same organization, anr, type and date, keep the"
+               " newest (latest created_at) and delete the others, in chunks; `dry_run` only counts",
+       body="RemoveDuplicatesOptions", body_required=False,
+       ok=((200, "what matched and what was deleted", "RemoveDuplicatesReport"),), errors=ERRORS_WRITE + ADMIN)
 async def remove_duplicates_handler(request: web.Request) -> web.Response:
     """POST /api/v2/remove-duplicates {"type"?: TYPE, "dry_run"?: bool}."""
-    require_admin(request, "remove duplicates")
-    only_params(request)
-    body = await read_options(request)
+    body, errors = await admin_options(request, "remove duplicates", ("type", "dry_run"))
     store: Store = request.app[STORE_KEY]
-    await ready_to_write(request)
-    require_admin(request, "remove duplicates")
-    errors = _option_errors(body, ("type", "dry_run"))
     if body.get("type") is not None:
         _, problem = check_stat_value("type", body["type"])
         if problem:
@@ -5859,6 +5615,388 @@ async def remove_duplicates_handler(request: web.Request) -> web.Response:
     if errors:
         raise _fail(errors, "remove-duplicates options")
     return json_response(await remove_duplicate_stats(store, body.get("type"), body.get("dry_run", False)))
+
+
+# ------------------------------------------------------------ OpenAPI ---
+# GET /api/v2/openapi.json: an OpenAPI 3.1 description built from the app's own
+# routes and from the tables the code runs on (STAT_FIELDS, ORG_FIELDS,
+# OPERATORS, PERIODS, ApiError.NAMES, the v1 processors), so it cannot drift.
+# It is public (no key), and counted by the rate limit like every /api/ request.
+
+UUID_PATTERN = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+SAFE_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # always a real date
+
+
+def _oa_ref(name: str, kind: str = "schemas") -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _oa_query_values(convert) -> tuple[dict, str]:
+    """(schema of one query value, pattern of one item of an in/nin list) for a field's converter."""
+    if convert is _convert_int:
+        return _oa_int(), "[+-]?[0-9]{1,18}"
+    if convert is _convert_uuid:
+        return {"type": "string", "pattern": UUID_PATTERN}, UUID_PATTERN[1:-1]
+    if convert is _convert_anr:
+        return {"anyOf": [_oa_int(), {"type": "string", "pattern": UUID_PATTERN}]}, \
+            f"([+-]?[0-9]{{1,18}}|{UUID_PATTERN[1:-1]})"
+    if convert is _convert_date:
+        return {"type": "string", "format": "date"}, SAFE_DATE
+    if convert is _convert_datetime:
+        return {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": f"^{SAFE_DATE}$"},
+                          {"type": "string", "pattern": f"^{SAFE_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                                                        r"(\.[0-9]{1,6})?(Z|[+-]0[0-9]:[0-5][0-9])?$"}]}, SAFE_DATE
+    if convert is _convert_bool:
+        return _oa_bool(), f"({'|'.join(TRUE_WORDS + FALSE_WORDS)})"
+    return {"type": "string"}, "[^,]*"
+
+
+def _oa_bool(description: str = "") -> dict:
+    """A boolean query value: the words parse_bool reads (any case)."""
+    return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS],
+            "description": " ".join(filter(None, (description, f"{BOOL_WORDS_TEXT}, in any case")))}
+
+
+def _oa_filters(schema: dict) -> dict:
+    """The filter parameters of a list route, from its field table and OPERATORS."""
+    properties = {}
+    for name, (convert, strings_ok) in schema.items():
+        value, item = _oa_query_values(convert)
+        properties[name] = value
+        for op in OPERATORS:
+            if op in STRING_OPS and not strings_ok:
+                continue
+            if op == "exists":
+                properties[f"{name}__{op}"] = _oa_bool()
+            elif op in ("in", "nin"):
+                properties[f"{name}__{op}"] = {"type": "string", "pattern": f"^{item}(,{item})*$"}
+            elif op in STRING_OPS:
+                properties[f"{name}__{op}"] = {"type": "string"}
+            else:
+                properties[f"{name}__{op}"] = value
+    filters = {"type": "object", "properties": properties, "additionalProperties": False,
+               "maxProperties": MAX_FILTERS}
+    if "data" in schema:
+        ops = "|".join(op for op in OPERATORS if op != "exists")
+        filters["patternProperties"] = {f"^data(__[A-Za-z0-9]+)*__({ops})$": {"type": "string"},
+                                        "^data(__[A-Za-z0-9]+)*__exists$": _oa_bool()}
+    return {"name": "filters", "in": "query", "style": "form", "explode": True, "schema": filters,
+            "description": f"Filters (at most {MAX_FILTERS}), combined with AND: `field=value` (exact) or"
+                           " `field__OPERATOR=value`;"
+                           f" operators: {', '.join(OPERATORS)}; `in`/`nin` take comma-separated values;"
+                           " string operators apply to string fields only"
+                           + ("; any path inside `data` is written with double underscores,"
+                              " e.g. data__total__current__operational__gt=5" if "data" in schema else "")}
+
+
+def _oa_list_params(schema: dict, config: Config) -> list:
+    names = ", ".join(schema)
+    params = [{"name": name, "in": "query", "schema": _oa_int(0) if "limit" not in name
+               else _oa_int(0, config.max_limit), "description": text}
+              for name, text in (("_skip", "records to skip (alias: offset)"),
+                                 ("_limit", f"page size, default {config.default_limit}, at most"
+                                            f" {config.max_limit} (alias: limit)"))]
+    order = "-?(" + "|".join([*schema, *(["data(__[A-Za-z0-9]+)+"] if "data" in schema else [])]) + ")"
+    params.append({"name": "_order_by", "in": "query",
+                   "schema": {"type": "string", "pattern": f"^{order}(,{order}){{0,{MAX_ORDER_KEYS - 1}}}$"},
+                   "description": f"comma-separated fields, `-` for descending ({names}; ties by id);"
+                                  f" at most {MAX_ORDER_KEYS}, each field once (else 400)"})
+    params.append(_oa_fields_param(schema))
+    return params + [_oa_filters(schema)]
+
+
+def _oa_fields_param(schema: dict) -> dict:
+    shown = "(" + "|".join([*schema, *LINK_FIELDS]) + ")"
+    return {"name": "_fields", "in": "query",
+            "schema": {"type": "string", "pattern": f"^{shown}(,{shown}){{0,{MAX_FIELDS - 1}}}$"},
+            "description": f"comma-separated fields to return (plus id): {', '.join(schema)}, link, links;"
+                           f" at most {MAX_FIELDS} names"}
+
+
+def _oa_body(schema: dict, required: bool = True) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _oa_ok(status: int, description: str, schema: dict | None = None, headers=None) -> dict:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": schema}}
+    if headers:
+        out["headers"] = headers
+    return {str(status): out}
+
+
+def _oa_errors(*statuses: int) -> dict:
+    return {str(status): _oa_ref(ApiError.NAMES[status], "responses") for status in statuses}
+
+
+def _oa_page(item: str) -> dict:
+    """A page of a v2 list: its records and whether more follow."""
+    return {"type": "object", "required": ["data", "has_more"], "properties": {
+        "data": {"type": "array", "items": _oa_ref(item)}, "has_more": {"type": "boolean"}}}
+
+
+def _oa_stat_schemas(config: Config) -> dict:
+    """The Stat schemas, from the field table STAT_TABLE."""
+    client = {f.name: f.schema for f in STAT_TABLE if f.check}
+    server = {**{f.name: f.schema for f in STAT_TABLE if not f.check},
+              "link": {"type": "string"}, "links": {"type": "array", "items": {"type": "string"}}}
+    stat = {"type": "object", "properties": {**client, **server}, "additionalProperties": False}
+    no_org = {k: v for k, v in client.items() if k != "organization"}
+    writable = {"type": "object", "properties": no_org, "additionalProperties": False}
+    changeable = {**writable, "properties": {k: v for k, v in no_org.items() if k != "uuid"}}
+    return {
+        "Stat": {**stat, "required": ["id", "uuid", "type", "data", "created_at", "updated_at", "link"]},
+        "StatFields": {**stat, "required": ["id"], "description": "a stat, with only the _fields asked for"},
+        "NewStat": {**writable, "required": ["type", "data"]},
+        "StatPut": {**changeable, "required": ["type", "data"],
+                    "description": "replaces the client fields; read-only fields (id, uuid, organization,"
+                                   " created_at, updated_at, link, links) may be sent back unchanged"},
+        "StatPatch": {**changeable, "description": "merges the given fields; read-only fields may be sent"
+                                                   " back unchanged"},
+        "NewStats": {"type": "array", "minItems": 1, "maxItems": config.max_limit,
+                     "items": _oa_ref("NewStat"), "description": "created all-or-nothing"},
+        "StatsPage": _oa_page("StatFields"),
+        "StatsCreated": {"oneOf": [_oa_ref("Stat"), {"type": "object", "required": ["data"], "additionalProperties": False,
+                                                      "properties": {"data": {"type": "array", "items": _oa_ref("Stat")}}}]},
+    }
+
+
+def _oa_org_schemas() -> dict:
+    stamp = {"type": "string"}
+    token = {"type": "string", "pattern": TOKEN_RE.pattern.join("^$")}
+    name = {"type": "string", "minLength": 1, "maxLength": ORG_NAME_MAX,
+            "pattern": "^[^/\\s\\x00-\\x1f\\x7f]([^/\\x00-\\x1f\\x7f]*[^/\\s\\x00-\\x1f\\x7f])?$"}
+    org = {"type": "object", "additionalProperties": False,
+           "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "is_admin": {"type": "boolean"},
+                          "created_at": stamp, "updated_at": stamp, "link": {"type": "string"},
+                          "token": {"type": "string", "description": "only in the answer that set it"}}}
+    return {
+        "Organization": {**org, "required": ["id", "name", "is_admin", "created_at", "updated_at", "link"]},
+        "OrganizationFields": {**org, "required": ["id"]},
+        "OrganizationsPage": _oa_page("OrganizationFields"),
+        "NewOrganization": {"type": "object", "additionalProperties": False, "required": ["name"],
+                            "properties": {"name": name, "token": token, "is_admin": {"type": "boolean"}}},
+        "OrganizationPut": {"type": "object", "additionalProperties": False, "required": ["is_admin"],
+                            "properties": {"token": token, "is_admin": {"type": "boolean"}}},
+        "OrganizationPatch": {"type": "object", "additionalProperties": False,
+                              "properties": {"token": token, "is_admin": {"type": "boolean"}}},
+    }
+
+
+def _oa_operation_schemas() -> dict:
+    """The export document, and the options and reports of the retention calls."""
+    dry_run = {"type": "boolean", "description": "true: only count, delete nothing (default false)"}
+    count = {"type": "integer", "minimum": 0}
+    report = {"type": "object", "required": ["dry_run", "matched", "deleted", "organizations"], "properties": {
+        "dry_run": {"type": "boolean"}, "matched": count,
+        "deleted": {**count, "description": "0 on a dry run; fewer than matched when some of them were"
+                                            " changed or deleted by others meanwhile"},
+        "organizations": {"type": "array", "items": {
+            "type": "object", "required": ["organization", "matched", "deleted"],
+            "properties": {"organization": {"type": ["string", "null"]}, "matched": count, "deleted": count}}}}}
+    return {
+        "Export": {"type": "object", "required": ["format", "version", "statsd", "exported_at", "organizations",
+                                                  "stats"],
+                   "properties": {"format": {"const": EXPORT_FORMAT}, "version": {"const": 1},
+                                  "statsd": {"type": "string"}, "exported_at": {"type": "string"},
+                                  "organizations": {"type": "array", "items": {
+                                      "type": "object", "required": ["name", "token_sha256", "is_admin"],
+                                      "properties": {name: {"type": "boolean"} if name.startswith("is_")
+                                                     else {"type": "string"} for name in ORG_RECORD_FIELDS},
+                                      "additionalProperties": False}},
+                                  "stats": {"type": "array", "items": {
+                                      "type": "object", "description": "a stat record as stored (no links)"}}}},
+        "PurgeOptions": {"type": "object", "additionalProperties": False, "required": ["older_than"], "properties": {
+            "older_than": {**_oa_int(0, MAX_MONTHS), "description": "months; a stat dated exactly that many months"
+                                                                    " ago is kept"},
+            "organization": {"type": ["string", "null"], "description": "only this (existing) organization's stats"},
+            "dry_run": dry_run}},
+        "RemoveDuplicatesOptions": {"type": "object", "additionalProperties": False, "properties": {
+            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": r"\S",
+                     "description": "only stats of this type; a type no stat has matches none"},
+            "dry_run": dry_run}},
+        "PurgeReport": {**report, "required": [*report["required"], "older_than", "before", "organization"],
+                        "properties": {**report["properties"], "older_than": {"type": "integer"},
+                                       "before": {"type": "string", "format": "date",
+                                                  "description": "stats dated before this day matched"},
+                                       "organization": {"type": ["string", "null"]}}},
+        "RemoveDuplicatesReport": {**report, "required": [*report["required"], "type", "groups"],
+                                   "properties": {**report["properties"], "type": {"type": ["string", "null"]},
+                                                  "groups": {"type": "integer", "description": "groups that had"
+                                                             " duplicates (one stat of each is kept)"}}},
+    }
+
+
+def _oa_v1_params(schema: dict) -> dict:
+    """A v1 parameters object: a null optional parameter counts as absent (as upstream)."""
+    props = {name: value if name in schema["required"] else {"anyOf": [value, {"type": "null"}]}
+             for name, value in schema["properties"].items()}
+    return {**schema, "properties": props}
+
+
+def _oa_v1_schemas(config: Config) -> dict:
+    """The /api/v1/ schemas: its stats and pages, its query, the processors' parameters, its client."""
+    uuid_s = UUID_SCHEMA
+    day = {"type": "string", "format": "date"}
+    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]},
+                      {**_oa_bool("or \"\" (false)"), "enum": [*TRUE_WORDS, *FALSE_WORDS, ""]}]}
+    zero_one = {"anyOf": [{"enum": [0, 1]}, {"type": "string", "pattern": "^\\s*\\+?[01]\\s*$"}]}
+    count = {"anyOf": [_oa_int(0), {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,18}\\s*$",
+                                    "description": "a numeric string, as PHP sends it"}]}
+    processed = []
+    for name, func in V1_PROCESSORS.items():
+        params: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
+        if name == "risk_averages_on_date":
+            params["properties"] = {name: {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^(({0})(,({0}))*)?$"
+                                                                       .format("|".join(choices))}]}
+                                    for name, choices in (("risks_type", RISK_KINDS), ("risks_state", RISK_STATES))}
+        processed.append(_oa_v1_params({
+            "type": "object", "additionalProperties": False, "required": ["type", "processor"],
+            "description": " ".join(func.__doc__.split()),
+            "properties": {"type": {"const": name.split("_")[0]}, "processor": {"const": name},
+                           "processor_params": params, "date_from": day, "date_to": day,
+                           "anrs": {"type": "array", "items": uuid_s}, "local_stats_only": zero_one,
+                           "organization": {"type": "string", "description": "statsd only: the stats of this"
+                                            " organization alone (an ordinary one may name only itself)"}}}))
+    v1_stat = {"type": "object", "required": ["uuid", "anr", "type", "date", "data"],
+               "properties": {"uuid": uuid_s, "anr": {"type": ["string", "null"]}, "type": {"type": "string"},
+                              "date": day, "data": {}}}
+    page = {"type": "object", "required": ["metadata", "data"],
+            "properties": {"metadata": {"type": "object", "required": ["count", "offset", "limit"],
+                                        "properties": {k: {"type": "string", "pattern": "^[0-9]+$"}
+                                                       for k in ("count", "offset", "limit")}},
+                           "data": {"type": "array", "items": _oa_ref("V1Stat")}}}
+    return {
+        "V1Stat": v1_stat,
+        "V1Stats": {"type": "array", "items": _oa_ref("V1Stat")},
+        "V1Page": page,
+        "V1Query": _oa_v1_params({
+            "type": "object", "additionalProperties": False, "required": ["type"],
+            "properties": {"type": {"enum": list(V1_TYPES)}, "anrs": {"type": "array", "items": uuid_s},
+                           "anr": uuid_s, "date_from": day, "date_to": day, "get_last": flag,
+                           "offset": count, "limit": count, "group_by_anr": zero_one}}),
+        "V1Processed": {"oneOf": processed},
+        "V1NewStats": {"type": "array", "maxItems": config.max_limit, "items": {
+            "type": "object", "additionalProperties": False, "required": ["anr", "type", "date", "data"],
+            "properties": {"uuid": uuid_s, "anr": uuid_s, "type": {"enum": list(V1_TYPES)}, "date": day,
+                           "data": {"description": f"any JSON value nested at most {MAX_DATA_DEPTH} levels"}}}},
+        "V1Created": {**page, "required": ["metadata", "data", "results"], "properties": {
+            **page["properties"], "results": {"type": "array", "items": {
+                "type": "object", "required": ["index", "status"],
+                "properties": {"index": {"type": "integer"}, "status": {"enum": [201, 400, 409]}}}}}},
+        "V1Client": {"type": "object", "required": ["name", "token", "role", "is_sharing_enabled"],
+                     "properties": {"name": {"type": ["string", "null"]}, "token": {"type": ["string", "null"]},
+                                    "role": {"enum": [V1_ROLE_USER, V1_ROLE_ADMIN],
+                                             "description": "as upstream: \"1\" user, \"2\" admin"},
+                                    "is_sharing_enabled": {"type": "boolean"}}},
+        "V1ClientPatch": {"type": "object", "additionalProperties": False, "required": ["is_sharing_enabled"],
+                          "properties": {"is_sharing_enabled": {"type": "boolean"}}},
+    }
+
+
+def _oa_parameters(config: Config) -> dict[str, list]:
+    """The parameters a Route names, by name."""
+    return {
+        "stat_id": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                     "description": "the stat's id (24 hex characters)"}],
+        "org_name": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                      "description": "the organization's name (its id)"}],
+        "cascade": [{"name": "cascade", "in": "query", "schema": _oa_bool(),
+                     "description": "true (or 1, yes, on): delete the organization's stats with it"}],
+        "anr": [{"name": "anr", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+        "stat_list": _oa_list_params(STAT_FIELDS, config), "org_list": _oa_list_params(ORG_FIELDS, config),
+        "stat_fields": [_oa_fields_param(STAT_FIELDS)], "org_fields": [_oa_fields_param(ORG_FIELDS)],
+    }
+
+
+def _oa_schema(spec) -> dict | None:
+    """A Route's schema: a component's name, a tuple of names (any of them), or a schema written out."""
+    if isinstance(spec, str):
+        return _oa_ref(spec)
+    if isinstance(spec, tuple):
+        return {"anyOf": [_oa_ref(name) for name in spec]}
+    return spec
+
+
+def _oa_operation(r: Route, parameters: dict) -> dict:
+    """The OpenAPI operation of one route, from the facts it was declared with."""
+    op: dict[str, Any] = {"summary": r.summary}
+    if r.public:
+        op["security"] = []
+    if r.params:
+        op["parameters"] = [param for name in r.params for param in parameters[name]]
+    if r.body is not None:
+        op["requestBody"] = _oa_body(_oa_schema(r.body), r.body_required)
+    responses = dict(r.responses or {})
+    for status, description, *more in r.ok:
+        responses.update(_oa_ok(status, description, *[_oa_schema(more[0])] if more else (), *more[1:]))
+    op["responses"] = {**responses, **_oa_errors(*r.errors)}
+    return op
+
+
+def openapi_document(app: web.Application, server: str = "") -> dict:
+    """The OpenAPI 3.1 description of `app`: every route of ROUTES it serves, with its parameters, bodies and answers."""
+    config: Config = app[CONFIG_KEY]
+    parameters = _oa_parameters(config)
+    rate_headers = {name: {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": text}
+                    for name, text in (("X-Rate-Limit-Limit", "requests allowed per window"),
+                                       ("X-Rate-Limit-Remaining", "requests left in the window"),
+                                       ("X-Rate-Limit-Reset", "UTC epoch second at which the window"
+                                                              " frees a request"))}
+    paths: dict[str, dict] = {}
+    for r in sorted(ROUTES.served(config), key=lambda r: (r.path, r.method)):
+        if r.summary is None:
+            continue
+        method, path, op = r.method, r.path, _oa_operation(r, parameters)
+        op["operationId"] = f"{method.lower()} {path}"
+        if path.startswith("/api/") and config.rate_limit:
+            op["responses"] = {status: ({**answer, "headers": {**answer.get("headers", {}), **rate_headers}}
+                                        if "$ref" not in answer else answer)
+                               for status, answer in op["responses"].items()}
+        if not config.api_key_authentication:
+            op["security"] = []
+        paths.setdefault(path, {})[method.lower()] = op
+    error = {"type": "object", "required": ["error", "status", "action", "target", "exception_msg",
+                                            "status_code", "exception_cls"],
+             "properties": {"error": {"type": "string"}, "status": {"const": "failed"},
+                            "action": {"type": "string"}, "target": {"type": "string"},
+                            "exception_msg": {"type": "string"}, "status_code": {"type": "integer"},
+                            "exception_cls": {"enum": sorted(set(ApiError.NAMES.values()) | {"HTTPException"})},
+                            "errors": {"type": "object", "description": "what is wrong, per field or item index"},
+                            "Error": {"type": "string", "description": "/api/v1/ only: the upstream's key"}}}
+    responses = {}
+    for status, name in ApiError.NAMES.items():
+        responses[name] = {"description": f"{status} {name}: the JSON error object",
+                           "content": {"application/json": {"schema": _oa_ref("Error")}}}
+        if config.rate_limit:
+            responses[name]["headers"] = {**rate_headers, **({"Retry-After": {"schema": {"type": "string"}}}
+                                                             if status == 429 else {})}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "statsd", "version": __version__,
+                 "description": "Statistics service for MONARC: Stats API v2 (and the /api/v1/ the MONARC"
+                                " front office speaks). Every path also answers without its trailing slash, and every"
+                                " GET also answers HEAD (the same status and headers, no body)."},
+        "servers": [{"url": server or "/"}],
+        "security": [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}] if config.api_key_authentication else [],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"}},
+            "schemas": {"Error": error, **_oa_stat_schemas(config), **_oa_org_schemas(), **_oa_v1_schemas(config),
+                        **_oa_operation_schemas()},
+            "responses": responses,
+        },
+    }
+
+
+@route("GET", OPENAPI_PATH, summary="This OpenAPI description", public=True,
+       ok=((200, "OpenAPI 3.1 document", {"type": "object"}),), errors=ERRORS_PUBLIC)
+async def openapi_json(request: web.Request) -> web.Response:
+    """GET /api/v2/openapi.json (no key): the OpenAPI document, its server the address the client used."""
+    only_params(request)
+    return json_response(openapi_document(request.app, base_url(request)))
 
 
 # ----------------------------------------------------------- app factory ---
@@ -5879,43 +6017,11 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app[STAT_QUERIES_KEY] = ParsedQueries(STAT_FIELDS)
     app[RATE_LIMIT_KEY] = config.rate_limit_item()
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(str(p), strict=False) for p in config.trusted_proxies]
-    routes = [
-        ("GET", "/stats", list_stats), ("POST", "/stats", create_stats),
-        ("GET", "/stats/{id}", get_stat), ("PUT", "/stats/{id}", update_stat),
-        ("PATCH", "/stats/{id}", update_stat), ("DELETE", "/stats/{id}", delete_stat),
-        ("GET", "/organizations", list_orgs), ("POST", "/organizations", create_org),
-        ("GET", "/organizations/{name}", get_org), ("PUT", "/organizations/{name}", update_org),
-        ("PATCH", "/organizations/{name}", update_org), ("DELETE", "/organizations/{name}", delete_org),
-        ("GET", "/export", export_all), ("POST", "/purge", purge_handler),
-        ("POST", "/remove-duplicates", remove_duplicates_handler),
-    ]
-    add_routes(app, API_PREFIX, [("GET", "", api_index), *routes])
-    v1_routes = [
-        ("GET", "", v1_index), ("GET", "/stats/processed/list", v1_processors), ("GET", "/stats/processed", v1_processed),
-        ("GET", "/stats", v1_list_stats), ("POST", "/stats", v1_create_stats),
-        ("GET", "/stats/{anr}", v1_anr_stats), ("DELETE", "/stats/{anr}", v1_delete_stats),
-        ("GET", "/client/me", v1_client_me), ("PATCH", "/client/me", v1_client_me),
-    ]
-    add_routes(app, V1_PREFIX, v1_routes)
-    add_dashboard_routes(app)
-    app.router.add_get(OPENAPI_PATH, openapi_json)  # add_get answers HEAD too
+    setup_dashboard(app)
+    ROUTES.add_to(app, config)
     app.on_startup.append(_start_store)
     app.on_cleanup.append(_close_store)
     return app
-
-
-def add_routes(app: web.Application, prefix: str, routes: list) -> None:
-    """Each path with and without its trailing slash, as one resource holding all its methods
-    (the router then tries one resource per path, and a wrong method is a 405); GET brings HEAD.
-    The slash form comes first: it is the one links and clients use."""
-    resources: dict[str, web.Resource] = {}
-    for method, path, handler in routes:
-        for variant in (prefix + path + "/", prefix + path):
-            if variant not in resources:
-                resources[variant] = app.router.add_resource(variant)
-            resources[variant].add_route(method, handler)
-            if method == "GET":  # HEAD answers as GET does, without the body (aiohttp drops it)
-                resources[variant].add_route("HEAD", handler)
 
 
 async def _start_store(app: web.Application) -> None:
@@ -5936,6 +6042,7 @@ async def _close_store(app: web.Application) -> None:
 # ---------------------------------------------------------- command line ---
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: `statsd COMMAND [options]`."""
     parser = argparse.ArgumentParser(prog="statsd", description="Statistics service for MONARC"
                                      " (Stats API v2 on one TinyDB JSON file).")
     parser.add_argument("--version", action="version", version=f"statsd {__version__}")
@@ -6005,6 +6112,7 @@ GC_THRESHOLDS = (10_000, 10, 100)  # a full collection every ~10M allocations, n
 
 
 def cmd_serve(config: Config, args) -> int:
+    """`statsd serve`: run the server until it is stopped."""
     # Long requests hold lists of 100k sort keys; every full collection walks them (50 ms at 8 such
     # requests). The records themselves are frozen out of collections (Store._load, _pack_forever).
     gc.set_threshold(*GC_THRESHOLDS)
@@ -6069,6 +6177,7 @@ def _offline(config: Config, work, busy: str) -> Any:
 
 
 def cmd_create_org(config: Config, args) -> int:
+    """`statsd create-organization`: a new organization; prints its token."""
     for problem, what in ((check_org_name(args.name), "NAME"),
                           (args.token is not None and check_token(args.token), "--token")):
         if problem:
@@ -6086,6 +6195,7 @@ def cmd_create_org(config: Config, args) -> int:
 
 
 def cmd_list_orgs(config: Config, args) -> int:
+    """`statsd list-organizations`: a table of the organizations and their stats."""
     async def work(store: Store):
         return [(d["name"], d["is_admin"], store.count_stats(d["name"]), d["created_at"])
                 for d in store.organizations()]
@@ -6097,6 +6207,7 @@ def cmd_list_orgs(config: Config, args) -> int:
 
 
 def cmd_update_org(config: Config, args) -> int:
+    """`statsd update-organization`: make it admin or not, or rotate its token."""
     if args.admin is None and not args.rotate_token:
         raise ConfigError("nothing to change: give --admin, --no-admin or --rotate-token")
     token = new_token() if args.rotate_token else None
@@ -6117,6 +6228,7 @@ def cmd_update_org(config: Config, args) -> int:
 
 
 def cmd_purge(config: Config, args) -> int:
+    """`statsd purge`: delete the stats older than --older-than months."""
     _, problem = check_older_than(args.older_than)
     if problem:
         raise ConfigError(f"--older-than {problem}")
@@ -6132,6 +6244,7 @@ def cmd_purge(config: Config, args) -> int:
 
 
 def cmd_remove_duplicates(config: Config, args) -> int:
+    """`statsd remove-duplicates`: keep the newest stat of each group of duplicates."""
     if args.type is not None:
         _, problem = check_stat_value("type", args.type)
         if problem:
@@ -6147,6 +6260,7 @@ def cmd_remove_duplicates(config: Config, args) -> int:
 
 
 def print_retention_report(report: dict, what: str) -> None:
+    """Print a purge or remove-duplicates report, one line per organization."""
     done = "dry run, nothing deleted" if report["dry_run"] else f"{report['deleted']} deleted"
     print(f"{report['matched']} stat(s) {what}; {done}.")
     for row in report["organizations"]:
@@ -6155,6 +6269,7 @@ def print_retention_report(report: dict, what: str) -> None:
 
 
 def cmd_delete_org(config: Config, args) -> int:
+    """`statsd delete-organization`: delete it (its stats too with --cascade)."""
     async def work(store: Store):
         doc = store.organization(args.name)
         if doc is None:
@@ -6167,31 +6282,14 @@ def cmd_delete_org(config: Config, args) -> int:
     return 0
 
 
-EXPORT_FORMAT = "statsd-export"
 IMPORT_CHUNK = 1000  # stats per journal transaction
 IMPORT_PROGRESS_MIN = 5000  # stats from which a terminal gets a progress bar
-ORG_RECORD_FIELDS = ("name", "token_sha256", "is_admin", "is_sharing_enabled", "created_at", "updated_at")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 STAT_ID_RE = re.compile(r"[0-9a-f]{24}")
 
 
-EXPORT_CHUNK = 100  # records serialized between two writes of a streamed export (measured: 1000 made
-# a cheap request wait ~25 ms at 100k MONARC-shaped stats, 100 about 3 ms)
-
-
-def export_chunks(orgs: list[dict], stats: list[dict], exported_at: str) -> Iterable[bytes]:
-    """The export document (organizations with token hashes only, stats) in pieces of
-    at most EXPORT_CHUNK records; joined, they are one JSON document and a newline."""
-    head = dumps({"format": EXPORT_FORMAT, "version": 1, "statsd": __version__,
-                  "exported_at": exported_at, "organizations": orgs})
-    yield head[:-1] + b',"stats":['
-    for start in range(0, len(stats), EXPORT_CHUNK):
-        items = dumps(stats[start:start + EXPORT_CHUNK])[1:-1]  # without [ and ]
-        yield b"," + items if start else items
-    yield b"]}\n"
-
-
 def cmd_export(config: Config, args) -> int:
+    """`statsd export`: the database as one JSON document, offline or from a running server (--url)."""
     if args.output is not None and (os.path.isdir(args.output) or args.output.endswith(os.sep)):
         raise ConfigError(f"--output {args.output} is a folder; name the file to write,"
                           f" e.g. --output {os.path.join(args.output, 'statsd-export.json')}")
@@ -6221,15 +6319,20 @@ def cmd_export(config: Config, args) -> int:
     return 0
 
 
-def export_endpoint(url: str) -> str:
-    """The GET /api/v2/export address of a statsd given by its base URL (or by that address)."""
+def service_endpoint(url: str, endpoint: str, suffixes: tuple[str, ...]) -> str:
+    """The address of `endpoint` on a service given by its base URL (or by an address ending in `suffixes`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"--url {url!r} must be an http:// or https:// address")
     base = url.rstrip("/")
-    for suffix in ("/export", API_PREFIX):
+    for suffix in suffixes:
         base = base.removesuffix(suffix)
-    return base + API_PREFIX + "/export"
+    return base + endpoint
+
+
+def export_endpoint(url: str) -> str:
+    """The GET /api/v2/export address of a statsd given by its base URL (or by that address)."""
+    return service_endpoint(url, API_PREFIX + "/export", ("/export", API_PREFIX))
 
 
 def export_remote(args) -> int:
@@ -6294,7 +6397,7 @@ async def download_export(endpoint: str, token: str, sink) -> tuple[str, str]:
 
 
 def read_export(path: str) -> tuple[list[dict], list[dict]]:
-    """The organizations and stats of an export file, checked; ConfigError names what is wrong."""
+    """(organizations, stats) of an export file, checked; ConfigError names what is wrong."""
     try:
         with open(path, "rb") as f:
             document = orjson.loads(f.read())
@@ -6426,6 +6529,7 @@ def progress_bar(done: int, total: int, width: int = 40) -> None:
 
 
 def cmd_import(config: Config, args) -> int:
+    """`statsd import`: load an export document into a stopped database."""
     orgs, stats = read_export(args.file)
     show = sys.stderr.isatty() and len(stats) >= IMPORT_PROGRESS_MIN
     progress = progress_bar if show else (lambda done, total: None)
@@ -6445,20 +6549,16 @@ class PushFailed(Exception):
 
 def push_endpoint(url: str) -> str:
     """The v1 batch POST address of a stats service given by its base URL (or by that address)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"--url {url!r} must be an http:// or https:// address")
-    base = url.rstrip("/")
-    for suffix in ("/api/v1/stats", "/api/v1"):
-        base = base.removesuffix(suffix)
-    return base + V1_PREFIX + "/stats/"
+    return service_endpoint(url, V1_PREFIX + "/stats/", ("/api/v1/stats", "/api/v1"))
 
 
 def push_state_key(args) -> str:
+    """The key under which a push's state file records its progress: endpoint and dates."""
     return f"{push_endpoint(args.url)} {args.date_from or ''} {args.date_to or ''}"
 
 
 def read_push_state(path: str) -> dict:
+    """The state file of `statsd push` ({} when there is none)."""
     try:
         with open(path, "rb") as f:
             state = orjson.loads(f.read())
@@ -6540,10 +6640,11 @@ async def push_stats(store: Store, args, state_path: str) -> dict:
 
 
 def cmd_push(config: Config, args) -> int:
+    """`statsd push`: send the stats to another service's /api/v1/, resuming where the last push stopped."""
     for name in ("date_from", "date_to"):
         value = getattr(args, name)
         if value is not None and parse_date(value) is None:
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not a date written YYYY-MM-DD")
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not {DATE_RULE}")
     if args.date_from and args.date_to and args.date_from > args.date_to:
         raise ConfigError("--date-from must not be after --date-to")
     if args.chunk_size < 1:
@@ -6570,6 +6671,7 @@ def cmd_push(config: Config, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"database": args.database, "host": getattr(args, "host", None),
