@@ -78,7 +78,7 @@ def _raw_json(value):
     if value.__class__ is bytes:
         return orjson.Fragment(value)
     if value.__class__ is PackedData:
-        return orjson.Fragment(zlib.decompress(value))
+        return orjson.Fragment(UNPACKED.of(value))
     if value.__class__ is memoryview:
         return orjson.Fragment(bytes(value))
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -93,6 +93,32 @@ class PackedData(bytes):
     """A stat's `data` JSON, zlib-compressed: how records settle in memory (a third of the size)."""
 
     __slots__ = ()
+
+
+class UnpackedAnswers:
+    """The JSON of the packed data answered lately, so that the stats a front office keeps
+    asking for are decompressed once; at most MAX_BYTES, then it starts over."""
+
+    MAX_BYTES = 16 << 20
+
+    def __init__(self):
+        self.entries: dict[PackedData, bytes] = {}  # (bytes cache their hash: a lookup is cheap)
+        self.size = 0
+
+    def of(self, packed: PackedData) -> bytes:
+        """The JSON of `packed`."""
+        raw = self.entries.get(packed)
+        if raw is None:
+            raw = zlib.decompress(packed)
+            if self.size + len(raw) > self.MAX_BYTES:
+                self.entries.clear()
+                self.size = 0
+            self.entries[packed] = raw
+            self.size += len(raw)
+        return raw
+
+
+UNPACKED = UnpackedAnswers()  # answers are built on the loop only
 
 
 # A stat's `data` is kept serialized, in one of three forms: JSON bytes (as written), a
