@@ -561,6 +561,7 @@ class StatDates:
     def __init__(self):
         self.lists: dict[tuple, list[tuple[str, int]]] = {}
         self.anrs: dict[tuple, dict] = {}  # (type,) or (type, organization) -> {anr: number of stats}
+        self.undated: dict[int, None] = {}  # the stats with no `date` field (listed by their stat_date)
 
     @staticmethod
     def _keys(doc: dict) -> tuple:
@@ -572,6 +573,8 @@ class StatDates:
         for key in self._keys(doc):
             bisect.insort(self.lists.setdefault(key, []), entry)
         self._count_anr(doc, 1)
+        if "date" not in doc:
+            self.undated[doc_id] = None
 
     def removed(self, doc_id: int, doc: dict) -> None:
         entry = (stat_date(doc), doc_id)
@@ -583,6 +586,7 @@ class StatDates:
                 if not entries:
                     del self.lists[key]
         self._count_anr(doc, -1)
+        self.undated.pop(doc_id, None)
 
     def _count_anr(self, doc: dict, change: int) -> None:
         anr = doc.get("anr")
@@ -602,6 +606,7 @@ class StatDates:
             self._count_anr(doc, 1)
         for entries in self.lists.values():
             entries.sort()
+        self.undated = {doc_id: None for doc_id, doc in pairs if "date" not in doc}
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
                 organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
@@ -626,6 +631,21 @@ class StatDates:
         """Whether any stat of one type is dated within the bounds (of the organization, or the analyses)."""
         return any(start < end for start, end in (self.span(entries, date_from, date_to)
                                                   for entries in self.lists_of(kind, organization, anrs)))
+
+    def walk(self, kinds: Callable[[Any], bool], organization: str | None, anr: Any,
+             date_from: str | None, date_to: str | None) -> list[list[tuple[str, int]]]:
+        """Copies of the parts of the lists, each in (date, doc_id) order, that together hold every
+        stat dated within the bounds whose type passes `kinds` (of the analysis `anr` unless it is
+        MISSING, else of the organization unless it is None)."""
+        found = []
+        for key in [key for key in self.lists if len(key) == 1]:
+            if not (key[0].__class__ is str and not kinds(key[0])):  # (other types: only from a loaded file)
+                anrs = None if anr is MISSING else [anr]
+                for entries in self.lists_of(key[0], organization, anrs):
+                    start, end = self.span(entries, date_from, date_to)
+                    if start < end:
+                        found.append(entries[start:end])
+        return found
 
     def latest_first(self, kind: str, anr) -> Iterable[tuple[str, int]]:
         """(date, doc_id) of one analysis's stats of this type, latest date first."""
@@ -905,7 +925,7 @@ class Store:
 
     async def find(self, table: str, query: "Query") -> tuple[list[dict], bool]:
         """A page of the records of "stats" or "organizations" that match `query`, and whether more follow."""
-        return await run_query(self.tables[table], query)
+        return await run_query(self.tables[table], query, self.stats_by_date if table == "stats" else None)
 
     def stats_of(self, *, organization: str | None = None, anr: Any = MISSING) -> list[dict]:
         """The stats of an organization and/or an analysis, in creation order."""
@@ -947,6 +967,14 @@ class Store:
                 latest = max(latest or "", entries[-1][0])
                 analyses.update(anr for anr in self.dates.anrs.get((kind, organization), {}) if anr is not None)
         return {"analyses": sorted(analyses, key=str), "stats": count, "latest": latest}
+
+    def stats_by_date(self, kinds: Callable[[Any], bool], *, organization: str | None = None, anr: Any = MISSING,
+                      date_from: str | None = None, date_to: str | None = None) -> tuple[list[list], list[int]]:
+        """What an ordered walk by date reads: lists of (date, doc_id), each in order, that together
+        hold every stat dated within the bounds whose type passes `kinds` (of the analysis, else of
+        the organization), and the doc ids of the stats with no `date` (in those lists by the day of
+        stat_date). Both are copies: the caller may yield to writers while it reads them."""
+        return self.dates.walk(kinds, organization, anr, date_from, date_to), list(self.dates.undated)
 
     def has_stats(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
                   organization: str | None = None, anrs: Iterable | None = None) -> bool:
@@ -1938,10 +1966,12 @@ async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
     return lambda doc: (*(_sort_value(get(doc)) for get in getters), doc[key])
 
 
-def _sort_run(run: list, order_by: list) -> None:
-    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts)."""
+def _sort_run(run: list, order_by: list, first: int = 0) -> None:
+    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts).
+
+    Fields before `first` are left out (they are equal across the run)."""
     run.sort(key=lambda pair: pair[0][-1])
-    for i in range(len(order_by) - 1, -1, -1):
+    for i in range(len(order_by) - 1, first - 1, -1):
         run.sort(key=lambda pair, i=i: pair[0][i], reverse=order_by[i][1])
 
 
@@ -1961,18 +1991,45 @@ def _merge_key(order_by: list):
 RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
-async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
+async def _merge_runs(found: list, runs: list, run: list, order_by: list, wanted: int, budget: LoopBudget,
+                      first: int = 0) -> None:
+    """Add to `found`, up to `wanted` records in all, the records of sorted `runs` and of `run` (sorted here), in order."""
+    _sort_run(run, order_by, first)
+    merged = heapq.merge(*runs, run, key=_merge_key(order_by)) if runs else iter(run)
+    while len(found) < wanted:
+        more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
+        if not more:
+            break
+        found += more
+        await budget.spend()
+
+
+async def run_query(table: Table, query: Query, by_date: Callable | None = None) -> tuple[list[dict], bool]:
     """The page of matching records and whether more follow it.
 
     Records are tested STEP at a time and the loop is given back whenever its
     budget is spent. An ordered query sorts runs of RUN records and merges them
-    only as far as the page (skip + limit) reaches.
+    only as far as the page (skip + limit) reaches; one ordered by date first
+    walks the kept date order instead, when `by_date` (Store.stats_by_date)
+    gives it and the walk cannot cost much more than the sort (_walk_by_date).
     """
-    steps, remaining = await _candidates(table, query.filters)
-    predicates = [f.predicate for f in remaining]
     wanted = query.skip + query.limit + 1
     docs, budget = table.docs, LoopBudget()
     key = await _sort_values(table, query.order_by) if query.order_by else None
+    found = None
+    if by_date is not None and query.order_by and query.order_by[0][0] == ("date",):
+        found = await _walk_by_date(table, query, by_date, key, wanted, budget)
+    if found is None:
+        found = await _sorted_matches(table, query, key, wanted, budget)
+    page = found[query.skip:wanted]
+    return page[:query.limit], len(page) > query.limit
+
+
+async def _sorted_matches(table: Table, query: Query, key, wanted: int, budget: LoopBudget) -> list[dict]:
+    """The first `wanted` matching records in the query's order: every candidate tested, the matches sorted."""
+    steps, remaining = await _candidates(table, query.filters)
+    predicates = [f.predicate for f in remaining]
+    docs = table.docs
     found, runs, run = [], [], []
     for ids in steps:
         records = [doc for doc in map(docs.get, ids) if doc is not None]
@@ -1990,16 +2047,113 @@ async def run_query(table: Table, query: Query) -> tuple[list[dict], bool]:
                 run = []
         await budget.spend()
     if key is not None:
-        _sort_run(run, query.order_by)
-        merged = heapq.merge(*runs, run, key=_merge_key(query.order_by)) if runs else iter(run)
-        while len(found) < wanted:
-            more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
-            if not more:
-                break
-            found += more
+        await _merge_runs(found, runs, run, query.order_by, wanted, budget)
+    return found
+
+
+WALK_FACTOR = 4  # a walk by date reads at most this many times the entries of the smallest index set
+
+
+def _walk_sources(table: Table, filters: list[Filter]) -> tuple[dict, int] | None:
+    """The arguments of Store.stats_by_date that narrow a walk for `filters`, and the size of the
+    smallest id set an index gives for them (the candidates of _sorted_matches, at most); None when
+    _sorted_matches would read a column of `data` (a walk would parse each record's data instead)."""
+    narrow: dict[str, Any] = {}
+    kinds = [f.predicate for f in filters if f.path == ("type",)]
+    narrow["kinds"] = lambda kind: all(test({"type": kind}) for test in kinds)
+    smallest = len(table.docs)
+    indexed = False
+    for f in filters:
+        ids = _index_ids(table, f)
+        if ids is not None:
+            indexed = True
+            smallest = min(smallest, len(ids))
+        if f.op == "exact" and f.path == ("organization",) and f.value.__class__ is str:
+            narrow["organization"] = f.value
+        elif f.op == "exact" and f.path == ("anr",) and _hashable(f.value):
+            narrow["anr"] = f.value
+        elif f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "gt", "gte"):
+            narrow["date_from"] = max(narrow.get("date_from", ""), f.value)
+        if f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "lt", "lte"):
+            narrow["date_to"] = min(narrow.get("date_to", "\uffff"), f.value)
+    if not indexed and any(f.path[0] == "data" for f in filters):
+        return None
+    return narrow, smallest
+
+
+async def _walk_by_date(table: Table, query: Query, by_date: Callable, key, wanted: int,
+                        budget: LoopBudget) -> list[dict] | None:
+    """The first `wanted` matching stats of a query ordered by `date` or `-date` first, from the kept
+    date order: a day's matches at a time, each day sorted by the later keys (then the primary key,
+    as in the full sort), stopping at the first day that completes the page. None when the lists to
+    walk hold more than WALK_FACTOR times the candidates that sorting would read.
+
+    Stats with no `date` sort before every date (after, with -date): they come from their own list.
+    A stat whose date changes while the walk gives the loop back is left out of that answer.
+    """
+    sources = _walk_sources(table, query.filters)
+    if sources is None:
+        return None
+    narrow, smallest = sources
+    lists, undated = by_date(**narrow)
+    if sum(map(len, lists)) > WALK_FACTOR * max(smallest, STEP):
+        return None
+    predicates = [f.predicate for f in query.filters if f.path[0] != "data"] + \
+        [f.predicate for f in query.filters if f.path[0] == "data"]  # cheap tests first
+    docs, order_by, descending = table.docs, query.order_by, query.order_by[0][1]
+    found: list[dict] = []
+
+    def matching(records: list) -> list:
+        for predicate in predicates:
+            records = list(filter(predicate, records))
+        return records
+
+    async def add_undated() -> None:  # they sort as one day, before (or after) every date
+        runs, run = [], []
+        for chunk in _steps(undated):
+            records = [doc for doc in map(docs.get, chunk) if doc is not None and "date" not in doc]
+            run += [(key(doc), doc) for doc in matching(records)]
+            if len(run) >= RUN:
+                _sort_run(run, order_by, 1)
+                runs.append(run)
+                run = []
             await budget.spend()
-    page = found[query.skip:wanted]
-    return page[:query.limit], len(page) > query.limit
+        await _merge_runs(found, runs, run, order_by, wanted, budget, 1)
+
+    if undated and not descending:
+        await add_undated()
+        if len(found) >= wanted:
+            return found
+    if len(lists) == 1:
+        entries = reversed(lists[0]) if descending else iter(lists[0])
+    else:
+        entries = heapq.merge(*(reversed(entries) if descending else entries for entries in lists),
+                              reverse=descending)
+    day, runs, run = None, [], []  # the day being read and its matches, as in _sorted_matches
+    for chunk in iter(lambda: list(itertools.islice(entries, STEP)), []):
+        for entry_day, same_day in itertools.groupby(chunk, key=operator.itemgetter(0)):
+            if entry_day != day:
+                if runs or run:
+                    await _merge_runs(found, runs, run, order_by, wanted, budget, 1)
+                    runs, run = [], []
+                    if len(found) >= wanted:
+                        break
+                day = entry_day
+            records = [doc for doc in map(docs.get, [doc_id for _, doc_id in same_day])
+                       if doc is not None and doc.get("date") == day]  # (else deleted, undated or moved)
+            run += [(key(doc), doc) for doc in matching(records)]
+            if len(run) >= RUN:
+                _sort_run(run, order_by, 1)
+                runs.append(run)
+                run = []
+        if len(found) >= wanted:
+            break
+        await budget.spend()
+    else:
+        await _merge_runs(found, runs, run, order_by, wanted, budget, 1)
+        if undated and descending:
+            await add_undated()
+    return found
 
 
 # ------------------------------------------------------ validation of bodies ---
