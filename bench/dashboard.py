@@ -7,9 +7,9 @@ per analysis and date (tests/monarc_data.py shapes: threat and vulnerability lis
 labels in four languages, risk levels), serves it in this process, logs in as the admin
 and times each page (the median of --repeat requests after one warm-up; the loopback HTTP
 round trip is included, about a millisecond). Prints a Markdown table, with the part of
-each page's time spent in the three functions that give the dashboard its numbers
-(processed_stats, stat_counts_by_month, organization_activity) and the rest (selection,
-charts, templates).
+each page's time spent in the functions that give the dashboard its numbers
+(processed_stats, period_sums, stat_counts_by_month, organization_activity) and the rest
+(selection, charts, templates).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def build(path: str, wanted: int) -> str:
 
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}  # / answers JSON to other clients
-SEAMS = ("processed_stats", "stat_counts_by_month", "organization_activity")
+SEAMS = ("processed_stats", "period_sums", "stat_counts_by_month", "organization_activity")
 IN_SEAMS = [0.0]
 
 
@@ -137,7 +137,7 @@ def main() -> int:
         token = build(path, args.stats)
         print(f"built {os.path.getsize(path) / 1e6:.0f} MB in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         count, rows = asyncio.run(measure(path, token, args.repeat, args.cold))
-    print(f"| page ({count:,} stats, admin{', charts drawn anew' if args.cold else ''}) | median ms | max ms | in the 3 functions | rest |\n"
+    print(f"| page ({count:,} stats, admin{', charts drawn anew' if args.cold else ''}) | median ms | max ms | in the 4 functions | rest |\n"
           "|---|---:|---:|---:|---:|")
     for page, median, most, seams in rows:
         print(f"| `{page}` | {median:,.0f} | {most:,.0f} | {seams:,.0f} | {median - seams:,.0f} |")
