@@ -4938,28 +4938,26 @@ def _file_time(path: str) -> str | None:
         return None
 
 
+async def chart_page(request: web.Request, page: str, title: str, **choices) -> web.Response:
+    """The landscape or evolution page: its charts for the choices made, and the `choices` it offers."""
+    viewer = page_viewer(request, aggregated=True)
+    sel = page_selection(request, viewer, page)
+    ctx = ChartContext(request, viewer, sel)
+    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS[page]}
+    return render_page(request, f"{page}.html", {
+        "title": title, "page": page, "viewer": viewer, "sel": sel, "charts": charts,
+        "choices": choices_for(request, viewer, sel), "measures": MEASURE_NAMES,
+        "json_url": charts[PAGE_CHARTS[page][0]].chart.json_url, **choices})
+
+
 @dashboard_handler
 async def dashboard_landscape(request: web.Request) -> web.Response:
-    viewer = page_viewer(request, aggregated=True)
-    sel = page_selection(request, viewer, "landscape")
-    ctx = ChartContext(request, viewer, sel)
-    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS["landscape"]}
-    return render_page(request, "landscape.html", {
-        "title": "Current landscape", "page": "landscape", "viewer": viewer, "sel": sel, "charts": charts,
-        "choices": choices_for(request, viewer, sel), "periods": PERIOD_DAYS, "tops": TOP_CHOICES,
-        "measures": MEASURE_NAMES, "json_url": charts["threats"].chart.json_url})
+    return await chart_page(request, "landscape", "Current landscape", periods=PERIOD_DAYS, tops=TOP_CHOICES)
 
 
 @dashboard_handler
 async def dashboard_evolution(request: web.Request) -> web.Response:
-    viewer = page_viewer(request, aggregated=True)
-    sel = page_selection(request, viewer, "evolution")
-    ctx = ChartContext(request, viewer, sel)
-    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS["evolution"]}
-    return render_page(request, "evolution.html", {
-        "title": "Evolution", "page": "evolution", "viewer": viewer, "sel": sel, "charts": charts,
-        "choices": choices_for(request, viewer, sel), "months": EVOLUTION_MONTHS, "series": SERIES_CHOICES,
-        "measures": MEASURE_NAMES, "json_url": charts["evolution-threats"].chart.json_url})
+    return await chart_page(request, "evolution", "Evolution", months=EVOLUTION_MONTHS, series=SERIES_CHOICES)
 
 
 @dashboard_handler
@@ -5251,15 +5249,17 @@ DASHBOARD_TEMPLATES = {
 </figure>
 {% endmacro %}
 
-{% macro scope_fields(sel, choices, viewer) %}
-  {% if choices.organizations|length > 1 %}
+{% macro organization_field(organizations, selected) %}
   <label>Organization
     <select name="organization">
       <option value="">all</option>
-      {% for name in choices.organizations %}<option value="{{ name }}"{% if sel.organization == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
+      {% for name in organizations %}<option value="{{ name }}"{% if selected == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
     </select>
   </label>
-  {% endif %}
+{% endmacro %}
+
+{% macro scope_fields(sel, choices, viewer) %}
+  {% if choices.organizations|length > 1 %}{{ organization_field(choices.organizations, sel.organization) }}{% endif %}
   {% if not viewer.anonymous %}
   <label>Analysis
     <select name="anr">
@@ -5268,6 +5268,39 @@ DASHBOARD_TEMPLATES = {
     </select>
   </label>
   {% endif %}
+{% endmacro %}
+
+{% macro select_field(label, name, values, selected, text="{}", extra=None) %}
+  <label>{{ label }}
+    <select name="{{ name }}">
+      {% for value in values %}<option value="{{ value }}"{% if selected|string == value|string %} selected{% endif %}>{{ text.format(value) }}</option>{% endfor %}
+      {% if extra %}<option value="{{ extra[0] }}"{% if selected|string == extra[0] %} selected{% endif %}>{{ extra[1] }}</option>{% endif %}
+    </select>
+  </label>
+{% endmacro %}
+
+{% macro choice_form(page, sel, choices, viewer, measures, span, count) %}
+{# The choices of the landscape and evolution pages: the span (then, from a call block, more
+   fields), the scope, how many objects (span and count are select_field's arguments), the measure. #}
+<form method="get" action="{{ prefix }}/{{ page }}" class="controls card">
+  {{ select_field(*span) }}
+  {% if caller is defined %}{{ caller() }}{% endif %}
+  {{ scope_fields(sel, choices, viewer) }}
+  {{ select_field(*count) }}
+  {{ measure_fields(sel, measures) }}
+  <button type="submit">Show</button>
+</form>
+{% endmacro %}
+
+{% macro chart_grids(charts, first, second, left, right) %}
+<div class="grid one">
+  {{ chart_figure(charts[first]) }}
+  {{ chart_figure(charts[second]) }}
+</div>
+<div class="grid two">
+  {{ chart_figure(charts[left]) }}
+  {{ chart_figure(charts[right]) }}
+</div>
 {% endmacro %}
 
 {% macro measure_fields(sel, measures) %}
@@ -5285,18 +5318,13 @@ DASHBOARD_TEMPLATES = {
 {% endmacro %}
 """,
     "overview.html": """{% extends "layout.html" %}
-{% from "macros.html" import chart_figure, scope_fields %}
+{% from "macros.html" import chart_figure, organization_field %}
 {% block content %}
 <h1>Overview</h1>
 <p class="lead">What this statsd has collected{% if sel.organization %} from <strong>{{ sel.organization }}</strong>{% elif viewer.organization and not viewer.chooses_organization %} from <strong>{{ viewer.organization }}</strong>{% endif %}.</p>
 {% if choices.organizations|length > 1 %}
 <form method="get" action="/" class="controls card">
-  <label>Organization
-    <select name="organization">
-      <option value="">all</option>
-      {% for name in choices.organizations %}<option value="{{ name }}"{% if sel.organization == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
-    </select>
-  </label>
+  {{ organization_field(choices.organizations, sel.organization) }}
   <button type="submit">Show</button>
 </form>
 {% endif %}
@@ -5333,37 +5361,16 @@ DASHBOARD_TEMPLATES = {
 {% endblock %}
 """,
     "landscape.html": """{% extends "layout.html" %}
-{% from "macros.html" import chart_figure, scope_fields, measure_fields %}
+{% from "macros.html" import choice_form, chart_grids %}
 {% block content %}
 <h1>Current landscape</h1>
 <p class="lead">Threats, vulnerabilities and risks of the analyses{% if viewer.organization and not viewer.chooses_organization %} of <strong>{{ viewer.organization }}</strong>{% endif %},
 from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p>
-<form method="get" action="{{ prefix }}/landscape" class="controls card">
-  <label>Period
-    <select name="period">
-      {% for days in periods %}<option value="{{ days }}"{% if sel.period == days|string %} selected{% endif %}>last {{ days }} days</option>{% endfor %}
-      <option value="custom"{% if sel.period == 'custom' %} selected{% endif %}>custom (dates below)</option>
-    </select>
-  </label>
+{% call choice_form("landscape", sel, choices, viewer, measures, ("Period", "period", periods, sel.period, "last {} days", ("custom", "custom (dates below)")), ("Top", "top", tops, sel.top)) %}
   <label>From <input type="date" name="date_from" value="{{ sel.date_from if sel.period == 'custom' and sel.date_from else '' }}"></label>
   <label>To <input type="date" name="date_to" value="{{ sel.date_to if sel.period == 'custom' and sel.date_to else '' }}"></label>
-  {{ scope_fields(sel, choices, viewer) }}
-  <label>Top
-    <select name="top">
-      {% for n in tops %}<option value="{{ n }}"{% if sel.top == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
-    </select>
-  </label>
-  {{ measure_fields(sel, measures) }}
-  <button type="submit">Show</button>
-</form>
-<div class="grid one">
-  {{ chart_figure(charts['threats']) }}
-  {{ chart_figure(charts['vulnerabilities']) }}
-</div>
-<div class="grid two">
-  {{ chart_figure(charts['risks-informational']) }}
-  {{ chart_figure(charts['risks-operational']) }}
-</div>
+{% endcall %}
+{{ chart_grids(charts, "threats", "vulnerabilities", "risks-informational", "risks-operational") }}
 <section class="card explain">
   <h2>Reading these charts</h2>
   <dl>
@@ -5376,36 +5383,16 @@ from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p
 {% endblock %}
 """,
     "evolution.html": """{% extends "layout.html" %}
-{% from "macros.html" import chart_figure, scope_fields, measure_fields %}
+{% from "macros.html" import choice_form, chart_grids %}
 {% block content %}
 <h1>Evolution</h1>
 <p class="lead">Month by month over the last {{ sel.months }} months{% if viewer.organization and not viewer.chooses_organization %}, for <strong>{{ viewer.organization }}</strong>{% endif %}.</p>
-<form method="get" action="{{ prefix }}/evolution" class="controls card">
-  <label>Months
-    <select name="months">
-      {% for n in months %}<option value="{{ n }}"{% if sel.months == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
-    </select>
-  </label>
-  {{ scope_fields(sel, choices, viewer) }}
-  <label>Lines
-    <select name="series">
-      {% for n in series %}<option value="{{ n }}"{% if sel.series == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
-    </select>
-  </label>
-  {{ measure_fields(sel, measures) }}
-  <button type="submit">Show</button>
-</form>
-<div class="grid one">
-  {{ chart_figure(charts['evolution-threats']) }}
-  {{ chart_figure(charts['evolution-vulnerabilities']) }}
-</div>
-<div class="grid two">
-  {{ chart_figure(charts['evolution-risks-informational']) }}
-  {{ chart_figure(charts['evolution-risks-operational']) }}
-</div>
+{{ choice_form("evolution", sel, choices, viewer, measures, ("Months", "months", months, sel.months), ("Lines", "series", series, sel.series)) }}
+{{ chart_grids(charts, "evolution-threats", "evolution-vulnerabilities", "evolution-risks-informational", "evolution-risks-operational") }}
 {% endblock %}
 """,
     "explorer.html": """{% extends "layout.html" %}
+{% from "macros.html" import organization_field %}
 {% block content %}
 <h1>Explorer</h1>
 <p class="lead">The stats{% if not viewer.chooses_organization %} of <strong>{{ viewer.organization }}</strong>{% endif %}, with the query parameters of <a href="{{ json_url }}"><code>/api/v2/stats/</code></a>: any filter of the API (<code>data__total__current__operational__gt=5</code>, <code>type__in=risk,threat</code>, ...) can be added to this page's address.</p>
@@ -5416,14 +5403,7 @@ from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p
       {% for t in types %}<option value="{{ t }}"{% if params.get('type') == t|string %} selected{% endif %}>{{ t }}</option>{% endfor %}
     </select>
   </label>
-  {% if organizations %}
-  <label>Organization
-    <select name="organization">
-      <option value="">all</option>
-      {% for name in organizations %}<option value="{{ name }}"{% if params.get('organization') == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
-    </select>
-  </label>
-  {% endif %}
+  {% if organizations %}{{ organization_field(organizations, params.get('organization')) }}{% endif %}
   <label>Analysis <input type="text" name="anr" size="20" value="{{ params.get('anr', '') }}" placeholder="UUID or number"></label>
   <label>Date from <input type="date" name="date__gte" value="{{ params.get('date__gte', '') }}"></label>
   <label>to <input type="date" name="date__lte" value="{{ params.get('date__lte', '') }}"></label>
