@@ -1966,12 +1966,10 @@ async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
     return lambda doc: (*(_sort_value(get(doc)) for get in getters), doc[key])
 
 
-def _sort_run(run: list, order_by: list, first: int = 0) -> None:
-    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts).
-
-    Fields before `first` are left out (they are equal across the run)."""
+def _sort_run(run: list, order_by: list) -> None:
+    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts)."""
     run.sort(key=lambda pair: pair[0][-1])
-    for i in range(len(order_by) - 1, first - 1, -1):
+    for i in range(len(order_by) - 1, -1, -1):
         run.sort(key=lambda pair, i=i: pair[0][i], reverse=order_by[i][1])
 
 
@@ -1991,10 +1989,9 @@ def _merge_key(order_by: list):
 RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
-async def _merge_runs(found: list, runs: list, run: list, order_by: list, wanted: int, budget: LoopBudget,
-                      first: int = 0) -> None:
+async def _merge_runs(found: list, runs: list, run: list, order_by: list, wanted: int, budget: LoopBudget) -> None:
     """Add to `found`, up to `wanted` records in all, the records of sorted `runs` and of `run` (sorted here), in order."""
-    _sort_run(run, order_by, first)
+    _sort_run(run, order_by)
     merged = heapq.merge(*runs, run, key=_merge_key(order_by)) if runs else iter(run)
     while len(found) < wanted:
         more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
@@ -2014,12 +2011,12 @@ async def run_query(table: Table, query: Query, by_date: Callable | None = None)
     gives it and the walk cannot cost much more than the sort (_walk_by_date).
     """
     wanted = query.skip + query.limit + 1
-    docs, budget = table.docs, LoopBudget()
-    key = await _sort_values(table, query.order_by) if query.order_by else None
+    budget = LoopBudget()
     found = None
     if by_date is not None and query.order_by and query.order_by[0][0] == ("date",):
-        found = await _walk_by_date(table, query, by_date, key, wanted, budget)
+        found = await _walk_by_date(table, query, by_date, wanted, budget)
     if found is None:
+        key = await _sort_values(table, query.order_by) if query.order_by else None
         found = await _sorted_matches(table, query, key, wanted, budget)
     page = found[query.skip:wanted]
     return page[:query.limit], len(page) > query.limit
@@ -2081,7 +2078,7 @@ def _walk_sources(table: Table, filters: list[Filter]) -> tuple[dict, int] | Non
     return narrow, smallest
 
 
-async def _walk_by_date(table: Table, query: Query, by_date: Callable, key, wanted: int,
+async def _walk_by_date(table: Table, query: Query, by_date: Callable, wanted: int,
                         budget: LoopBudget) -> list[dict] | None:
     """The first `wanted` matching stats of a query ordered by `date` or `-date` first, from the kept
     date order: a day's matches at a time, each day sorted by the later keys (then the primary key,
@@ -2100,7 +2097,8 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, key, want
         return None
     predicates = [f.predicate for f in query.filters if f.path[0] != "data"] + \
         [f.predicate for f in query.filters if f.path[0] == "data"]  # cheap tests first
-    docs, order_by, descending = table.docs, query.order_by, query.order_by[0][1]
+    docs, order_by, descending = table.docs, query.order_by[1:], query.order_by[0][1]  # within a day: the rest
+    key = await _sort_values(table, order_by)
     found: list[dict] = []
 
     def matching(records: list) -> list:
@@ -2114,11 +2112,11 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, key, want
             records = [doc for doc in map(docs.get, chunk) if doc is not None and "date" not in doc]
             run += [(key(doc), doc) for doc in matching(records)]
             if len(run) >= RUN:
-                _sort_run(run, order_by, 1)
+                _sort_run(run, order_by)
                 runs.append(run)
                 run = []
             await budget.spend()
-        await _merge_runs(found, runs, run, order_by, wanted, budget, 1)
+        await _merge_runs(found, runs, run, order_by, wanted, budget)
 
     if undated and not descending:
         await add_undated()
@@ -2134,7 +2132,7 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, key, want
         for entry_day, same_day in itertools.groupby(chunk, key=operator.itemgetter(0)):
             if entry_day != day:
                 if runs or run:
-                    await _merge_runs(found, runs, run, order_by, wanted, budget, 1)
+                    await _merge_runs(found, runs, run, order_by, wanted, budget)
                     runs, run = [], []
                     if len(found) >= wanted:
                         break
@@ -2143,14 +2141,14 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, key, want
                        if doc is not None and doc.get("date") == day]  # (else deleted, undated or moved)
             run += [(key(doc), doc) for doc in matching(records)]
             if len(run) >= RUN:
-                _sort_run(run, order_by, 1)
+                _sort_run(run, order_by)
                 runs.append(run)
                 run = []
         if len(found) >= wanted:
             break
         await budget.spend()
     else:
-        await _merge_runs(found, runs, run, order_by, wanted, budget, 1)
+        await _merge_runs(found, runs, run, order_by, wanted, budget)
         if undated and descending:
             await add_undated()
     return found
