@@ -4718,7 +4718,7 @@ def top_objects(items: list, by: str, order: str, count: int) -> list:
 async def period_sums(ctx: ChartContext, kind: str, periods: list[tuple[str | None, str | None]]) -> list[dict]:
     """Per period (first day, last day; in order, one after the other), key -> [count, exact sums...]
     over its days: the kept per-day sums (Store.measures_by_day) read once for all of them and added
-    up as the processors add them, so the means are theirs (see object_items, risk_means).
+    up as the processors add them, so the means are theirs (see object_items, _risk_means).
 
     Kept with the processor answers, until the next write that changes a sum.
     """
