@@ -48,6 +48,7 @@ QUERIES = [
 def shrink_caches(client):
     """Caches so small that they start over all the time."""
     client.app[statsd.STAT_VIEWS_KEY].MAX = 3
+    client.app[statsd.STAT_VIEWS_KEY].MAX_BYTES = 1500  # a few answers, not always the same number
     client.app[statsd.STAT_QUERIES_KEY].MAX = 2
     client.app[statsd.STORE_KEY].stats.MAX_INTERSECTION_IDS = 5
     client.app[statsd.STORE_KEY].stats.MAX_INTERSECTIONS = 2

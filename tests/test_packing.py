@@ -1,0 +1,106 @@
+"""A stat's `data` is kept in three forms (as written, as loaded from the file, packed):
+every answer is the same whichever form a record is in, through writes, packing and restarts."""
+
+from datetime import date
+
+import orjson
+
+import statsd
+from conftest import key, new_org
+from monarc_data import organization_stats
+
+PROCESSORS = ("threat_average_on_date", "vulnerability_average_on_date", "risk_averages",
+              "risk_averages_on_date")
+
+
+def forms(client) -> dict:
+    """How many stats hold their data in each form (read off the real store, to know what is tested)."""
+    counts: dict = {}
+    for doc in client.app[statsd.STORE_KEY].stats_of():
+        name = type(doc["data"]).__name__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+async def pack(client) -> None:
+    """Let the store's packer run to the end of what is waiting."""
+    await client.app[statsd.STORE_KEY].packer.pack_waiting()
+
+
+async def answers(client, token: str, anrs: list) -> dict:
+    """What the API answers about the stats: v2 list and one stat, a data__ filter, v1 lists,
+    export and every processor."""
+    got = {}
+    resp = await client.get("/api/v2/stats/", params={"_limit": "1000", "_order_by": "date"}, headers=key(token))
+    assert resp.status == 200
+    got["v2"] = (await resp.json())["data"]
+    first = got["v2"][0]["id"]
+    resp = await client.get(f"/api/v2/stats/{first}", headers=key(token))
+    got["one"] = await resp.json()
+    resp = await client.get("/api/v2/stats/", params={"type": "risk", "_limit": "1000",
+                                                     "data__total__current__operational__gt": "60"},
+                            headers=key(token))
+    got["filtered"] = [s["id"] for s in (await resp.json())["data"]]
+    resp = await client.get("/api/v2/stats/", params={"type": "threat", "_limit": "5",
+                                                     "_order_by": "-data__0__count,date"}, headers=key(token))
+    got["ordered"] = [s["id"] for s in (await resp.json())["data"]]
+    for kind in ("threat", "risk"):
+        resp = await client.get("/api/v1/stats/", json={"type": kind, "limit": 1000}, headers=key(token))
+        assert resp.status == 200
+        got[f"v1 {kind}"] = await resp.read()
+    resp = await client.get("/api/v2/export", headers=key(token))
+    assert resp.status == 200
+    export = await resp.json()
+    got["export"] = sorted((s["uuid"], orjson.dumps(s["data"])) for s in export["stats"])
+    for processor in PROCESSORS:
+        kind = "risk" if processor.startswith("risk") else processor.split("_")[0]
+        resp = await client.get("/api/v1/stats/processed/", headers=key(token),
+                                json={"type": kind, "processor": processor, "anrs": anrs})
+        assert resp.status == 200, await resp.text()
+        got[processor] = await resp.read()
+    base = str(client.make_url("")).rstrip("/").encode()  # each client has its own port
+    return {name: orjson.loads(orjson.dumps(value).replace(base, b"BASE")) if name in ("v2", "one") else value
+            for name, value in got.items()}
+
+
+async def test_answers_are_the_same_in_every_form_of_data(make_client, db_path):
+    client = await make_client()
+    admin = await new_org(client, "admin", admin=True)
+    token = await new_org(client, "CASES")
+    anrs, stats = organization_stats(7, 2, date(2026, 11, 30), 60, every=10)
+    resp = await client.post("/api/v1/stats/", data=orjson.dumps(stats), headers={**key(token), "Content-Type": "application/json"})
+    assert resp.status == 201, await resp.text()
+    assert forms(client) == {"bytes": len(stats)}
+    written = await answers(client, admin, anrs)
+
+    await pack(client)
+    assert forms(client).get("PackedData", 0) > len(stats) // 2, forms(client)  # the long ones are packed
+    assert await answers(client, admin, anrs) == written
+
+    # A write beside packed records, then a restart: the file is read back as memoryviews
+    more = organization_stats(8, 1, date(2026, 11, 30), 20, every=10)[1]
+    resp = await client.post("/api/v1/stats/", data=orjson.dumps(more), headers={**key(token), "Content-Type": "application/json"})
+    assert resp.status == 201
+    anrs += sorted({s["anr"] for s in more})
+    written = await answers(client, admin, anrs)
+    await client.close()
+
+    client = await make_client()
+    assert forms(client) == {"memoryview": len(stats) + len(more)}
+    assert await answers(client, admin, anrs) == written
+    await pack(client)
+    assert "memoryview" not in forms(client)
+    assert await answers(client, admin, anrs) == written
+
+    # An update and a delete of packed records, then a restart again
+    ids = [s["id"] for s in written["v2"]]
+    resp = await client.patch(f"/api/v2/stats/{ids[0]}", json={"data": {"total": {}}}, headers=key(admin))
+    assert resp.status == 200, await resp.text()
+    resp = await client.delete(f"/api/v2/stats/{ids[1]}", headers=key(admin))
+    assert resp.status == 204
+    after = await answers(client, admin, anrs)
+    assert after["one"]["data"] == {"total": {}}
+    await client.close()
+    client = await make_client()
+    assert await answers(client, admin, anrs) == after
+    await client.close()
