@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import errno
@@ -37,6 +38,7 @@ import sys
 import time
 import tomllib
 import uuid as uuidlib
+import weakref
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
@@ -305,6 +307,10 @@ class AtomicJSONStorage(Storage):
     def __init__(self, path: str):
         self.path = path
 
+    def open_raw(self):
+        """The file, open for reading its bytes (raises FileNotFoundError when there is none)."""
+        return open(self.path, "rb")
+
     def read_raw(self) -> bytes | None:
         """The file's bytes, or None when there is no file."""
         try:
@@ -332,14 +338,27 @@ class AtomicJSONStorage(Storage):
 
 
 class Index:
-    """Equality index of one field: value -> ids of the records holding it, in order."""
+    """Equality index of one field: value -> ids of the records holding it, in order.
+
+    A deferred index is filled after loading (`fill`, in the background), or by
+    its first lookup if that comes sooner; until it is filled, `docs` is the
+    table it will read.
+    """
 
     def __init__(self, name: str):
         self.name = name
         self.ids: dict[Any, dict[int, None]] = {}
         self.unsorted: set = set()
+        self.docs: dict[int, dict] | None = None  # while deferred: the records to read
+        self.touched: set | None = None  # while filling: the ids written meanwhile
+
+    FILL_STEP = 2048  # records read between two looks at the loop budget
 
     def add(self, doc_id: int, doc: dict) -> None:
+        if self.docs is not None:  # deferred: the fill reads the records as they are then
+            if self.touched is not None:
+                self.touched.add(doc_id)
+            return
         value = doc.get(self.name, MISSING)
         if value.__class__ not in INDEXABLE:
             return
@@ -352,6 +371,10 @@ class Index:
         bucket[doc_id] = None
 
     def remove(self, doc_id: int, doc: dict) -> None:
+        if self.docs is not None:
+            if self.touched is not None:
+                self.touched.add(doc_id)
+            return
         value = doc.get(self.name, MISSING)
         bucket = self.ids.get(value) if _hashable(value) else None
         if bucket is not None:
@@ -360,8 +383,41 @@ class Index:
                 del self.ids[value]
                 self.unsorted.discard(value)
 
+    def defer(self, docs: dict[int, dict]) -> None:
+        """Leave this index empty until `fill` (or a lookup) reads `docs`."""
+        self.ids, self.unsorted, self.docs = {}, set(), docs
+
+    def fill_now(self) -> None:
+        """Read every record at once (a lookup before the background fill ended)."""
+        if self.docs is not None:
+            self.ids = _index_buckets(self.name, list(self.docs.items()), {}, {})
+            self.docs = self.touched = None
+
+    async def fill(self) -> None:
+        """Read the records a chunk at a time, giving the loop back; writes meanwhile are seen."""
+        if self.docs is None or self.touched is not None:
+            return
+        docs, budget, ids, shared = self.docs, LoopBudget(), {}, {}
+        doc_ids, self.touched = list(docs), set()
+        for start in range(0, len(doc_ids), self.FILL_STEP):
+            chunk = doc_ids[start:start + self.FILL_STEP]
+            _index_buckets(self.name, [(doc_id, docs[doc_id]) for doc_id in chunk if doc_id in docs], ids, shared)
+            await budget.spend()
+            if self.docs is not docs:  # a lookup filled it meanwhile
+                return
+        touched, self.ids, self.docs, self.touched = self.touched, ids, None, None
+        for doc_id in touched:  # written or deleted while filling: as they are now
+            for value, bucket in list(ids.items()):
+                if bucket.pop(doc_id, MISSING) is not MISSING and not bucket:
+                    del ids[value]
+            doc = docs.get(doc_id)
+            if doc is not None:
+                self.add(doc_id, doc)
+
     def lookup(self, value) -> dict[int, None]:
         """The ids holding `value`, in creation order."""
+        if self.docs is not None:
+            self.fill_now()
         if value in self.unsorted:
             self.ids[value] = dict.fromkeys(sorted(self.ids[value]))
             self.unsorted.discard(value)
@@ -369,6 +425,26 @@ class Index:
 
 
 INDEXABLE = (str, int, float)  # JSON values that an index holds (not bool: True == 1)
+
+
+def _index_buckets(name: str, pairs: list[tuple[int, dict]], ids: dict, shared: dict) -> dict:
+    """Add (doc_id, doc) pairs, in id order, to `ids` (value -> {doc_id: None}); returns `ids`.
+
+    Each str or int value becomes the one object `shared` keeps for it: a
+    hundred thousand copies of "risk" or of 2026 would cost memory.
+    """
+    for doc_id, doc in pairs:
+        value = doc.get(name, MISSING)
+        cls = value.__class__
+        if cls is str or cls is int:
+            doc[name] = value = shared.setdefault(value, value)
+        elif cls is not float:
+            continue
+        bucket = ids.get(value)
+        if bucket is None:
+            ids[value] = bucket = {}
+        bucket[doc_id] = None
+    return ids
 
 
 def _hashable(value) -> bool:
@@ -422,8 +498,9 @@ class Table:
     """One table: its records in creation order, a primary key and indexes."""
 
     def __init__(self, name: str, key: str, unique: Iterable[str] = (), indexed: Iterable[str] = (),
-                 shared: Iterable[str] = ()):
+                 shared: Iterable[str] = (), deferred: Iterable[str] = ()):
         self.name = name
+        self.deferred = tuple(deferred)  # indexes filled after loading (Index.fill), or when first looked up
         self.shared = tuple(shared)  # fields with few values, kept as one object per value (as indexed ones are)
         self.key = key
         self.docs: dict[int, dict] = {}
@@ -450,17 +527,10 @@ class Table:
         for name, ids in self.unique.items():
             ids.update({doc[name]: doc_id for doc_id, doc in pairs if name in doc})
         for name, index in self.indexes.items():
-            canonical: dict = {}
-            for doc_id, doc in pairs:
-                value = doc.get(name, MISSING)
-                if value.__class__ is str or value.__class__ is int:
-                    doc[name] = value = canonical.setdefault(value, value)  # one object per value
-                elif value.__class__ not in INDEXABLE:
-                    continue
-                bucket = index.ids.get(value)
-                if bucket is None:
-                    index.ids[value] = bucket = {}
-                bucket[doc_id] = None
+            if name in self.deferred:
+                index.defer(self.docs)
+            else:
+                _index_buckets(name, pairs, index.ids, {})
         for name in self.shared:
             canonical = {}
             for doc_id, doc in pairs:
@@ -580,7 +650,8 @@ class Table:
         for index in self.indexes.values():
             index.add(doc_id, doc)
 
-STAT_INDEXED = ("organization", "type", "anr", "year", "quarter", "month", "week", "day")
+STAT_PERIODS = ("year", "quarter", "month", "week", "day")
+STAT_INDEXED = ("organization", "type", "anr", *STAT_PERIODS)
 
 
 def stat_date(doc: dict) -> str:
@@ -643,13 +714,23 @@ class StatDates:
                     del self.anrs[key]
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
+        lists, anrs = self.lists, collections.Counter()
         for doc_id, doc in pairs:
-            entry = (stat_date(doc), doc_id)
-            for key in self._keys(doc):
-                self.lists.setdefault(key, []).append(entry)
-            self._count_anr(doc, 1)
-        for entries in self.lists.values():
+            kind, organization, anr = doc.get("type"), doc.get("organization"), doc.get("anr")
+            entry = (doc["date"] if "date" in doc else stat_date(doc), doc_id)
+            for key in ((kind,), (kind, "organization", organization), (kind, "anr", anr)):
+                found = lists.get(key)
+                if found is None:
+                    lists[key] = [entry]
+                else:
+                    found.append(entry)
+            anrs[(kind, organization, anr)] += 1
+        for entries in lists.values():
             entries.sort()
+        for (kind, organization, anr), count in anrs.items():
+            for key in ((kind,), (kind, organization)):
+                counts = self.anrs.setdefault(key, {})
+                counts[anr] = counts.get(anr, 0) + count
         self.undated = {doc_id: None for doc_id, doc in pairs if "date" not in doc}
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
@@ -976,7 +1057,8 @@ class Store:
 
     @staticmethod
     def _empty_tables() -> dict[str, Table]:
-        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",))
+        stats = Table("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",),
+                      deferred=STAT_PERIODS)
         stats.views = [StatDates(), StatAggregates(), DataPacker()]
         return {"organizations": Table("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
                 "stats": stats}
@@ -1327,11 +1409,14 @@ class Store:
     PACK_PAUSE = 1.0  # seconds between two passes of the packer
 
     async def _pack_forever(self) -> None:
-        """Compress new records' data in the background; after the loaded file's, give freed memory back."""
+        """Fill deferred indexes and compress new records' data in the background; give freed memory back."""
         loop, first = asyncio.get_running_loop(), True
         while True:
+            for index in self.stats.indexes.values():
+                await index.fill()  # the deferred ones; the others return at once
             packed = await self.packer.pack_waiting()
             if first or packed >= 10_000:
+                gc.freeze()  # the packed records live long too: out of every later collection
                 await loop.run_in_executor(None, release_free_memory)
                 first = False
             await asyncio.sleep(self.PACK_PAUSE)
@@ -1490,15 +1575,15 @@ def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
     Returns the file's other tables, which are kept as they are.
     """
     storage = AtomicJSONStorage(path)
-    raw = storage.read_raw()
-    if raw is None:
+    try:
+        with storage.open_raw() as f:
+            rows = _checkpoint_rows(_blocks(f)) if f.read(len(CHECKPOINT_MARK)) == CHECKPOINT_MARK else None
+    except FileNotFoundError:
         return {}
-    rows = _checkpoint_rows(raw) if raw.startswith(CHECKPOINT_MARK) else None
     if rows is None:
         data = storage.read() or {}
         rows = {name: [(doc_id, as_record(name, doc)) for doc_id, doc in table.items()]
                 if name in tables else table for name, table in data.items()}
-    del raw
     extra = {}
     for name, rows_of in rows.items():
         table = tables.get(name)
@@ -1515,8 +1600,35 @@ def read_checkpoint(path: str, tables: dict[str, Table]) -> dict:
     return extra
 
 
-def _line_spans(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
-    """(start, end) of each line of `raw` from `start`, one at a time (copies of them all would double the memory)."""
+BLOCK = 8 << 20  # bytes of the file read at once when loading
+
+
+def _blocks(f) -> Iterable[bytes]:
+    """The rest of file `f` in blocks of about BLOCK bytes, each of whole lines.
+
+    Records keep views of their block, so a block's memory goes back whole,
+    and soon, once its records are packed (one block the size of the file
+    would go back in one long unmapping, on the loop).
+    """
+    rest = b""
+    while True:
+        block = f.read(BLOCK)
+        if not block:
+            if rest:
+                yield rest
+            return
+        block = rest + block if rest else block
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:
+            rest = block
+            continue
+        rest = block[cut:]
+        yield block[:cut] if rest else block
+
+
+def _line_spans(raw: bytes) -> Iterable[tuple[int, int]]:
+    """(start, end) of each line of `raw`, one at a time (copies of them all would double the memory)."""
+    start = 0
     while start < len(raw):
         end = raw.find(b"\n", start)
         end = len(raw) if end == -1 else end
@@ -1524,44 +1636,51 @@ def _line_spans(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
         start = end + 1
 
 
-def _checkpoint_rows(raw: bytes) -> dict | None:
-    """name -> [(doc_id, record)] or other table, from a file in statsd's layout; None if it is not.
+def _checkpoint_rows(blocks: Iterable[bytes]) -> dict | None:
+    """name -> [(doc_id, record)] or other table, from a file in statsd's layout (after its mark); None if it is not.
 
-    Each stat's `data` is left in the file's bytes, as a memoryview: nothing is copied.
+    Each stat's `data` is left in its block of the file, as a memoryview: nothing is copied.
     """
     rows: dict[str, Any] = {}
     current = None
-    view = memoryview(raw)
     try:
-        for start, end in _line_spans(raw, len(CHECKPOINT_MARK)):
-            if current is None:
-                line = raw[start:end]
-                if line.endswith(b":{"):
-                    current = rows[orjson.loads(line[:-2])] = []
-                    continue
-                name, _, value = line.rstrip(b",").partition(b":")
-                rows[orjson.loads(name)] = orjson.loads(value)
-                continue
-            if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
-                current = None
-                continue
-            if raw[end - 1] == 44:  # ","
-                end -= 1
-            colon = raw.index(b'":', start, end)
-            doc_id, body = raw[start + 1:colon].decode(), colon + 2
-            at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
-            if at == -1 and raw.startswith(b'{"data":', body, end):
-                at = body
-            if at >= 0 and raw[end - 1] == 125:  # "}"
-                doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
-                doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
-            else:
-                doc = orjson.loads(raw[body:end])
-            current.append((doc_id, doc))
+        for raw in blocks:
+            current = _block_rows(raw, rows, current)
     except (ValueError, KeyError, IndexError) as e:
         log.warning("%s: not in statsd's own layout (%s); reading it as plain TinyDB JSON", "checkpoint", e)
         return None
     return rows
+
+
+def _block_rows(raw: bytes, rows: dict, current: list | None) -> list | None:
+    """Add the records of one block of whole lines to `rows`; the table being read at its end (None between tables)."""
+    view = memoryview(raw)
+    for start, end in _line_spans(raw):
+        if current is None:
+            line = raw[start:end]
+            if line.endswith(b":{"):
+                current = rows[orjson.loads(line[:-2])] = []
+                continue
+            name, _, value = line.rstrip(b",").partition(b":")
+            rows[orjson.loads(name)] = orjson.loads(value)
+            continue
+        if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
+            current = None
+            continue
+        if raw[end - 1] == 44:  # ","
+            end -= 1
+        colon = raw.index(b'":', start, end)
+        doc_id, body = raw[start + 1:colon].decode(), colon + 2
+        at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
+        if at == -1 and raw.startswith(b'{"data":', body, end):
+            at = body
+        if at >= 0 and raw[end - 1] == 125:  # "}"
+            doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
+            doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
+        else:
+            doc = orjson.loads(raw[body:end])
+        current.append((doc_id, doc))
+    return current
 
 
 def _encode_journal_line(ops) -> bytes:
@@ -2003,7 +2122,12 @@ def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: di
 
 
 class LoopBudget:
-    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others."""
+    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others.
+
+    Long tasks then wait their turn (`Turns`): one slice of long work per
+    turn of the loop, so that eight long requests delay a short one by one
+    slice, not eight, at each of its awaits.
+    """
 
     def __init__(self, seconds: float = 0.003):
         self.seconds = seconds
@@ -2012,8 +2136,45 @@ class LoopBudget:
     async def spend(self) -> None:
         """Call between two small steps of a long task."""
         if time.perf_counter() - self.since >= self.seconds:
-            await asyncio.sleep(0)
+            await Turns.of(asyncio.get_running_loop()).wait()
             self.since = time.perf_counter()
+
+
+class Turns:
+    """The long tasks of one event loop, let go on one at a time, a turn of the loop apart, first come first."""
+
+    _of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: collections.deque = collections.deque()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Turns":
+        turns = cls._of.get(loop)
+        if turns is None:
+            turns = cls._of[loop] = cls(loop)
+        return turns
+
+    async def wait(self) -> None:
+        """Return at this task's turn (after every long task that waited before it)."""
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._next)
+        await future
+
+    def _next(self) -> None:
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():  # (a cancelled task left its place)
+                future.set_result(None)
+                break
+        self.scheduled = bool(self.waiting)
+        if self.scheduled:
+            self.loop.call_soon(self._next)
 
 
 def _index_ids(table: Table, f: Filter) -> dict | None:
@@ -2097,10 +2258,15 @@ async def _sort_values(table: Table, order_by: list) -> Callable[[dict], tuple]:
 
 
 def _sort_run(run: list, order_by: list) -> None:
-    """Order (values, record) pairs: by primary key, then stably by each field from the last (C-level sorts)."""
-    run.sort(key=lambda pair: pair[0][-1])
+    """Order sort keys (values, then primary key): by primary key, then stably by each field from the last (C-level sorts).
+
+    Runs hold the keys alone, never the records: tuples of plain values are
+    soon untracked by the garbage collector, so a long sort does not make
+    every collection walk it.
+    """
+    run.sort(key=lambda values: values[-1])
     for i in range(len(order_by) - 1, -1, -1):
-        run.sort(key=lambda pair, i=i: pair[0][i], reverse=order_by[i][1])
+        run.sort(key=lambda values, i=i: values[i], reverse=order_by[i][1])
 
 
 def _merge_key(order_by: list):
@@ -2109,25 +2275,27 @@ def _merge_key(order_by: list):
 
     def compare(a, b):
         for i, descending in enumerate(directions):
-            x, y = a[0][i], b[0][i]
+            x, y = a[i], b[i]
             if x != y:
                 return (1 if x < y else -1) if descending else (-1 if x < y else 1)
-        return -1 if a[0][-1] < b[0][-1] else (a[0][-1] > b[0][-1])
+        return -1 if a[-1] < b[-1] else (a[-1] > b[-1])
     return functools.cmp_to_key(compare)
 
 
 RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
-async def _merge_runs(found: list, runs: list, run: list, order_by: list, wanted: int, budget: LoopBudget) -> None:
-    """Add to `found`, up to `wanted` records in all, the records of sorted `runs` and of `run` (sorted here), in order."""
+async def _merge_runs(table: Table, found: list, runs: list, run: list, order_by: list, wanted: int,
+                      budget: LoopBudget) -> None:
+    """Add to `found`, up to `wanted` records in all, the records of the sorted keys `runs` and
+    `run` (sorted here), in order: each record found again by its primary key, the last value."""
     _sort_run(run, order_by)
     merged = heapq.merge(*runs, run, key=_merge_key(order_by)) if runs else iter(run)
     while len(found) < wanted:
-        more = [doc for _, doc in itertools.islice(merged, min(STEP, wanted - len(found)))]
-        if not more:
+        keys = list(itertools.islice(merged, min(STEP, wanted - len(found))))
+        if not keys:
             break
-        found += more
+        found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
         await budget.spend()
 
 
@@ -2155,10 +2323,14 @@ async def run_query(table: Table, query: Query, by_date: Callable | None = None)
 async def _sorted_matches(table: Table, query: Query, key, wanted: int, budget: LoopBudget) -> list[dict]:
     """The first `wanted` matching records in the query's order: every candidate tested, the matches sorted."""
     steps, remaining = await _candidates(table, query.filters)
-    predicates = [f.predicate for f in remaining]
+    # a path inside data is read from its column (parsing each record's data would outlast any budget)
+    columns = [(await table.column(f.path), f.test) for f in remaining if f.path[0] == "data"]
+    predicates = [f.predicate for f in remaining if f.path[0] != "data"]
     docs = table.docs
     found, runs, run = [], [], []
     for ids in steps:
+        for values, test in columns:
+            ids = [doc_id for doc_id in ids if test(values.get(doc_id, MISSING))]
         records = [doc for doc in map(docs.get, ids) if doc is not None]
         for predicate in predicates:
             records = list(filter(predicate, records))
@@ -2167,14 +2339,14 @@ async def _sorted_matches(table: Table, query: Query, key, wanted: int, budget: 
             if len(found) >= wanted:
                 break
         else:
-            run += [(key(doc), doc) for doc in records]
+            run += map(key, records)
             if len(run) >= RUN:
                 _sort_run(run, query.order_by)
                 runs.append(run)
                 run = []
         await budget.spend()
     if key is not None:
-        await _merge_runs(found, runs, run, query.order_by, wanted, budget)
+        await _merge_runs(table, found, runs, run, query.order_by, wanted, budget)
     return found
 
 
@@ -2240,13 +2412,13 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, wanted: i
         runs, run = [], []
         for chunk in _steps(undated):
             records = [doc for doc in map(docs.get, chunk) if doc is not None and "date" not in doc]
-            run += [(key(doc), doc) for doc in matching(records)]
+            run += map(key, matching(records))
             if len(run) >= RUN:
                 _sort_run(run, order_by)
                 runs.append(run)
                 run = []
             await budget.spend()
-        await _merge_runs(found, runs, run, order_by, wanted, budget)
+        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
 
     if undated and not descending:
         await add_undated()
@@ -2262,14 +2434,14 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, wanted: i
         for entry_day, same_day in itertools.groupby(chunk, key=operator.itemgetter(0)):
             if entry_day != day:
                 if runs or run:
-                    await _merge_runs(found, runs, run, order_by, wanted, budget)
+                    await _merge_runs(table, found, runs, run, order_by, wanted, budget)
                     runs, run = [], []
                     if len(found) >= wanted:
                         break
                 day = entry_day
             records = [doc for doc in map(docs.get, [doc_id for _, doc_id in same_day])
                        if doc is not None and doc.get("date") == day]  # (else deleted, undated or moved)
-            run += [(key(doc), doc) for doc in matching(records)]
+            run += map(key, matching(records))
             if len(run) >= RUN:
                 _sort_run(run, order_by)
                 runs.append(run)
@@ -2278,7 +2450,7 @@ async def _walk_by_date(table: Table, query: Query, by_date: Callable, wanted: i
             break
         await budget.spend()
     else:
-        await _merge_runs(found, runs, run, order_by, wanted, budget)
+        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
         if undated and descending:
             await add_undated()
     return found
@@ -6035,7 +6207,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GC_THRESHOLDS = (10_000, 10, 100)  # a full collection every ~10M allocations, not every 70k
+
+
 def cmd_serve(config: Config, args) -> int:
+    # Long requests hold lists of 100k sort keys; every full collection walks them (50 ms at 8 such
+    # requests). The records themselves are frozen out of collections (Store._load, _pack_forever).
+    gc.set_threshold(*GC_THRESHOLDS)
     store = Store(config.database)
     with way_out(LOCK_HINTS["serve"]):
         store.lock()

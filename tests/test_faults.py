@@ -151,6 +151,7 @@ async def test_a_disk_that_fails_to_write_and_then_to_read_loses_nothing_acknowl
         raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(statsd.Store, "_append", eio)
     monkeypatch.setattr(statsd.AtomicJSONStorage, "read_raw", lambda self: eio())
+    monkeypatch.setattr(statsd.AtomicJSONStorage, "open_raw", lambda self: eio())
     resp = await client.post("/api/v2/stats/", json={"type": "risk", "data": "lost"})
     assert resp.status == 503 and (await resp.json())["exception_cls"] == "ServiceUnavailable"
     resp = await client.post("/api/v2/stats/", json={"type": "risk", "data": "refused"})

@@ -696,3 +696,37 @@ async def test_indexes_stay_consistent_through_create_update_delete_and_restart(
     model.client = await open_crash_copy(make_client, db_path, tmp_path / "crash.json",
                                          api_key_authentication=False)
     await check_indexes(model.client, model)
+
+
+async def test_deferred_indexes_filled_beside_writes_answer_as_a_full_scan(make_client, db_path, monkeypatch):
+    """The period indexes are filled after a start, a few records at a time, while writes land."""
+    client = await make_client(api_key_authentication=False)
+    for name in ORG_NAMES:
+        resp = await client.post(ORGS, json={"name": name})
+        assert resp.status == 201, await resp.text()
+    model = IndexModel(client, seed=20261202)
+    for _ in range(300):
+        await model.step()
+    await client.close()
+
+    async def always_yield(self):
+        await asyncio.sleep(0)
+    monkeypatch.setattr(statsd.LoopBudget, "spend", always_yield)
+    monkeypatch.setattr(statsd.Index, "FILL_STEP", 1)  # a record between two yields
+    client = model.client = await make_client(api_key_authentication=False)
+    indexes = [client.app[statsd.STORE_KEY].stats.indexes[name] for name in statsd.STAT_PERIODS]
+    steps = 0
+    while any(index.docs is not None for index in indexes):
+        assert any(index.touched is not None for index in indexes) or steps == 0, "nothing fills them"
+        await model.step()  # a create, update or delete while the fill runs
+        steps += 1
+        assert steps < 1000
+    assert steps > 0, "the writes did not land while the indexes were filling"
+    await check_indexes(client, model)
+
+    # A lookup before the background fill (right after a start) reads the records at once
+    await client.close()
+    monkeypatch.setattr(statsd.Store, "_pack_forever", lambda self: asyncio.sleep(0))
+    client = model.client = await make_client(api_key_authentication=False)
+    assert client.app[statsd.STORE_KEY].stats.indexes["year"].docs is not None
+    await check_indexes(client, model)
