@@ -725,6 +725,7 @@ class StatDates:
     def __init__(self):
         self.lists: dict[tuple, list[tuple[str, int]]] = {}
         self.anrs: dict[tuple, dict] = {}  # (type,) or (type, organization) -> {anr: number of stats}
+        self.undated: dict[int, None] = {}  # the stats with no `date` field (listed by their stat_date)
 
     @staticmethod
     def _keys(doc: dict) -> tuple:
@@ -736,6 +737,8 @@ class StatDates:
         for key in self._keys(doc):
             bisect.insort(self.lists.setdefault(key, []), entry)
         self._count_anr(doc, 1)
+        if "date" not in doc:
+            self.undated[doc_id] = None
 
     def removed(self, doc_id: int, doc: dict) -> None:
         entry = (stat_date(doc), doc_id)
@@ -747,6 +750,7 @@ class StatDates:
                 if not entries:
                     del self.lists[key]
         self._count_anr(doc, -1)
+        self.undated.pop(doc_id, None)
 
     def _count_anr(self, doc: dict, change: int) -> None:
         anr = doc.get("anr")
@@ -776,6 +780,7 @@ class StatDates:
             for key in ((kind,), (kind, organization)):
                 counts = self.anrs.setdefault(key, {})
                 counts[anr] = counts.get(anr, 0) + count
+        self.undated = {doc_id: None for doc_id, doc in pairs if "date" not in doc}
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
                 organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
@@ -800,6 +805,21 @@ class StatDates:
         """Whether any stat of one type is dated within the bounds (of the organization, or the analyses)."""
         return any(start < end for start, end in (self.span(entries, date_from, date_to)
                                                   for entries in self.lists_of(kind, organization, anrs)))
+
+    def walk(self, kinds: Callable[[Any], bool], organization: str | None, anr: Any,
+             date_from: str | None, date_to: str | None) -> list[list[tuple[str, int]]]:
+        """Copies of the parts of the lists, each in (date, doc_id) order, that together hold every
+        stat dated within the bounds whose type passes `kinds` (of the analysis `anr` unless it is
+        MISSING, else of the organization unless it is None)."""
+        found = []
+        for key in [key for key in self.lists if len(key) == 1]:
+            if not (key[0].__class__ is str and not kinds(key[0])):  # (other types: only from a loaded file)
+                anrs = None if anr is MISSING else [anr]
+                for entries in self.lists_of(key[0], organization, anrs):
+                    start, end = self.span(entries, date_from, date_to)
+                    if start < end:
+                        found.append(entries[start:end])
+        return found
 
     def latest_first(self, kind: str, anr) -> Iterable[tuple[str, int]]:
         """(date, doc_id) of one analysis's stats of this type, latest date first."""
@@ -1131,7 +1151,7 @@ class Store:
 
     async def find(self, table: str, query: "Query") -> tuple[list[dict], bool]:
         """A page of the records of "stats" or "organizations" that match `query`, and whether more follow."""
-        return await run_query(self.tables[table], query)
+        return await run_query(self.tables[table], query, self.stats_by_date if table == "stats" else None)
 
     def stats_of(self, *, organization: str | None = None, anr: Any = MISSING) -> list[dict]:
         """The stats of an organization and/or an analysis, in creation order."""
@@ -1173,6 +1193,14 @@ class Store:
                 latest = max(latest or "", entries[-1][0])
                 analyses.update(anr for anr in self.dates.anrs.get((kind, organization), {}) if anr is not None)
         return {"analyses": sorted(analyses, key=str), "stats": count, "latest": latest}
+
+    def stats_by_date(self, kinds: Callable[[Any], bool], *, organization: str | None = None, anr: Any = MISSING,
+                      date_from: str | None = None, date_to: str | None = None) -> tuple[list[list], list[int]]:
+        """What an ordered walk by date reads: lists of (date, doc_id), each in order, that together
+        hold every stat dated within the bounds whose type passes `kinds` (of the analysis, else of
+        the organization), and the doc ids of the stats with no `date` (in those lists by the day of
+        stat_date). Both are copies: the caller may yield to writers while it reads them."""
+        return self.dates.walk(kinds, organization, anr, date_from, date_to), list(self.dates.undated)
 
     def has_stats(self, kind: str, date_from: str | None = None, date_to: str | None = None, *,
                   organization: str | None = None, anrs: Iterable | None = None) -> bool:
@@ -2293,20 +2321,48 @@ def _merge_key(order_by: list):
 RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
 
 
-async def run_query(table: RecordTable, query: Query) -> tuple[list[dict], bool]:
+async def _merge_runs(table: RecordTable, found: list, runs: list, run: list, order_by: list, wanted: int,
+                      budget: LoopBudget) -> None:
+    """Add to `found`, up to `wanted` records in all, the records of the sorted keys `runs` and
+    `run` (sorted here), in order: each record found again by its primary key, the last value."""
+    _sort_run(run, order_by)
+    merged = heapq.merge(*runs, run, key=_merge_key(order_by)) if runs else iter(run)
+    while len(found) < wanted:
+        keys = list(itertools.islice(merged, min(STEP, wanted - len(found))))
+        if not keys:
+            break
+        found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
+        await budget.spend()
+
+
+async def run_query(table: RecordTable, query: Query, by_date: Callable | None = None) -> tuple[list[dict], bool]:
     """The page of matching records and whether more follow it.
 
     Records are tested STEP at a time and the loop is given back whenever its
     budget is spent. An ordered query sorts runs of RUN records and merges them
-    only as far as the page (skip + limit) reaches.
+    only as far as the page (skip + limit) reaches; one ordered by date first
+    walks the kept date order instead, when `by_date` (Store.stats_by_date)
+    gives it and the walk cannot cost much more than the sort (_walk_by_date).
     """
+    wanted = query.skip + query.limit + 1
+    budget = LoopBudget()
+    found = None
+    if by_date is not None and query.order_by and query.order_by[0][0] == ("date",):
+        found = await _walk_by_date(table, query, by_date, wanted, budget)
+    if found is None:
+        key = await _sort_values(table, query.order_by) if query.order_by else None
+        found = await _sorted_matches(table, query, key, wanted, budget)
+    page = found[query.skip:wanted]
+    return page[:query.limit], len(page) > query.limit
+
+
+async def _sorted_matches(table: RecordTable, query: Query, key, wanted: int, budget: LoopBudget) -> list[dict]:
+    """The first `wanted` matching records in the query's order: every candidate tested, the matches sorted."""
     steps, remaining = await _candidates(table, query.filters)
     # a path inside data is read from its column (parsing each record's data would outlast any budget)
     columns = [(await table.column(f.path), f.value_test) for f in remaining if f.path[0] == "data"]
     predicates = [f.record_test for f in remaining if f.path[0] != "data"]
-    wanted = query.skip + query.limit + 1
-    docs, budget = table.docs, LoopBudget()
-    key = await _sort_values(table, query.order_by) if query.order_by else None
+    docs = table.docs
     found, runs, run = [], [], []
     for ids in steps:
         for values, test in columns:
@@ -2326,16 +2382,114 @@ async def run_query(table: RecordTable, query: Query) -> tuple[list[dict], bool]
                 run = []
         await budget.spend()
     if key is not None:
-        _sort_run(run, query.order_by)
-        merged = heapq.merge(*runs, run, key=_merge_key(query.order_by)) if runs else iter(run)
-        while len(found) < wanted:
-            keys = list(itertools.islice(merged, min(STEP, wanted - len(found))))
-            if not keys:
-                break
-            found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
+        await _merge_runs(table, found, runs, run, query.order_by, wanted, budget)
+    return found
+
+
+WALK_FACTOR = 4  # a walk by date reads at most this many times the entries of the smallest index set
+
+
+def _walk_sources(table: RecordTable, filters: list[Filter]) -> tuple[dict, int] | None:
+    """The arguments of Store.stats_by_date that narrow a walk for `filters`, and the size of the
+    smallest id set an index gives for them (the candidates of _sorted_matches, at most); None when
+    _sorted_matches would read a column of `data` (a walk would parse each record's data instead)."""
+    narrow: dict[str, Any] = {}
+    kinds = [f.record_test for f in filters if f.path == ("type",)]
+    narrow["kinds"] = lambda kind: all(test({"type": kind}) for test in kinds)
+    smallest = len(table.docs)
+    indexed = False
+    for f in filters:
+        ids = _index_ids(table, f)
+        if ids is not None:
+            indexed = True
+            smallest = min(smallest, len(ids))
+        if f.op == "exact" and f.path == ("organization",) and f.value.__class__ is str:
+            narrow["organization"] = f.value
+        elif f.op == "exact" and f.path == ("anr",) and _indexable(f.value):
+            narrow["anr"] = f.value
+        elif f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "gt", "gte"):
+            narrow["date_from"] = max(narrow.get("date_from", ""), f.value)
+        if f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "lt", "lte"):
+            narrow["date_to"] = min(narrow.get("date_to", "\uffff"), f.value)
+    if not indexed and any(f.path[0] == "data" for f in filters):
+        return None
+    return narrow, smallest
+
+
+async def _walk_by_date(table: RecordTable, query: Query, by_date: Callable, wanted: int,
+                        budget: LoopBudget) -> list[dict] | None:
+    """The first `wanted` matching stats of a query ordered by `date` or `-date` first, from the kept
+    date order: a day's matches at a time, each day sorted by the later keys (then the primary key,
+    as in the full sort), stopping at the first day that completes the page. None when the lists to
+    walk hold more than WALK_FACTOR times the candidates that sorting would read.
+
+    Stats with no `date` sort before every date (after, with -date): they come from their own list.
+    A stat whose date changes while the walk gives the loop back is left out of that answer.
+    """
+    sources = _walk_sources(table, query.filters)
+    if sources is None:
+        return None
+    narrow, smallest = sources
+    lists, undated = by_date(**narrow)
+    if sum(map(len, lists)) > WALK_FACTOR * max(smallest, STEP):
+        return None
+    predicates = [f.record_test for f in query.filters if f.path[0] != "data"] + \
+        [f.record_test for f in query.filters if f.path[0] == "data"]  # cheap tests first
+    docs, order_by, descending = table.docs, query.order_by[1:], query.order_by[0][1]  # within a day: the rest
+    key = await _sort_values(table, order_by)
+    found: list[dict] = []
+
+    def matching(records: list) -> list:
+        for predicate in predicates:
+            records = list(filter(predicate, records))
+        return records
+
+    async def add_undated() -> None:  # they sort as one day, before (or after) every date
+        runs, run = [], []
+        for chunk in _steps(undated):
+            records = [doc for doc in map(docs.get, chunk) if doc is not None and "date" not in doc]
+            run += map(key, matching(records))
+            if len(run) >= RUN:
+                _sort_run(run, order_by)
+                runs.append(run)
+                run = []
             await budget.spend()
-    page = found[query.skip:wanted]
-    return page[:query.limit], len(page) > query.limit
+        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
+
+    if undated and not descending:
+        await add_undated()
+        if len(found) >= wanted:
+            return found
+    if len(lists) == 1:
+        entries = reversed(lists[0]) if descending else iter(lists[0])
+    else:
+        entries = heapq.merge(*(reversed(entries) if descending else entries for entries in lists),
+                              reverse=descending)
+    day, runs, run = None, [], []  # the day being read and its matches, as in _sorted_matches
+    for chunk in iter(lambda: list(itertools.islice(entries, STEP)), []):
+        for entry_day, same_day in itertools.groupby(chunk, key=operator.itemgetter(0)):
+            if entry_day != day:
+                if runs or run:
+                    await _merge_runs(table, found, runs, run, order_by, wanted, budget)
+                    runs, run = [], []
+                    if len(found) >= wanted:
+                        break
+                day = entry_day
+            records = [doc for doc in map(docs.get, [doc_id for _, doc_id in same_day])
+                       if doc is not None and doc.get("date") == day]  # (else deleted, undated or moved)
+            run += map(key, matching(records))
+            if len(run) >= RUN:
+                _sort_run(run, order_by)
+                runs.append(run)
+                run = []
+        if len(found) >= wanted:
+            break
+        await budget.spend()
+    else:
+        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
+        if undated and descending:
+            await add_undated()
+    return found
 
 
 # ------------------------------------------------------ validation of bodies ---
@@ -4086,8 +4240,9 @@ async def v1_processors(request: web.Request) -> web.Response:
 # and the stylesheet live in DASHBOARD_TEMPLATES below, charts are pygal SVG drawn inline,
 # so this module (and the one-file binary) carries everything and nothing is loaded from
 # another host. No page needs JavaScript, and no page has any: the Content-Security-Policy
-# forbids every script. Processor numbers come only from processed_stats; the overview's
-# from stat_counts_by_month and organization_activity.
+# forbids every script. Processor numbers come from processed_stats, or from period_sums (the
+# same kept per-day sums, read once for every month of a chart and added up as the processors
+# add them: the same means); the overview's from stat_counts_by_month and organization_activity.
 
 DASHBOARD_PREFIX = "/dashboard"
 DASHBOARD_MODES = ("key", "public", "off")
@@ -4433,9 +4588,24 @@ def cached_svg(chart: Chart, nonce: str | None, standalone: bool) -> str | None:
     return svg
 
 
+@functools.cache
+def _pygal():
+    """pygal, imported once, and spared a cost: for each series, it lists the attributes of a fresh
+    SerieConfig (dir) once per attribute of the chart's state, a third of the time of a 10-line
+    chart. That list is the same every time, so its module's `dir` answers it from a set."""
+    import builtins
+    import pygal
+    import pygal.graph.base
+    config = getattr(pygal.graph.base, "SerieConfig", None)
+    if config is not None and not hasattr(pygal.graph.base, "dir"):
+        names = frozenset(dir(config()))
+        pygal.graph.base.dir = lambda obj: names if obj.__class__ is config else builtins.dir(obj)
+    return pygal
+
+
 def draw_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -> str:
     """The chart as SVG text: drawn by pygal with no script (js=[]) and nothing from elsewhere."""
-    import pygal
+    pygal = _pygal()
     narrow = chart.name.startswith(("risks-", "evolution-risks-"))  # shown two side by side
     width = 600 if narrow else 900
     names = [name for name, _ in chart.series]
@@ -4638,10 +4808,66 @@ def top_objects(items: list, by: str, order: str, count: int) -> list:
     return ranked[:count]
 
 
+async def period_sums(ctx: ChartContext, kind: str, periods: list[tuple[str | None, str | None]]) -> list[dict]:
+    """Per period (first day, last day; in order, one after the other), key -> [count, exact sums...]
+    over its days: the kept per-day sums (Store.measures_by_day) read once for all of them and added
+    up as the processors add them, so the means are theirs (see object_items, _risk_means).
+
+    Kept with the processor answers, until the next write that changes a sum.
+    """
+    store, aggregates = ctx.store, ctx.store.aggregates
+    key = ("period_sums", kind, tuple(periods), None if ctx.sel.anrs is None else tuple(sorted(ctx.sel.anrs)),
+           ctx.organization)
+    kept = aggregates.answers.get(key)
+    if kept is not None and kept[0] == aggregates.version:
+        return kept[1]
+    version = aggregates.version
+    days = await store.measures_by_day(kind, periods[0][0], periods[-1][1], organization=ctx.organization,
+                                       anrs=ctx.sel.anrs)
+    found: list[dict] = [{} for _ in periods]
+    at, budget = 0, LoopBudget()
+    for day, bucket in days:
+        while periods[at][1] is not None and day > periods[at][1]:
+            at += 1
+        sums = found[at]
+        for name, measures in bucket.items():
+            entry = sums.get(name)
+            if entry is None:
+                sums[name] = list(measures)
+            else:
+                entry[:] = map(operator.add, entry, measures)
+        await budget.spend()
+    if version == aggregates.version and store.aggregates is aggregates:  # no write landed meanwhile
+        if len(aggregates.answers) >= aggregates.MAX_ANSWERS:
+            aggregates.answers.clear()
+        aggregates.answers[key] = (version, found)
+    return found
+
+
+def object_items(ctx: ChartContext, sums: dict) -> list[dict]:
+    """{"object", "labels", "averages"} per object of period_sums: what the *_average_on_date
+    processors answer over the same days (without the values of each day)."""
+    labels = ctx.store.aggregates.labels
+    return [{"object": uuid, "labels": object_labels(labels, uuid),
+             "averages": {name: _mean(total, count) for name, total in zip(STAT_MEASURES, totals)}}
+            for uuid, (count, *totals) in sums.items()]
+
+
+def added_sums(sums: list[dict]) -> dict:
+    """The period_sums of several periods, as one."""
+    total: dict = {}
+    for one in sums:
+        for name, measures in one.items():
+            entry = total.get(name)
+            total[name] = list(measures) if entry is None else list(map(operator.add, entry, measures))
+    return total
+
+
 async def chart_top(ctx: ChartContext, kind: str) -> Chart:
     sel = ctx.sel
     processor = f"{kind}_average_on_date"
-    items = top_objects(await ctx.processed(kind, processor, sel.date_from, sel.date_to), sel.by, sel.order, sel.top)
+    sums, = await period_sums(ctx, kind, [(sel.date_from, sel.date_to)])
+    items = top_objects(object_items(ctx, sums), sel.by, sel.order, sel.top)
     names = VULNERABILITY_MEASURE_NAMES if kind == "vulnerability" else MEASURE_NAMES
     plural = "threats" if kind == "threat" else "vulnerabilities"
     return Chart(plural, f"Top {sel.top} {plural} by {names[sel.by]}, {sel.order} first", "hbar",
@@ -4678,12 +4904,9 @@ async def chart_evolution(ctx: ChartContext, kind: str) -> Chart:
     sel = ctx.sel
     months = evolution_months(sel)
     processor = f"{kind}_average_on_date"
-    whole = await ctx.processed(kind, processor, months[0][1], months[-1][2])
-    chosen = top_objects(whole, sel.by, sel.order, sel.series)
-    per_month = []
-    for _, first, last in months:
-        answer = await ctx.processed(kind, processor, first, last)
-        per_month.append({item["object"]: item["averages"][sel.by] for item in answer})
+    sums = await period_sums(ctx, kind, [(first, last) for _, first, last in months])
+    chosen = top_objects(object_items(ctx, added_sums(sums)), sel.by, sel.order, sel.series)
+    per_month = [{item["object"]: item["averages"][sel.by] for item in object_items(ctx, month)} for month in sums]
     plural = "threats" if kind == "threat" else "vulnerabilities"
     names = VULNERABILITY_MEASURE_NAMES if kind == "vulnerability" else MEASURE_NAMES
     series = [(_object_label(item, ctx.languages), [values.get(item["object"]) for values in per_month])
@@ -4699,7 +4922,10 @@ async def chart_evolution(ctx: ChartContext, kind: str) -> Chart:
 async def chart_evolution_risks(ctx: ChartContext, risk_kind: str) -> Chart:
     months = evolution_months(ctx.sel)
     series = []
-    answers = [await ctx.processed("risk", "risk_averages", first, last) for _, first, last in months]
+    sums = await period_sums(ctx, "risk", [(first, last) for _, first, last in months])
+    answers = [_risk_means(month)  # what risk_averages answers for the month
+               if month or ctx.store.has_stats("risk", first, last, organization=ctx.organization, anrs=ctx.sel.anrs)
+               else [] for month, (_, first, last) in zip(sums, months)]
     for state in RISK_STATES:
         for level in RISK_LEVELS:
             series.append((f"{level.split()[0]} {state}",
@@ -4804,30 +5030,28 @@ def _file_time(path: str) -> str | None:
         return None
 
 
+async def chart_page(request: web.Request, page: str, title: str, **choices) -> web.Response:
+    """The landscape or evolution page: its charts for the choices made, and the `choices` it offers."""
+    viewer = page_viewer(request, aggregated=True)
+    sel = page_selection(request, viewer, page)
+    ctx = ChartContext(request, viewer, sel)
+    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS[page]}
+    return render_page(request, f"{page}.html", {
+        "title": title, "page": page, "viewer": viewer, "sel": sel, "charts": charts,
+        "choices": choices_for(request, viewer, sel), "measures": MEASURE_NAMES,
+        "json_url": charts[PAGE_CHARTS[page][0]].chart.json_url, **choices})
+
+
 @route("GET", DASHBOARD_PREFIX + "/landscape/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_landscape(request: web.Request) -> web.Response:
-    viewer = page_viewer(request, aggregated=True)
-    sel = page_selection(request, viewer, "landscape")
-    ctx = ChartContext(request, viewer, sel)
-    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS["landscape"]}
-    return render_page(request, "landscape.html", {
-        "title": "Current landscape", "page": "landscape", "viewer": viewer, "sel": sel, "charts": charts,
-        "choices": choices_for(request, viewer, sel), "periods": PERIOD_DAYS, "tops": TOP_CHOICES,
-        "measures": MEASURE_NAMES, "json_url": charts["threats"].chart.json_url})
+    return await chart_page(request, "landscape", "Current landscape", periods=PERIOD_DAYS, tops=TOP_CHOICES)
 
 
 @route("GET", DASHBOARD_PREFIX + "/evolution/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_evolution(request: web.Request) -> web.Response:
-    viewer = page_viewer(request, aggregated=True)
-    sel = page_selection(request, viewer, "evolution")
-    ctx = ChartContext(request, viewer, sel)
-    charts = {name: await shown(request, await CHARTS[name][1](ctx)) for name in PAGE_CHARTS["evolution"]}
-    return render_page(request, "evolution.html", {
-        "title": "Evolution", "page": "evolution", "viewer": viewer, "sel": sel, "charts": charts,
-        "choices": choices_for(request, viewer, sel), "months": EVOLUTION_MONTHS, "series": SERIES_CHOICES,
-        "measures": MEASURE_NAMES, "json_url": charts["evolution-threats"].chart.json_url})
+    return await chart_page(request, "evolution", "Evolution", months=EVOLUTION_MONTHS, series=SERIES_CHOICES)
 
 
 @route("GET", DASHBOARD_PREFIX + r"/charts/{name:[a-z-]+}.{ext:[a-z]+}", when=dashboard_on)
@@ -5117,15 +5341,17 @@ DASHBOARD_TEMPLATES = {
 </figure>
 {% endmacro %}
 
-{% macro scope_fields(sel, choices, viewer) %}
-  {% if choices.organizations|length > 1 %}
+{% macro organization_field(organizations, selected) %}
   <label>Organization
     <select name="organization">
       <option value="">all</option>
-      {% for name in choices.organizations %}<option value="{{ name }}"{% if sel.organization == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
+      {% for name in organizations %}<option value="{{ name }}"{% if selected == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
     </select>
   </label>
-  {% endif %}
+{% endmacro %}
+
+{% macro scope_fields(sel, choices, viewer) %}
+  {% if choices.organizations|length > 1 %}{{ organization_field(choices.organizations, sel.organization) }}{% endif %}
   {% if not viewer.anonymous %}
   <label>Analysis
     <select name="anr">
@@ -5134,6 +5360,39 @@ DASHBOARD_TEMPLATES = {
     </select>
   </label>
   {% endif %}
+{% endmacro %}
+
+{% macro select_field(label, name, values, selected, text="{}", extra=None) %}
+  <label>{{ label }}
+    <select name="{{ name }}">
+      {% for value in values %}<option value="{{ value }}"{% if selected|string == value|string %} selected{% endif %}>{{ text.format(value) }}</option>{% endfor %}
+      {% if extra %}<option value="{{ extra[0] }}"{% if selected|string == extra[0] %} selected{% endif %}>{{ extra[1] }}</option>{% endif %}
+    </select>
+  </label>
+{% endmacro %}
+
+{% macro choice_form(page, sel, choices, viewer, measures, span, count) %}
+{# The choices of the landscape and evolution pages: the span (then, from a call block, more
+   fields), the scope, how many objects (span and count are select_field's arguments), the measure. #}
+<form method="get" action="{{ prefix }}/{{ page }}" class="controls card">
+  {{ select_field(*span) }}
+  {% if caller is defined %}{{ caller() }}{% endif %}
+  {{ scope_fields(sel, choices, viewer) }}
+  {{ select_field(*count) }}
+  {{ measure_fields(sel, measures) }}
+  <button type="submit">Show</button>
+</form>
+{% endmacro %}
+
+{% macro chart_grids(charts, first, second, left, right) %}
+<div class="grid one">
+  {{ chart_figure(charts[first]) }}
+  {{ chart_figure(charts[second]) }}
+</div>
+<div class="grid two">
+  {{ chart_figure(charts[left]) }}
+  {{ chart_figure(charts[right]) }}
+</div>
 {% endmacro %}
 
 {% macro measure_fields(sel, measures) %}
@@ -5151,18 +5410,13 @@ DASHBOARD_TEMPLATES = {
 {% endmacro %}
 """,
     "overview.html": """{% extends "layout.html" %}
-{% from "macros.html" import chart_figure, scope_fields %}
+{% from "macros.html" import chart_figure, organization_field %}
 {% block content %}
 <h1>Overview</h1>
 <p class="lead">What this statsd has collected{% if sel.organization %} from <strong>{{ sel.organization }}</strong>{% elif viewer.organization and not viewer.chooses_organization %} from <strong>{{ viewer.organization }}</strong>{% endif %}.</p>
 {% if choices.organizations|length > 1 %}
 <form method="get" action="/" class="controls card">
-  <label>Organization
-    <select name="organization">
-      <option value="">all</option>
-      {% for name in choices.organizations %}<option value="{{ name }}"{% if sel.organization == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
-    </select>
-  </label>
+  {{ organization_field(choices.organizations, sel.organization) }}
   <button type="submit">Show</button>
 </form>
 {% endif %}
@@ -5199,37 +5453,16 @@ DASHBOARD_TEMPLATES = {
 {% endblock %}
 """,
     "landscape.html": """{% extends "layout.html" %}
-{% from "macros.html" import chart_figure, scope_fields, measure_fields %}
+{% from "macros.html" import choice_form, chart_grids %}
 {% block content %}
 <h1>Current landscape</h1>
 <p class="lead">Threats, vulnerabilities and risks of the analyses{% if viewer.organization and not viewer.chooses_organization %} of <strong>{{ viewer.organization }}</strong>{% endif %},
 from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p>
-<form method="get" action="{{ prefix }}/landscape" class="controls card">
-  <label>Period
-    <select name="period">
-      {% for days in periods %}<option value="{{ days }}"{% if sel.period == days|string %} selected{% endif %}>last {{ days }} days</option>{% endfor %}
-      <option value="custom"{% if sel.period == 'custom' %} selected{% endif %}>custom (dates below)</option>
-    </select>
-  </label>
+{% call choice_form("landscape", sel, choices, viewer, measures, ("Period", "period", periods, sel.period, "last {} days", ("custom", "custom (dates below)")), ("Top", "top", tops, sel.top)) %}
   <label>From <input type="date" name="date_from" value="{{ sel.date_from if sel.period == 'custom' and sel.date_from else '' }}"></label>
   <label>To <input type="date" name="date_to" value="{{ sel.date_to if sel.period == 'custom' and sel.date_to else '' }}"></label>
-  {{ scope_fields(sel, choices, viewer) }}
-  <label>Top
-    <select name="top">
-      {% for n in tops %}<option value="{{ n }}"{% if sel.top == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
-    </select>
-  </label>
-  {{ measure_fields(sel, measures) }}
-  <button type="submit">Show</button>
-</form>
-<div class="grid one">
-  {{ chart_figure(charts['threats']) }}
-  {{ chart_figure(charts['vulnerabilities']) }}
-</div>
-<div class="grid two">
-  {{ chart_figure(charts['risks-informational']) }}
-  {{ chart_figure(charts['risks-operational']) }}
-</div>
+{% endcall %}
+{{ chart_grids(charts, "threats", "vulnerabilities", "risks-informational", "risks-operational") }}
 <section class="card explain">
   <h2>Reading these charts</h2>
   <dl>
@@ -5242,36 +5475,16 @@ from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p
 {% endblock %}
 """,
     "evolution.html": """{% extends "layout.html" %}
-{% from "macros.html" import chart_figure, scope_fields, measure_fields %}
+{% from "macros.html" import choice_form, chart_grids %}
 {% block content %}
 <h1>Evolution</h1>
 <p class="lead">Month by month over the last {{ sel.months }} months{% if viewer.organization and not viewer.chooses_organization %}, for <strong>{{ viewer.organization }}</strong>{% endif %}.</p>
-<form method="get" action="{{ prefix }}/evolution" class="controls card">
-  <label>Months
-    <select name="months">
-      {% for n in months %}<option value="{{ n }}"{% if sel.months == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
-    </select>
-  </label>
-  {{ scope_fields(sel, choices, viewer) }}
-  <label>Lines
-    <select name="series">
-      {% for n in series %}<option value="{{ n }}"{% if sel.series == n %} selected{% endif %}>{{ n }}</option>{% endfor %}
-    </select>
-  </label>
-  {{ measure_fields(sel, measures) }}
-  <button type="submit">Show</button>
-</form>
-<div class="grid one">
-  {{ chart_figure(charts['evolution-threats']) }}
-  {{ chart_figure(charts['evolution-vulnerabilities']) }}
-</div>
-<div class="grid two">
-  {{ chart_figure(charts['evolution-risks-informational']) }}
-  {{ chart_figure(charts['evolution-risks-operational']) }}
-</div>
+{{ choice_form("evolution", sel, choices, viewer, measures, ("Months", "months", months, sel.months), ("Lines", "series", series, sel.series)) }}
+{{ chart_grids(charts, "evolution-threats", "evolution-vulnerabilities", "evolution-risks-informational", "evolution-risks-operational") }}
 {% endblock %}
 """,
     "explorer.html": """{% extends "layout.html" %}
+{% from "macros.html" import organization_field %}
 {% block content %}
 <h1>Explorer</h1>
 <p class="lead">The stats{% if not viewer.chooses_organization %} of <strong>{{ viewer.organization }}</strong>{% endif %}, with the query parameters of <a href="{{ json_url }}"><code>/api/v2/stats/</code></a>: any filter of the API (<code>data__total__current__operational__gt=5</code>, <code>type__in=risk,threat</code>, ...) can be added to this page's address.</p>
@@ -5282,14 +5495,7 @@ from {{ sel.date_from or "the first stat" }} to {{ sel.date_to or "today" }}.</p
       {% for t in types %}<option value="{{ t }}"{% if params.get('type') == t|string %} selected{% endif %}>{{ t }}</option>{% endfor %}
     </select>
   </label>
-  {% if organizations %}
-  <label>Organization
-    <select name="organization">
-      <option value="">all</option>
-      {% for name in organizations %}<option value="{{ name }}"{% if params.get('organization') == name %} selected{% endif %}>{{ name }}</option>{% endfor %}
-    </select>
-  </label>
-  {% endif %}
+  {% if organizations %}{{ organization_field(organizations, params.get('organization')) }}{% endif %}
   <label>Analysis <input type="text" name="anr" size="20" value="{{ params.get('anr', '') }}" placeholder="UUID or number"></label>
   <label>Date from <input type="date" name="date__gte" value="{{ params.get('date__gte', '') }}"></label>
   <label>to <input type="date" name="date__lte" value="{{ params.get('date__lte', '') }}"></label>

@@ -258,6 +258,50 @@ async def test_evolution_lines_are_the_v1_processor_numbers_month_by_month(dash)
     assert len(re.findall(r'<g class="series serie-\d+ color-\d+">', chart_html(html, "evolution-threats"))) >= 5
 
 
+async def test_every_evolution_chart_is_the_v1_processors_for_each_kind_measure_and_selection(dash):
+    """The evolution charts read the kept sums once for all their months: each point must still be
+    the processor's answer for that month alone, and the series the top ones over the window."""
+    await login(dash, dash.admin)
+    cases_anr = dash.anrs["CASES"][0]
+    empty_month = statsd.evolution_months(statsd.Selection(months=24))[2]  # before the fixture's 13 months
+    await post_v1(dash, dash.cases, [{"anr": cases_anr, "type": "risk", "date": empty_month[1], "data": {}}])
+    selections = [({}, {}), ({"organization": "OTHER"}, {"organization": "OTHER"}),
+                  ({"anr": cases_anr}, {"anrs": cases_anr})]
+    for choices, v1 in selections:
+        for months in (6, 24):
+            spans = statsd.evolution_months(statsd.Selection(months=months))
+            for kind, plural in (("threat", "threats"), ("vulnerability", "vulnerabilities")):
+                processor = f"{kind}_average_on_date"
+                whole = await processed(dash, dash.admin, type=kind, processor=processor, date_from=spans[0][1],
+                                        date_to=spans[-1][2], **v1)
+                per_month = [await processed(dash, dash.admin, type=kind, processor=processor, date_from=first,
+                                             date_to=last, **v1) for _, first, last in spans]
+                for by, order in (("averageRate", "highest"), ("count", "lowest"), ("maxRisk", "highest")):
+                    query = urlencode({**choices, "months": months, "by": by, "order": order, "series": 20})
+                    _, text = await page(dash, f"/dashboard/charts/evolution-{plural}.csv?{query}")
+                    rows = csv_rows(text)
+                    chosen = ranked(whole, by, order, 20)
+                    assert chosen and rows[0] == ["month"] + [item["labels"]["label1"] for item in chosen]
+                    assert [r[0] for r in rows[1:]] == [m for m, _, _ in spans]
+                    for row, answer in zip(rows[1:], per_month):
+                        month = {i["object"]: i["averages"][by] for i in answer}
+                        assert row[1:] == [cell(month[i["object"]]) if i["object"] in month else "" for i in chosen]
+            for risk_kind in ("informational", "operational"):
+                query = urlencode({**choices, "months": months})
+                _, text = await page(dash, f"/dashboard/charts/evolution-risks-{risk_kind}.csv?{query}")
+                rows = csv_rows(text)
+                assert len(rows) == months + 1
+                for row, (_, first, last) in zip(rows[1:], spans):
+                    want = await processed(dash, dash.admin, type="risk", processor="risk_averages",
+                                           date_from=first, date_to=last, **v1)
+                    assert row[1:] == [cell(want[s][risk_kind][lvl]) if want else ""
+                                       for s in ("current", "residual") for lvl in statsd.RISK_LEVELS]
+                if months == 24 and "organization" not in choices:  # a month with a stat but no risk levels: 0s
+                    assert rows[3][1:] == ["0"] * 6
+                if months == 24:
+                    assert rows[1][1:] == [""] * 6  # a month with no stat
+
+
 async def test_stats_by_month_counts_the_stats_of_each_type(dash):
     await login(dash, dash.admin)
     every = []

@@ -11,6 +11,8 @@ from datetime import date, datetime, timedelta
 
 import pytest
 
+import statsd
+
 from conftest import key, new_org
 
 STATS = "/api/v2/stats/"
@@ -969,3 +971,125 @@ async def test_the_largest_skip_is_an_empty_page_not_a_500(sample):
             assert resp.status == 200, await resp.text()
             assert await resp.json() == {"data": [], "has_more": False}
 
+
+
+# ------------------------------------------------------------ ordered by date ---
+# A query ordered by date first walks the kept date order and stops at the page's last day
+# instead of sorting every match: its pages must be exactly those of the full sort.
+
+DATE_ORDERS = ["date", "-date", "date,-data__x", "-date,type", "-date,-organization,data__x", "date,anr,-data__x",
+               "-date,data__t__c"]
+DATE_FILTERS = [[], [("type", "risk")], [("organization", "CASES")], [("type", "risk"), ("organization", "OTHER")],
+                [("anr", "1")], [("type__in", "risk,threat")], [("type__ne", "risk"), ("anr", "2")],
+                [("date__gte", "2024-03-05")], [("date__lte", "2024-03-09"), ("type", "threat")],
+                [("date__gt", "2024-03-02"), ("date__lt", "2024-03-12"), ("organization", "CASES")],
+                [("date", "2024-03-07")], [("month", "3"), ("type", "vulnerability")], [("date__exists", "false")],
+                [("type", "risk"), ("data__x__gte", "3")], [("data__x__lte", "2")], [("organization__in", "OTHER")]]
+
+
+def dated_stats(rng, count):
+    """Stats over few days (many ties on the date and on the later keys), some with no date."""
+    days = [f"2024-03-{d:02d}" for d in range(1, 15)]
+    stats = []
+    for _ in range(count):
+        stat = {"organization": rng.choice(["CASES", "OTHER", None]), "anr": rng.choice([1, 2, 3, ANR_UUIDS[0]]),
+                "type": rng.choice(["risk", "risk", "threat", "vulnerability", "other"]),
+                "data": {"x": rng.choice([1, 2, 2, 3, 3, 5, None, "s"])}}
+        if rng.random() < 0.3:
+            stat["data"]["t"] = {"c": rng.choice([0, 1, 1, "a"])}
+        if rng.random() < 0.9:
+            stat["date"] = rng.choice(days)
+        elif rng.random() < 0.5:
+            stat.update(year=2024, day=rng.randint(60, 75))  # placed by its day, sorted as having no date
+        stats.append({k: v for k, v in stat.items() if v is not None})
+    return stats
+
+
+def walked(monkeypatch):
+    """The queries that the date walk answered (a spy on statsd._walk_by_date; the real one runs)."""
+    answered = []
+    real = statsd._walk_by_date
+
+    async def spy(table, query, *args):
+        found = await real(table, query, *args)
+        answered.append(found is not None)
+        return found
+    monkeypatch.setattr(statsd, "_walk_by_date", spy)
+    return answered
+
+
+async def test_pages_ordered_by_date_are_those_of_the_full_sort(make_client, db_path, monkeypatch):
+    rng = random.Random(12)
+    now = statsd.utcnow()
+    stored = {}  # a database file whose ids do not follow the order of creation (as after several runs)
+    for i, stat in enumerate(dated_stats(rng, 300)):
+        periods = statsd.periods_of(stat["date"]) if "date" in stat else {}
+        stored[str(i + 1)] = statsd.ordered_stat({**periods, **stat, "uuid": str(uuid.UUID(int=rng.getrandbits(128))),
+                                                  "id": f"{rng.getrandbits(96):024x}", "created_at": now,
+                                                  "updated_at": now})
+    with open(db_path, "wb") as f:
+        f.write(statsd.dumps({"stats": stored}))
+    client = await make_client(api_key_authentication=False)
+    await new_org(client, "CASES")
+    await new_org(client, "OTHER")
+    await create(client, dated_stats(rng, 150))
+    ids = [m["id"] for m in await whole_list_of(client)]
+    for stat_id in rng.sample(ids, 40):  # dates changed, dates removed, stats deleted
+        choice = rng.random()
+        if choice < 0.4:
+            resp = await client.patch(f"{STATS}{stat_id}/", json={"date": f"2024-03-{rng.randint(1, 16):02d}"})
+        elif choice < 0.6:
+            resp = await client.put(f"{STATS}{stat_id}/", json={"type": "risk", "anr": 1, "data": {"x": 2}})
+        else:
+            resp = await client.delete(f"{STATS}{stat_id}/")
+        assert resp.status in (200, 204), await resp.text()
+    records = await whole_list_of(client)
+    assert len({r["id"] for r in records}) == len(records) > 300
+    assert sum("date" not in r for r in records) > 20
+    assert sorted(r["id"] for r in records) != [r["id"] for r in records]  # ids do not follow creation
+    answered = walked(monkeypatch)
+    cases = 0
+    for filters in DATE_FILTERS:
+        matching = [r for r in records if all(reference_match(r, n, v) for n, v in filters)]
+        for order_by in DATE_ORDERS:
+            expected = reference_order(matching, order_by)
+            assert len(set(r.get("date") for r in matching)) < len(matching) or len(matching) < 2  # ties
+            for skip, limit in [(0, 1), (0, 7), (5, 10), (rng.randrange(len(expected) + 1), rng.randint(1, 40)),
+                                (max(0, len(expected) - 3), 5), (0, 1000)]:
+                got = await page(client, [*filters, ("_order_by", order_by), ("_skip", str(skip)),
+                                          ("_limit", str(limit))])
+                assert got == (expected[skip:skip + limit], len(expected) > skip + limit), (filters, order_by, skip)
+                cases += 1
+    only_data = sum(1 for filters in DATE_FILTERS if filters and all(n.startswith("data") for n, _ in filters))
+    assert answered.count(True) == cases - only_data * len(DATE_ORDERS) * 6  # a data filter alone: the sort
+    assert answered.count(False) == only_data * len(DATE_ORDERS) * 6
+
+
+async def test_a_day_with_more_stats_than_one_sorted_run_pages_like_the_full_sort(open_api, monkeypatch):
+    """Days of a few thousand stats are sorted in runs and merged, in the walk as in the full sort."""
+    rng = random.Random(5)
+    stats = [{"type": "risk", "date": rng.choice(["2024-01-01", "2024-01-02"]), "data": {"x": rng.randint(0, 9)}}
+             for _ in range(2600)]
+    stats += [{"type": "risk", "year": 2024, "day": 3, "data": {"x": rng.randint(0, 9)}} for _ in range(1100)]
+    await create(open_api, stats)
+    records = await whole_list_of(open_api)
+    answered = walked(monkeypatch)
+    for order_by in ["date,data__x", "-date,-data__x", "-date", "date"]:
+        expected = reference_order(records, order_by)
+        for skip, limit in [(0, 3), (1020, 30), (1290, 20), (2595, 10), (3690, 20)]:
+            got = await page(open_api, [("type", "risk"), ("_order_by", order_by), ("_skip", str(skip)),
+                                        ("_limit", str(limit))])
+            assert got == (expected[skip:skip + limit], len(expected) > skip + limit), (order_by, skip)
+    assert answered and all(answered)
+
+
+async def whole_list_of(client):
+    """Every stat, in creation order, as the server gives it."""
+    found, skip = [], 0
+    while True:
+        resp, body = await listing(client, [("_skip", str(skip)), ("_limit", "1000")])
+        assert resp.status == 200, body
+        found += body["data"]
+        if not body["has_more"]:
+            return found
+        skip += 1000
