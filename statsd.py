@@ -733,6 +733,7 @@ class StatDates:
         return (kind,), (kind, "organization", doc.get("organization")), (kind, "anr", doc.get("anr"))
 
     def added(self, doc_id: int, doc: dict, data: Any = MISSING) -> None:
+        """Put a new stat in its type's, organization's and analysis' date lists."""
         entry = (stat_date(doc), doc_id)
         for key in self._keys(doc):
             bisect.insort(self.lists.setdefault(key, []), entry)
@@ -741,6 +742,7 @@ class StatDates:
             self.undated[doc_id] = None
 
     def removed(self, doc_id: int, doc: dict) -> None:
+        """Take a stat out of its date lists."""
         entry = (stat_date(doc), doc_id)
         for key in self._keys(doc):
             entries = self.lists.get(key, [])
@@ -763,6 +765,7 @@ class StatDates:
                     del self.anrs[key]
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
+        """Fill the lists from the loaded (doc_id, record) pairs at once, then sort each."""
         lists, anrs = self.lists, collections.Counter()
         for doc_id, doc in pairs:
             kind, organization, anr = doc.get("type"), doc.get("organization"), doc.get("anr")
@@ -971,11 +974,13 @@ class StatAggregates:
     MAX_ANSWERS = 256
 
     def added(self, doc_id: int, doc: dict, data: Any = MISSING) -> None:
+        """Add a new stat's measures to its day (from `data` parsed, when given)."""
         if self.counted is not None:
             self.counted.add(doc_id)
         self._change(doc, 1, data)
 
     def removed(self, doc_id: int, doc: dict) -> None:
+        """Take a stat's measures out of its day (unless the first count has not reached it)."""
         if self.counted is None or doc_id in self.counted:
             self._change(doc, -1)
             if self.counted is not None:
@@ -991,6 +996,7 @@ class StatAggregates:
                 self._sorted.pop(doc["type"], None)
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
+        """Keep the loaded pairs for the first count (`count_all`), run after start."""
         self.pairs = [pair for pair in pairs if pair[1].get("type") in self.days]
 
     async def count_all(self, docs: dict) -> None:
@@ -1038,13 +1044,16 @@ class DataPacker:
         self.waiting: list[dict] = []
 
     def added(self, doc_id: int, doc: dict, data: Any = MISSING) -> None:
+        """Put a new stat whose data is plain JSON in the waiting list."""
         if doc.get("data").__class__ in self.PLAIN:
             self.waiting.append(doc)
 
     def removed(self, doc_id: int, doc: dict) -> None:
+        """Nothing: a removed record is packed for nothing at worst."""
         pass  # a removed record is packed for nothing at worst
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
+        """Every loaded stat waits to be packed."""
         self.waiting = [doc for _, doc in pairs if doc.get("data").__class__ in self.PLAIN]
 
     async def pack_waiting(self) -> int:
@@ -2188,6 +2197,7 @@ class Turns:
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> "Turns":
+        """The turns of `loop` (one set per event loop)."""
         turns = cls._of.get(loop)
         if turns is None:
             turns = cls._of[loop] = cls(loop)
@@ -4276,6 +4286,7 @@ def is_dashboard_path(path: str) -> bool:
 
 @dataclass
 class Session:
+    """A dashboard session: whose key opened it, and until when it lasts."""
     token_sha256: str  # the key's hash, never the key: the organization is found again on each request
     expires: float
 
@@ -4294,6 +4305,7 @@ class Sessions:
         self.by_id: dict[str, Session] = {}
 
     def new(self, token_sha256: str) -> str:
+        """Open a session for the key with this hash; its random id (for the cookie)."""
         if len(self.by_id) >= self.MAX:
             now = time.time()
             self.by_id = {sid: s for sid, s in self.by_id.items() if s.expires > now}
@@ -4304,6 +4316,7 @@ class Sessions:
         return sid
 
     def get(self, sid: str | None) -> Session | None:
+        """The live session of this id, or None (expired or ended)."""
         session = self.by_id.get(sid) if sid else None
         if session is not None and session.expires <= time.time():
             del self.by_id[sid]
@@ -4311,6 +4324,7 @@ class Sessions:
         return session
 
     def end(self, sid: str | None) -> None:
+        """End the session of this id (logout)."""
         if sid:
             self.by_id.pop(sid, None)
 
@@ -4426,6 +4440,7 @@ def dashboard_templates():
 
 
 def render_page(request: web.Request, template: str, context: dict, status: int = 200) -> web.Response:
+    """A dashboard page: `template` rendered with `context`, as HTML with the page's CSP nonce."""
     env = request.app[TEMPLATES_KEY]
     html = env.get_template(template).render(nonce=request.get(NONCE_KEY, ""), config=request.app[CONFIG_KEY],
                                              path=request.path, **context)
@@ -4442,6 +4457,7 @@ def format_number(value) -> str:
 
 
 def format_size(size: int) -> str:
+    """A size in bytes as people read it (bytes, KiB, MiB, GiB)."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:,} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
@@ -4505,9 +4521,11 @@ class Chart:
 
     @property
     def empty(self) -> bool:
+        """Whether the chart has nothing to draw."""
         return not self.labels or all(v is None for _, values in self.series for v in values)
 
     def export_url(self, extension: str) -> str:
+        """The URL that downloads this chart as CSV or SVG, for the same choices."""
         return f"{DASHBOARD_PREFIX}/charts/{self.name}.{extension}" + (f"?{self.query}" if self.query else "")
 
     def rows(self):
@@ -4582,6 +4600,7 @@ def _svg_key(chart: Chart, nonce: str | None, standalone: bool) -> tuple:
 
 
 def cached_svg(chart: Chart, nonce: str | None, standalone: bool) -> str | None:
+    """The SVG drawn earlier for this chart, nonce and form, or None."""
     svg = SVG_CACHE.get(_svg_key(chart, nonce, standalone))
     if svg is not None and nonce is not None:  # the <style> element comes first, before any text
         svg = svg.replace(f'nonce="{NONCE_PLACEHOLDER}"', f'nonce="{nonce}"', 1)
@@ -4651,6 +4670,7 @@ def draw_svg(chart: Chart, nonce: str | None = None, standalone: bool = False) -
 
 
 def html_escape(text: str) -> str:
+    """`text` safe inside HTML text and attribute values."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
@@ -4694,6 +4714,7 @@ class Selection:
 
     @property
     def anrs(self) -> set | None:
+        """The analyses chosen, as the processors take them (None: all)."""
         return {self.anr} if self.anr else None
 
 
@@ -4775,9 +4796,11 @@ class ChartContext:
 
     @property
     def organization(self) -> str | None:
+        """The organization the charts cover: the one chosen, within what the viewer may see."""
         return self.viewer.scope(self.sel.organization)
 
     async def processed(self, kind: str, processor: str, date_from: str | None, date_to: str | None):
+        """A v1 processor's answer for this selection and dates, computed once per page."""
         key = (kind, processor, date_from, date_to)
         if key not in self.memo:
             self.memo[key] = await processed_stats(self.store, kind, processor, {}, date_from=date_from, date_to=date_to,
@@ -4864,6 +4887,7 @@ def added_sums(sums: list[dict]) -> dict:
 
 
 async def chart_top(ctx: ChartContext, kind: str) -> Chart:
+    """Top threats or vulnerabilities as horizontal bars, by the chosen measure and order."""
     sel = ctx.sel
     processor = f"{kind}_average_on_date"
     sums, = await period_sums(ctx, kind, [(sel.date_from, sel.date_to)])
@@ -4878,6 +4902,7 @@ async def chart_top(ctx: ChartContext, kind: str) -> Chart:
 
 
 async def chart_risks(ctx: ChartContext, risk_kind: str) -> Chart:
+    """Information or operational risks: Low, Medium and High, current against residual."""
     sel = ctx.sel
     data = await ctx.processed("risk", "risk_averages", sel.date_from, sel.date_to)
     states = [(state, [data[state][risk_kind][level] if data else None for level in RISK_LEVELS])
@@ -4920,6 +4945,7 @@ async def chart_evolution(ctx: ChartContext, kind: str) -> Chart:
 
 
 async def chart_evolution_risks(ctx: ChartContext, risk_kind: str) -> Chart:
+    """Information or operational risk levels per month, current and residual."""
     months = evolution_months(ctx.sel)
     series = []
     sums = await period_sums(ctx, "risk", [(first, last) for _, first, last in months])
@@ -4938,6 +4964,7 @@ async def chart_evolution_risks(ctx: ChartContext, risk_kind: str) -> Chart:
 
 
 def chart_stats_by_month(ctx: ChartContext) -> Chart:
+    """Stats received per type and month, over the last 12 months."""
     counts = stat_counts_by_month(ctx.store, ctx.organization, 12)
     months = evolution_months(replace(ctx.sel, months=12))
     labels = [m for m, _, _ in months]
@@ -4974,6 +5001,7 @@ class ShownChart:
 
 
 async def shown(request: web.Request, chart: Chart) -> ShownChart:
+    """A chart ready for a template: its SVG (drawn off the loop) and its links."""
     from markupsafe import Markup
     return ShownChart(chart, Markup(await render_svg_async(chart, request[NONCE_KEY])))
 
@@ -5045,12 +5073,14 @@ async def chart_page(request: web.Request, page: str, title: str, **choices) -> 
 @route("GET", DASHBOARD_PREFIX + "/landscape/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_landscape(request: web.Request) -> web.Response:
+    """GET /dashboard/landscape/: top threats and vulnerabilities, and the risks, for the choices."""
     return await chart_page(request, "landscape", "Current landscape", periods=PERIOD_DAYS, tops=TOP_CHOICES)
 
 
 @route("GET", DASHBOARD_PREFIX + "/evolution/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_evolution(request: web.Request) -> web.Response:
+    """GET /dashboard/evolution/: the monthly lines of the top objects and of the risk levels."""
     return await chart_page(request, "evolution", "Evolution", months=EVOLUTION_MONTHS, series=SERIES_CHOICES)
 
 
@@ -5129,6 +5159,7 @@ def _data_summary(data) -> str:
 @route("GET", DASHBOARD_PREFIX + "/stats/{id}/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_stat(request: web.Request) -> web.Response:
+    """GET /dashboard/stats/{id}: one stat, its data pretty-printed, and a link to its JSON."""
     viewer = page_viewer(request, aggregated=False)
     only = set(request.query) - {"api_key"}
     if only:
@@ -5151,6 +5182,7 @@ async def dashboard_stat(request: web.Request) -> web.Response:
 @route("GET", DASHBOARD_PREFIX + "/organizations/{name}/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_organization(request: web.Request) -> web.Response:
+    """GET /dashboard/organizations/{name}: an organization, its analyses and latest collections."""
     viewer = page_viewer(request, aggregated=False)
     only = set(request.query) - {"api_key"}
     if only:
@@ -5235,6 +5267,7 @@ async def dashboard_login(request: web.Request) -> web.Response:
 @route("POST", DASHBOARD_PREFIX + "/logout/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_logout(request: web.Request) -> web.Response:
+    """POST /dashboard/logout: end the session (same-origin only) and go to the login page."""
     _check_same_origin(request)
     request.app[SESSIONS_KEY].end(request.cookies.get(SESSION_COOKIE))
     response = see_other(DASHBOARD_PREFIX + "/login")
@@ -5245,6 +5278,7 @@ async def dashboard_logout(request: web.Request) -> web.Response:
 @route("GET", DASHBOARD_PREFIX + "/static/dashboard.css", when=dashboard_on)
 @dashboard_handler
 async def dashboard_css(request: web.Request) -> web.Response:
+    """GET the dashboard's stylesheet (served by statsd: nothing comes from another host)."""
     return web.Response(text=DASHBOARD_TEMPLATES["dashboard.css"], content_type="text/css", charset="utf-8",
                         headers={"Cache-Control": "public, max-age=3600"})
 
@@ -5252,6 +5286,7 @@ async def dashboard_css(request: web.Request) -> web.Response:
 @route("GET", DASHBOARD_PREFIX + "/", when=dashboard_on)
 @dashboard_handler
 async def dashboard_home(request: web.Request) -> web.Response:
+    """GET /dashboard/: the overview is at /."""
     return see_other("/")
 
 
