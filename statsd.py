@@ -5156,14 +5156,20 @@ def _data_summary(data) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-@route("GET", DASHBOARD_PREFIX + "/stats/{id}/", when=dashboard_on)
-@dashboard_handler
-async def dashboard_stat(request: web.Request) -> web.Response:
-    """GET /dashboard/stats/{id}: one stat, its data pretty-printed, and a link to its JSON."""
+def record_page_viewer(request: web.Request) -> "Viewer":
+    """The viewer of a stat's or an organization's page, which take no choices (400 for any query parameter)."""
     viewer = page_viewer(request, aggregated=False)
     only = set(request.query) - {"api_key"}
     if only:
         raise DashboardError(400, f"unknown query parameter(s): {', '.join(sorted(only))}")
+    return viewer
+
+
+@route("GET", DASHBOARD_PREFIX + "/stats/{id}/", when=dashboard_on)
+@dashboard_handler
+async def dashboard_stat(request: web.Request) -> web.Response:
+    """GET /dashboard/stats/{id}: one stat, its data pretty-printed, and a link to its JSON."""
+    viewer = record_page_viewer(request)
     stat_id = request.match_info["id"]
     doc = request.app[STORE_KEY].stat(stat_id)
     if doc is None or not (viewer.chooses_organization or doc.get("organization") == viewer.organization):
@@ -5183,10 +5189,7 @@ async def dashboard_stat(request: web.Request) -> web.Response:
 @dashboard_handler
 async def dashboard_organization(request: web.Request) -> web.Response:
     """GET /dashboard/organizations/{name}: an organization, its analyses and latest collections."""
-    viewer = page_viewer(request, aggregated=False)
-    only = set(request.query) - {"api_key"}
-    if only:
-        raise DashboardError(400, f"unknown query parameter(s): {', '.join(sorted(only))}")
+    viewer = record_page_viewer(request)
     name = request.match_info["name"]
     store: Store = request.app[STORE_KEY]
     org = store.organization(name)
