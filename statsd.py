@@ -768,15 +768,14 @@ class StatDates:
         """Fill the lists from the loaded (doc_id, record) pairs at once, then sort each."""
         lists, anrs = self.lists, collections.Counter()
         for doc_id, doc in pairs:
-            kind, organization, anr = doc.get("type"), doc.get("organization"), doc.get("anr")
-            entry = (doc["date"] if "date" in doc else stat_date(doc), doc_id)
-            for key in ((kind,), (kind, "organization", organization), (kind, "anr", anr)):
+            entry = (stat_date(doc), doc_id)
+            for key in self._keys(doc):
                 found = lists.get(key)
                 if found is None:
                     lists[key] = [entry]
                 else:
                     found.append(entry)
-            anrs[(kind, organization, anr)] += 1
+            anrs[(doc.get("type"), doc.get("organization"), doc.get("anr"))] += 1
         for entries in lists.values():
             entries.sort()
         for (kind, organization, anr), count in anrs.items():

@@ -671,14 +671,21 @@ async def check_indexes(client, model):
                 assert [s["id"] for s in (await resp.json())["data"]] == expected, (org, type_, year)
 
 
-async def test_indexes_stay_consistent_through_create_update_delete_and_restart(make_client, db_path, tmp_path):
+async def stepped_model(make_client, seed: int, steps: int) -> IndexModel:
+    """A client with ORG_NAMES (authentication off) after `steps` random writes of an IndexModel."""
     client = await make_client(api_key_authentication=False)
     for name in ORG_NAMES:
         resp = await client.post(ORGS, json={"name": name})
         assert resp.status == 201, await resp.text()
-    model = IndexModel(client, seed=20240501)
-    for _ in range(250):
+    model = IndexModel(client, seed=seed)
+    for _ in range(steps):
         await model.step()
+    return model
+
+
+async def test_indexes_stay_consistent_through_create_update_delete_and_restart(make_client, db_path, tmp_path):
+    model = await stepped_model(make_client, 20240501, 250)
+    client = model.client
     await check_indexes(client, model)
 
     await client.close()  # clean stop: everything folded into the file
@@ -700,14 +707,8 @@ async def test_indexes_stay_consistent_through_create_update_delete_and_restart(
 
 async def test_deferred_indexes_filled_beside_writes_answer_as_a_full_scan(make_client, db_path, monkeypatch):
     """The period indexes are filled after a start, a few records at a time, while writes land."""
-    client = await make_client(api_key_authentication=False)
-    for name in ORG_NAMES:
-        resp = await client.post(ORGS, json={"name": name})
-        assert resp.status == 201, await resp.text()
-    model = IndexModel(client, seed=20261202)
-    for _ in range(300):
-        await model.step()
-    await client.close()
+    model = await stepped_model(make_client, 20261202, 300)
+    await model.client.close()
 
     async def always_yield(self):
         await asyncio.sleep(0)
