@@ -3,10 +3,14 @@
 One module, read top to bottom in the order data flows through it; its
 sections (the `# --- name ---` banners) are:
 
-    config -> storage -> query -> validation of bodies -> routes
+    config -> query language -> stat fields -> bounded work
+           -> storage: files, indexes, tables -> query engine
+           -> storage: views and the store -> validation of bodies -> routes
            -> auth and rate-limit middleware -> handlers (/api/v2/) -> v1 processors
            -> MONARC /api/v1 handlers -> dashboard -> retention -> OpenAPI
            -> app factory -> command line
+
+Nothing refers to a name of a later section (tests/test_design.py checks it).
 
 Each route is declared once, on its handler (`@route`), with the facts its
 OpenAPI operation is built from.
@@ -286,7 +290,606 @@ def _from_env(name: str, raw: str, kind: type):
     return raw
 
 
-# --------------------------------------------------------------- storage ---
+# ---------------------------------------------------------- query language ---
+
+class ApiError(Exception):
+    """An error answered to the client as the JSON error object."""
+
+    NAMES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+             405: "MethodNotAllowed", 409: "Conflict", 413: "RequestEntityTooLarge",
+             415: "UnsupportedMediaType", 426: "UpgradeRequired", 429: "TooManyRequests",
+             500: "InternalServerError",
+             503: "ServiceUnavailable", 507: "InsufficientStorage"}
+
+    def __init__(self, status: int, message: str, errors=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def bad_request(message: str, errors=None) -> ApiError:
+    """A 400 ApiError."""
+    return ApiError(400, message, errors)
+
+
+INT_RE = re.compile(r"[+-]?[0-9]{1,25}")
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def parse_int(raw: str) -> int | None:
+    """A query value as a 64-bit integer (the range a stat may hold), or None."""
+    if not INT_RE.fullmatch(raw):
+        return None
+    number = int(raw)
+    return number if INT64[0] <= number <= INT64[1] else None
+STRING_OPS = ("contains", "icontains", "startswith", "istartswith", "endswith", "iendswith", "iexact")
+COMPARE_OPS = ("lt", "lte", "gt", "gte")
+OPERATORS = ("exact", "ne", "in", "nin", "exists") + COMPARE_OPS + STRING_OPS
+
+
+RANK_MISSING, RANK_NULL, RANK_BOOL, RANK_NUMBER, RANK_STRING, RANK_OTHER = range(6)
+
+
+def _rank(value) -> int:
+    """The rank of a value's type, which orders and separates values of mixed types."""
+    if value is MISSING:
+        return RANK_MISSING
+    if value is None:
+        return RANK_NULL
+    if isinstance(value, bool):
+        return RANK_BOOL
+    if isinstance(value, (int, float)):
+        return RANK_NUMBER
+    if isinstance(value, str):
+        return RANK_STRING
+    return RANK_OTHER
+
+
+UUID_RE = re.compile("[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
+def parse_uuid(value: str) -> str | None:
+    """A UUID (32 hex digits, hyphens where they belong or none) in its canonical form, or None.
+
+    uuid.UUID alone also takes braces, "urn:uuid:" and hyphens anywhere (even "-1234...").
+    """
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
+        return None
+    return str(uuidlib.UUID(value))
+
+
+def parse_datetime(value: str) -> str | None:
+    """A date or date-time (any offset) as a naive UTC ISO string with microseconds."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds")
+
+
+DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_RULE = "a date written YYYY-MM-DD"
+
+
+def parse_date(value) -> str | None:
+    """A calendar date written YYYY-MM-DD, or None."""
+    if not isinstance(value, str) or not DATE_RE.fullmatch(value):
+        return None
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
+
+
+def parse_json_scalar(raw: str):
+    """A query value inside `data`: a JSON number, true, false or null, else the string."""
+    if raw in ("true", "false", "null") or re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", raw):
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if not (isinstance(value, float) and not math.isfinite(value)):
+            return value
+    return raw
+
+
+def _converter(parse: Callable[[str], Any], problem: str) -> Callable[[str, str], Any]:
+    """A reader of query values: `parse` one, else a 400 naming the parameter and the `problem`."""
+    def convert(raw: str, name: str):
+        value = parse(raw)
+        if value is None:
+            raise bad_request(f"{name}: {raw!r} {problem}")
+        return value
+    return convert
+
+
+def parse_anr(raw: str) -> int | str | None:
+    """An analysis: a 64-bit integer or a UUID (canonical), or None."""
+    number = parse_int(raw)
+    return number if number is not None else parse_uuid(raw)
+
+
+_convert_int = _converter(parse_int, "is not a 64-bit integer")
+_convert_anr = _converter(parse_anr, "is neither an integer nor a UUID")
+_convert_uuid = _converter(parse_uuid, "is not a UUID")
+_convert_datetime = _converter(parse_datetime, "is not a date (2020-05-12) or date-time (2020-05-12T22:29:42.362000)")
+_convert_date = _converter(parse_date, f"is not {DATE_RULE} (2020-05-12)")
+_convert_bool = _converter(parse_bool, f"is not a boolean ({BOOL_WORDS_TEXT})")
+
+
+def _convert_text(raw: str, name: str):
+    return raw
+
+
+def _convert_json_scalar(raw: str, name: str):
+    return parse_json_scalar(raw)
+
+
+# field name -> (converter of a query value, whether string operators apply); the stats' table is
+# STAT_FIELDS, made from the field table STAT_TABLE
+ORG_FIELDS = {
+    "id": (_convert_text, True),
+    "name": (_convert_text, True),
+    "is_admin": (_convert_bool, False),
+    "created_at": (_convert_datetime, True),
+    "updated_at": (_convert_datetime, True),
+}
+
+
+def _getter(path: tuple[str, ...]) -> Callable[[dict], Any]:
+    """A function reading a field, or a path inside it, from a record (MISSING if absent)."""
+    if len(path) == 1 and path[0] != "data":
+        name = path[0]
+        return lambda doc: doc.get(name, MISSING)
+    first, rest = path[0], path[1:]
+
+    def get(doc):
+        value = doc.get(first, MISSING)
+        if value.__class__ in SERIALIZED:  # a stat's data
+            value = orjson.loads(json_data(value))
+        for part in rest:
+            if isinstance(value, dict):
+                value = value.get(part, MISSING)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return MISSING
+            if value is MISSING:
+                return MISSING
+        return value
+    return get
+
+
+def _same(stored, wanted) -> bool:
+    """Equality that never confuses types (true is not 1, "1" is not 1)."""
+    return stored == wanted and _rank(stored) == _rank(wanted)
+
+
+NUMBER = (int, float)
+COMPARE = {"lt": operator.lt, "lte": operator.le, "gt": operator.gt, "gte": operator.ge}
+
+
+def _value_test(op: str, value) -> Callable[[Any], bool]:
+    """The test of one filter on a stored value (MISSING when the record lacks it)."""
+    if op == "exact":
+        if value.__class__ is str:  # the common case, made fast
+            return lambda s: s.__class__ is str and s == value
+        return lambda s: _same(s, value)
+    if op == "ne":
+        exact = _value_test("exact", value)
+        return lambda s: not exact(s)
+    if op in ("in", "nin"):
+        keyed = {(_rank(v), v) for v in value}
+        hit = lambda s: s is not MISSING and _may_be_listed(s) and (_rank(s), s) in keyed
+        return hit if op == "in" else (lambda s: not hit(s))
+    if op == "exists":
+        return lambda s: (s is not MISSING) == value
+    if op in COMPARE:
+        compare = COMPARE[op]
+        if value.__class__ is str:
+            return lambda s: s.__class__ is str and compare(s, value)
+        if value.__class__ in NUMBER:
+            return lambda s: s.__class__ in NUMBER and compare(s, value)
+        return lambda s: False  # only numbers and strings are ordered
+    low = value.casefold()
+    test = {"iexact": lambda s: s.casefold() == low,
+            "contains": lambda s: value in s, "icontains": lambda s: low in s.casefold(),
+            "startswith": lambda s: s.startswith(value), "istartswith": lambda s: s.casefold().startswith(low),
+            "endswith": lambda s: s.endswith(value), "iendswith": lambda s: s.casefold().endswith(low)}[op]
+    return lambda s: s.__class__ is str and test(s)
+
+
+def _may_be_listed(value) -> bool:
+    """Whether a stored value can equal an item of an in/nin list (null, a string or a number)."""
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _number_comparison(name: str, op: str, value) -> Callable[[dict], bool]:
+    """`record[name] OP value` for a number, in one call (period filters run on many records)."""
+    if op == "lt":
+        return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s < value
+    if op == "lte":
+        return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s <= value
+    if op == "gt":
+        return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s > value
+    return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s >= value
+
+
+@dataclass
+class Filter:
+    """One `field__operator=value` condition."""
+
+    path: tuple
+    op: str
+    value: Any
+
+    @functools.cached_property
+    def key(self) -> tuple:
+        """This filter as a dictionary key."""
+        return self.path, self.op, tuple(self.value) if self.value.__class__ is list else self.value
+
+    @functools.cached_property
+    def value_test(self) -> Callable[[Any], bool]:
+        """The test of one stored value (MISSING when the record lacks it)."""
+        return _value_test(self.op, self.value)
+
+    @functools.cached_property
+    def record_test(self) -> Callable[[dict], bool]:
+        """The test of a whole record (its value at `path`)."""
+        direct = len(self.path) == 1 and self.path[0] != "data"  # data is kept serialized
+        if direct and self.op in COMPARE and self.value.__class__ in NUMBER:
+            return _number_comparison(self.path[0], self.op, self.value)
+        test = self.value_test
+        if direct:
+            name = self.path[0]
+            return lambda doc: test(doc.get(name, MISSING))
+        get = _getter(self.path)
+        return lambda doc: test(get(doc))
+
+
+@dataclass
+class Query:
+    """A parsed list request: filters, order, fields and page."""
+
+    filters: list = field(default_factory=list)
+    order_by: list = field(default_factory=list)  # (path, descending)
+    fields: list | None = None
+    skip: int = 0
+    limit: int = 100
+
+
+PAGE_ALIASES = {"_skip": "_skip", "offset": "_skip", "_limit": "_limit", "limit": "_limit"}
+
+
+def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
+                stored_as: dict[str, str] | None = None) -> Query:
+    """Turn query parameters into a Query; anything unknown or malformed is a 400.
+
+    `stored_as` maps a field that answers carry to the record field holding it
+    (an organization's `id` is its `name`).
+    """
+    stored_as = stored_as or {}
+    query = Query(limit=config.default_limit)
+    for name, raw in single_params(params, PAGE_ALIASES).items():
+        canonical = PAGE_ALIASES.get(name, name)
+        if canonical in ("_skip", "_limit"):
+            number = parse_int(raw)
+            if number is None or number < 0:
+                raise bad_request(f"{name}: {raw!r} is not a non-negative 64-bit integer")
+            if canonical == "_limit" and number > config.max_limit:
+                raise bad_request(f"{name}: {raw!r} is above the maximum of {config.max_limit}")
+            setattr(query, canonical[1:], number)
+        elif name == "_order_by":
+            query.order_by = _parse_order_by(raw, schema, stored_as)
+        elif name == "_fields":
+            query.fields = _parse_fields(raw, schema)
+        elif name == "api_key" or name in extra:
+            pass
+        elif name.startswith("_"):
+            raise bad_request(f"unknown query parameter {name!r}")
+        else:
+            _parse_filter(name, raw, schema, query, stored_as)
+            if len(query.filters) > MAX_FILTERS:
+                raise bad_request(f"more than {MAX_FILTERS} filters in one query; narrow it in steps")
+    return query
+
+
+def single_params(params, aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """The query parameters, each given once, else a 400; `aliases` maps other names of a parameter to it."""
+    seen: dict[str, str] = {}
+    single: dict[str, str] = {}
+    for name, raw in params.items():
+        canonical = aliases.get(name, name) if aliases else name
+        if canonical in seen:
+            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
+            raise bad_request(f"query parameter {name!r} is given more than once{also}")
+        seen[canonical] = name
+        single[name] = raw
+    return single
+
+
+def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) -> tuple[str, ...]:
+    """The path of a field (or of a place inside `data`) in the stored records."""
+    path = tuple(name.split("__"))
+    if path[0] not in schema or (len(path) > 1 and path[0] != "data") or "" in path:
+        raise bad_request(f"unknown field {name!r} in {what}")
+    return (stored_as.get(path[0], path[0]),) + path[1:]
+
+
+LINK_FIELDS = ("link", "links")  # an answer's hypermedia links, which _fields may name
+MAX_ORDER_KEYS = 4  # fields in one _order_by
+MAX_FILTERS = 20  # filters in one query
+MAX_FIELDS = 32  # names in one _fields
+
+
+def _parse_order_by(raw: str, schema: dict, stored_as: dict[str, str]) -> list[tuple[tuple, bool]]:
+    """(path, descending) of each comma-separated _order_by field: at most MAX_ORDER_KEYS, each once."""
+    order, seen = [], set()
+    for part in raw.split(","):
+        descending = part.startswith("-")
+        path = _split_field(part[1:] if descending else part, schema, "_order_by", stored_as)
+        if path in seen:
+            raise bad_request(f"_order_by names {part.lstrip('-')!r} more than once")
+        seen.add(path)
+        order.append((path, descending))
+    if len(order) > MAX_ORDER_KEYS:
+        raise bad_request(f"_order_by takes at most {MAX_ORDER_KEYS} fields, not {len(order)}")
+    return order
+
+
+def _parse_fields(raw: str, schema: dict) -> list[str]:
+    """The fields of a _fields list, each once: at most MAX_FIELDS names."""
+    names = raw.split(",")
+    if len(names) > MAX_FIELDS:
+        raise bad_request(f"_fields takes at most {MAX_FIELDS} names, not {len(names)}")
+    for name in names:
+        if name not in schema and name not in LINK_FIELDS:
+            raise bad_request(f"unknown field {name!r} in _fields")
+    return list(dict.fromkeys(names))
+
+
+def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: dict[str, str]) -> None:
+    path = name.split("__")
+    op = "exact"
+    if len(path) > 1 and path[-1] in OPERATORS:
+        op = path.pop()
+    elif path[0] != "data" and len(path) > 1:
+        raise bad_request(f"unknown operator {path[-1]!r} in {name!r}"
+                          f" (operators: {', '.join(OPERATORS)})")
+    path = _split_field("__".join(path), schema, f"filter {name!r}", stored_as)
+    convert, strings_ok = schema[path[0]]
+    if op == "exists":
+        value = _convert_bool(raw, name)
+    elif op in STRING_OPS:
+        if not strings_ok:
+            raise bad_request(f"{name}: the string operator {op!r} does not apply to"
+                              f" the integer field {path[0]!r}")
+        value = raw
+    elif op in ("in", "nin"):
+        value = [convert(item, name) for item in raw.split(",")]
+    else:
+        value = convert(raw, name)
+    query.filters.append(Filter(path, op, value))
+
+
+# ------------------------------------------------------------- stat fields ---
+
+
+PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
+MAX_DATA_DEPTH = 64
+
+
+def _is_int(value) -> bool:
+    """Whether `value` is a JSON integer a stat may hold (64 bits; not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
+
+
+CONTAINERS = (dict, list)
+
+
+def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
+    """Whether objects and arrays nest at most `limit` deep in `value` (parsed JSON)."""
+    if value.__class__ is dict:
+        children = value.values()
+    elif value.__class__ is list:
+        children = value
+    else:
+        return True
+    if limit < 1:
+        return False
+    for child in children:
+        if child.__class__ in CONTAINERS and not _depth_ok(child, limit - 1):
+            return False
+    return True
+
+
+def _whole(value):
+    """A whole float as an int: JSON does not tell 1.0 from 1 (nor does the OpenAPI description)."""
+    return int(value) if value.__class__ is float and value.is_integer() else value
+
+
+# The rules of the stat fields in a body: value -> (normalized value, None) or (None, what is wrong).
+
+def _check_uuid(value) -> tuple[Any, str | None]:
+    parsed = parse_uuid(value)
+    return (parsed, None) if parsed else (None, "must be a UUID string")
+
+
+def _check_organization(value) -> tuple[Any, str | None]:
+    return (value, None) if isinstance(value, str) else (None, "must be an organization name")
+
+
+def _check_anr(value) -> tuple[Any, str | None]:
+    value = _whole(value)
+    if _is_int(value):
+        return value, None
+    parsed = parse_uuid(value)
+    return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
+
+
+def _check_type(value) -> tuple[Any, str | None]:
+    if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
+        return None, "must be a string of 1 to 120 characters, not only white space"
+    return value, None
+
+
+def _check_date(value) -> tuple[Any, str | None]:
+    parsed = parse_date(value)
+    return (parsed, None) if parsed else (None, f"must be {DATE_RULE}")
+
+
+def _check_period(low: int, high: int) -> Callable[[Any], tuple[Any, str | None]]:
+    def check(value):
+        value = _whole(value)
+        if not _is_int(value) or not low <= value <= high:
+            return None, f"must be an integer from {low} to {high}"
+        return value, None
+    return check
+
+
+def _check_year(value) -> tuple[Any, str | None]:
+    value = _whole(value)
+    return (value, None) if _is_int(value) else (None, "must be an integer")
+
+
+def _check_data(value) -> tuple[Any, str | None]:
+    return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
+
+
+def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
+    """The OpenAPI schema of an integer from `low` to `high`."""
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+@dataclass(frozen=True)
+class StatField:
+    """One field of a stat record: who sets it, its rule in a body, its reading in a query, its OpenAPI schema."""
+
+    name: str
+    schema: dict  # the OpenAPI schema of its value
+    convert: Callable = _convert_text  # a query value -> the value filters compare, or a 400
+    strings_ok: bool = True  # whether the string operators apply
+    check: Callable | None = None  # a body's value -> (normalized, None) or (None, what is wrong); None: the server sets it
+    kept: bool = False  # set when the stat is created, then read-only (a PUT keeps it)
+    index: str = ""  # how the store finds it: "key", "unique", "index" (built at load), "later" (built after it)
+    shared: bool = False  # whether the store keeps one object per distinct value (few values, many records)
+
+
+UUID_SCHEMA = {"type": "string", "format": "uuid"}
+STAMP_SCHEMA = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
+STAT_TABLE = (  # in the order of a stored record's fields
+    StatField("uuid", UUID_SCHEMA, _convert_uuid, check=_check_uuid, kept=True, index="unique"),
+    StatField("organization", {"type": "string", "description": "taken from the API key; with authentication off,"
+                               " an existing organization's name"}, check=_check_organization, kept=True,
+              index="index"),
+    StatField("anr", {"anyOf": [_oa_int(), UUID_SCHEMA]}, _convert_anr, check=_check_anr, index="index"),
+    StatField("type", {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"}, check=_check_type,
+              index="index"),
+    StatField("date", {"type": "string", "format": "date", "description": "sets the period fields that are not given"},
+              _convert_date, check=_check_date, shared=True),
+    *(StatField(name, _oa_int(low, high), _convert_int, False, check=_check_period(low, high),
+                index="later")
+      for name, (low, high) in PERIODS.items()),
+    StatField("year", _oa_int(), _convert_int, False, check=_check_year, index="later"),
+    StatField("data", {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"},
+              _convert_json_scalar, check=_check_data),
+    StatField("created_at", STAMP_SCHEMA, _convert_datetime, kept=True),
+    StatField("updated_at", STAMP_SCHEMA, _convert_datetime),
+    StatField("id", {"type": "string", "pattern": "^[0-9a-f]{24}$"}, kept=True, index="key"),
+)
+STAT_FIELD = {f.name: f for f in STAT_TABLE}
+STAT_ORDER = tuple(STAT_FIELD)  # a stored record's fields, in order
+STAT_CLIENT_FIELDS = tuple(f.name for f in STAT_TABLE if f.check)
+STAT_READ_ONLY = (*(f.name for f in STAT_TABLE if not f.check), *LINK_FIELDS)  # a new stat may not set them
+STAT_KEPT = tuple(f.name for f in STAT_TABLE if f.kept)
+STAT_FIELDS = {f.name: (f.convert, f.strings_ok) for f in sorted(STAT_TABLE, key=lambda f: f.name != "id")}
+STAT_KEY = next(f.name for f in STAT_TABLE if f.index == "key")
+STAT_UNIQUE = tuple(f.name for f in STAT_TABLE if f.index == "unique")
+STAT_PERIODS = tuple(f.name for f in STAT_TABLE if f.index == "later")  # indexed in the background after a load
+STAT_INDEXED = tuple(f.name for f in STAT_TABLE if f.index in ("index", "later"))
+STAT_SHARED = tuple(f.name for f in STAT_TABLE if f.shared)
+
+
+def check_stat_value(name: str, value) -> tuple[Any, str | None]:
+    """(normalized value, None) or (None, what is wrong) for one client field."""
+    return STAT_FIELD[name].check(value)
+
+# ------------------------------------------------------------ bounded work ---
+
+class LoopBudget:
+    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others.
+
+    Long tasks then wait their turn (`Turns`): one slice of long work per
+    turn of the loop, so that eight long requests delay a short one by one
+    slice, not eight, at each of its awaits.
+    """
+
+    def __init__(self, seconds: float = 0.003):
+        self.seconds = seconds
+        self.since = time.perf_counter()
+
+    async def spend(self) -> None:
+        """Call between two small steps of a long task."""
+        if time.perf_counter() - self.since >= self.seconds:
+            await Turns.of(asyncio.get_running_loop()).wait()
+            self.since = time.perf_counter()
+
+
+class Turns:
+    """The long tasks of one event loop, let go on one at a time, a turn of the loop apart, first come first."""
+
+    _of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: collections.deque = collections.deque()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Turns":
+        """The turns of `loop` (one set per event loop)."""
+        turns = cls._of.get(loop)
+        if turns is None:
+            turns = cls._of[loop] = cls(loop)
+        return turns
+
+    async def wait(self) -> None:
+        """Return at this task's turn (after every long task that waited before it)."""
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._next)
+        await future
+
+    def _next(self) -> None:
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():  # (a cancelled task left its place)
+                future.set_result(None)
+                break
+        self.scheduled = bool(self.waiting)
+        if self.scheduled:
+            self.loop.call_soon(self._next)
+
+
+STEP = 256  # records tested between two looks at the loop budget
+
+
+def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
+    """`ids` in lists of STEP."""
+    if isinstance(ids, (list, tuple)):
+        return (ids[start:start + STEP] for start in range(0, len(ids), STEP))
+    found = iter(ids)
+    return iter(lambda: list(itertools.islice(found, STEP)), [])
+
+
+# ----------------------------------------- storage: files, indexes, tables ---
 
 class StorageError(Exception):
     """The database cannot be opened, read or written."""
@@ -699,9 +1302,278 @@ class RecordTable:
         for index in self.indexes.values():
             index.add(doc_id, doc)
 
-STAT_PERIODS = ("year", "quarter", "month", "week", "day")
-STAT_INDEXED = ("organization", "type", "anr", *STAT_PERIODS)
 
+# ------------------------------------------------------------ query engine ---
+
+def _index_ids(table: RecordTable, f: Filter) -> dict | None:
+    """The ids an index gives for an equality filter, or None when no index applies."""
+    if f.op != "exact" or len(f.path) != 1 or not _indexable(f.value):
+        return None
+    name = f.path[0]
+    if name == table.key or name in table.unique:
+        doc_id = table.doc_id(f.value) if name == table.key else table.unique[name].get(f.value)
+        return {} if doc_id is None or not _same(table.docs[doc_id][name], f.value) else {doc_id: None}
+    index = table.indexes.get(name)
+    return None if index is None else index.lookup(f.value)
+
+
+async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
+    """Ids worth testing, in creation order and in lists of STEP, and the filters still to apply.
+
+    Equality filters on indexed fields become an intersection of id sets (with
+    the other filters on indexed fields, kept by RecordTable.matching); else a filter
+    inside `data` is run over that path's value column; else every record.
+    Every source is a snapshot, so writes may land while the caller yields.
+    """
+    indexed, narrowing, rest = [], [], []
+    for f in filters:
+        ids = _index_ids(table, f)
+        if ids is not None:
+            indexed.append((f, ids))
+        elif len(f.path) == 1 and f.path[0] in table.indexes:
+            narrowing.append(f)  # a cheap test of an indexed field, such as month__gte=6
+        else:
+            rest.append(f)
+    if len(indexed) == 1 and not narrowing:
+        return _steps(list(indexed[0][1])), rest
+    if indexed:
+        key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
+        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.record_test for f in narrowing])
+        return _steps(ids), rest if tested else narrowing + rest
+    rest = narrowing + rest
+    for position, f in enumerate(rest):
+        if f.path[0] == "data":
+            column = await table.column(f.path)
+            ids, values, test = list(column), list(column.values()), f.value_test
+            steps = (list(itertools.compress(ids[start:start + STEP], map(test, values[start:start + STEP])))
+                     for start in range(0, len(ids), STEP))
+            return steps, rest[:position] + rest[position + 1:]
+    return _steps(list(table.docs)), rest
+
+
+def _sort_value(value):
+    """A value as a sort key: by type rank, then value (objects and arrays by their JSON)."""
+    rank = _rank(value)
+    if rank == RANK_OTHER:
+        value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    elif rank < RANK_BOOL:
+        value = 0
+    return rank, value
+
+
+async def _sort_values(table: RecordTable, order_by: list) -> Callable[[dict], tuple]:
+    """A record's sort value per `order_by` field, then its primary key; paths inside `data` read their column."""
+    getters = []
+    for path, _ in order_by:
+        if path[0] == "data":
+            column, doc_id, key = await table.column(path), table.by_key.get, table.key
+            getters.append(functools.partial(lambda column, doc: column.get(doc_id(doc[key]), MISSING), column))
+        else:
+            getters.append(_getter(path))
+    key = table.key
+    return lambda doc: (*(_sort_value(get(doc)) for get in getters), doc[key])
+
+
+def _sort_run(run: list, order_by: list) -> None:
+    """Order sort keys (values, then primary key): by primary key, then stably by each field from the last (C-level sorts).
+
+    Runs hold the keys alone, never the records: tuples of plain values are
+    soon untracked by the garbage collector, so a long sort does not make
+    every collection walk it.
+    """
+    run.sort(key=lambda values: values[-1])
+    for i in range(len(order_by) - 1, -1, -1):
+        run.sort(key=lambda values, i=i: values[i], reverse=order_by[i][1])
+
+
+def _merge_key(order_by: list):
+    """The key that merges sorted runs: the same order as _sort_run, in one comparison."""
+    directions = [descending for _, descending in order_by]
+
+    def compare(a, b):
+        for i, descending in enumerate(directions):
+            x, y = a[i], b[i]
+            if x != y:
+                return (1 if x < y else -1) if descending else (-1 if x < y else 1)
+        return -1 if a[-1] < b[-1] else (a[-1] > b[-1])
+    return functools.cmp_to_key(compare)
+
+
+RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
+
+
+async def _merge_runs(table: RecordTable, found: list, runs: list, run: list, order_by: list, wanted: int,
+                      budget: LoopBudget) -> None:
+    """Add to `found`, up to `wanted` records in all, the records of the sorted keys `runs` and
+    `run` (sorted here), in order: each record found again by its primary key, the last value."""
+    _sort_run(run, order_by)
+    merged = heapq.merge(*runs, run, key=_merge_key(order_by)) if runs else iter(run)
+    while len(found) < wanted:
+        keys = list(itertools.islice(merged, min(STEP, wanted - len(found))))
+        if not keys:
+            break
+        found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
+        await budget.spend()
+
+
+async def run_query(table: RecordTable, query: Query, by_date: Callable | None = None) -> tuple[list[dict], bool]:
+    """The page of matching records and whether more follow it.
+
+    Records are tested STEP at a time and the loop is given back whenever its
+    budget is spent. An ordered query sorts runs of RUN records and merges them
+    only as far as the page (skip + limit) reaches; one ordered by date first
+    walks the kept date order instead, when `by_date` (Store.stats_by_date)
+    gives it and the walk cannot cost much more than the sort (_walk_by_date).
+    """
+    wanted = query.skip + query.limit + 1
+    budget = LoopBudget()
+    found = None
+    if by_date is not None and query.order_by and query.order_by[0][0] == ("date",):
+        found = await _walk_by_date(table, query, by_date, wanted, budget)
+    if found is None:
+        key = await _sort_values(table, query.order_by) if query.order_by else None
+        found = await _sorted_matches(table, query, key, wanted, budget)
+    page = found[query.skip:wanted]
+    return page[:query.limit], len(page) > query.limit
+
+
+async def _sorted_matches(table: RecordTable, query: Query, key, wanted: int, budget: LoopBudget) -> list[dict]:
+    """The first `wanted` matching records in the query's order: every candidate tested, the matches sorted."""
+    steps, remaining = await _candidates(table, query.filters)
+    # a path inside data is read from its column (parsing each record's data would outlast any budget)
+    columns = [(await table.column(f.path), f.value_test) for f in remaining if f.path[0] == "data"]
+    predicates = [f.record_test for f in remaining if f.path[0] != "data"]
+    docs = table.docs
+    found, runs, run = [], [], []
+    for ids in steps:
+        for values, test in columns:
+            ids = [doc_id for doc_id in ids if test(values.get(doc_id, MISSING))]
+        records = [doc for doc in map(docs.get, ids) if doc is not None]
+        for predicate in predicates:
+            records = list(filter(predicate, records))
+        if key is None:
+            found += records
+            if len(found) >= wanted:
+                break
+        else:
+            run += map(key, records)
+            if len(run) >= RUN:
+                _sort_run(run, query.order_by)
+                runs.append(run)
+                run = []
+        await budget.spend()
+    if key is not None:
+        await _merge_runs(table, found, runs, run, query.order_by, wanted, budget)
+    return found
+
+
+WALK_FACTOR = 4  # a walk by date reads at most this many times the entries of the smallest index set
+
+
+def _walk_sources(table: RecordTable, filters: list[Filter]) -> tuple[dict, int] | None:
+    """The arguments of Store.stats_by_date that narrow a walk for `filters`, and the size of the
+    smallest id set an index gives for them (the candidates of _sorted_matches, at most); None when
+    _sorted_matches would read a column of `data` (a walk would parse each record's data instead)."""
+    narrow: dict[str, Any] = {}
+    kinds = [f.record_test for f in filters if f.path == ("type",)]
+    narrow["kinds"] = lambda kind: all(test({"type": kind}) for test in kinds)
+    smallest = len(table.docs)
+    indexed = False
+    for f in filters:
+        ids = _index_ids(table, f)
+        if ids is not None:
+            indexed = True
+            smallest = min(smallest, len(ids))
+        if f.op == "exact" and f.path == ("organization",) and f.value.__class__ is str:
+            narrow["organization"] = f.value
+        elif f.op == "exact" and f.path == ("anr",) and _indexable(f.value):
+            narrow["anr"] = f.value
+        elif f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "gt", "gte"):
+            narrow["date_from"] = max(narrow.get("date_from", ""), f.value)
+        if f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "lt", "lte"):
+            narrow["date_to"] = min(narrow.get("date_to", "\uffff"), f.value)
+    if not indexed and any(f.path[0] == "data" for f in filters):
+        return None
+    return narrow, smallest
+
+
+async def _walk_by_date(table: RecordTable, query: Query, by_date: Callable, wanted: int,
+                        budget: LoopBudget) -> list[dict] | None:
+    """The first `wanted` matching stats of a query ordered by `date` or `-date` first, from the kept
+    date order: a day's matches at a time, each day sorted by the later keys (then the primary key,
+    as in the full sort), stopping at the first day that completes the page. None when the lists to
+    walk hold more than WALK_FACTOR times the candidates that sorting would read.
+
+    Stats with no `date` sort before every date (after, with -date): they come from their own list.
+    A stat whose date changes while the walk gives the loop back is left out of that answer.
+    """
+    sources = _walk_sources(table, query.filters)
+    if sources is None:
+        return None
+    narrow, smallest = sources
+    lists, undated = by_date(**narrow)
+    if sum(map(len, lists)) > WALK_FACTOR * max(smallest, STEP):
+        return None
+    predicates = [f.record_test for f in query.filters if f.path[0] != "data"] + \
+        [f.record_test for f in query.filters if f.path[0] == "data"]  # cheap tests first
+    docs, order_by, descending = table.docs, query.order_by[1:], query.order_by[0][1]  # within a day: the rest
+    key = await _sort_values(table, order_by)
+    found: list[dict] = []
+
+    def matching(records: list) -> list:
+        for predicate in predicates:
+            records = list(filter(predicate, records))
+        return records
+
+    async def add_undated() -> None:  # they sort as one day, before (or after) every date
+        runs, run = [], []
+        for chunk in _steps(undated):
+            records = [doc for doc in map(docs.get, chunk) if doc is not None and "date" not in doc]
+            run += map(key, matching(records))
+            if len(run) >= RUN:
+                _sort_run(run, order_by)
+                runs.append(run)
+                run = []
+            await budget.spend()
+        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
+
+    if undated and not descending:
+        await add_undated()
+        if len(found) >= wanted:
+            return found
+    if len(lists) == 1:
+        entries = reversed(lists[0]) if descending else iter(lists[0])
+    else:
+        entries = heapq.merge(*(reversed(entries) if descending else entries for entries in lists),
+                              reverse=descending)
+    day, runs, run = None, [], []  # the day being read and its matches, as in _sorted_matches
+    for chunk in iter(lambda: list(itertools.islice(entries, STEP)), []):
+        for entry_day, same_day in itertools.groupby(chunk, key=operator.itemgetter(0)):
+            if entry_day != day:
+                if runs or run:
+                    await _merge_runs(table, found, runs, run, order_by, wanted, budget)
+                    runs, run = [], []
+                    if len(found) >= wanted:
+                        break
+                day = entry_day
+            records = [doc for doc in map(docs.get, [doc_id for _, doc_id in same_day])
+                       if doc is not None and doc.get("date") == day]  # (else deleted, undated or moved)
+            run += map(key, matching(records))
+            if len(run) >= RUN:
+                _sort_run(run, order_by)
+                runs.append(run)
+                run = []
+        if len(found) >= wanted:
+            break
+        await budget.spend()
+    else:
+        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
+        if undated and descending:
+            await add_undated()
+    return found
+
+
+# -------------------------------------------- storage: views and the store ---
 
 def stat_date(doc: dict) -> str:
     """A stat's day: its `date`, else its year and day of year, else the day it was created (UTC)."""
@@ -1114,7 +1986,7 @@ class Store:
 
     @staticmethod
     def _empty_tables() -> dict[str, RecordTable]:
-        stats = RecordTable("stats", key="id", unique=("uuid",), indexed=STAT_INDEXED, shared=("date",),
+        stats = RecordTable("stats", key=STAT_KEY, unique=STAT_UNIQUE, indexed=STAT_INDEXED, shared=STAT_SHARED,
                             deferred=STAT_PERIODS)
         stats.views = [StatDates(), StatAggregates(), DataPacker()]
         return {"organizations": RecordTable("organizations", key="name", unique=("token_sha256",), indexed=("is_admin",)),
@@ -1778,860 +2650,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# ----------------------------------------------------------------- query ---
-
-class ApiError(Exception):
-    """An error answered to the client as the JSON error object."""
-
-    NAMES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-             405: "MethodNotAllowed", 409: "Conflict", 413: "RequestEntityTooLarge",
-             415: "UnsupportedMediaType", 426: "UpgradeRequired", 429: "TooManyRequests",
-             500: "InternalServerError",
-             503: "ServiceUnavailable", 507: "InsufficientStorage"}
-
-    def __init__(self, status: int, message: str, errors=None, headers=None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.errors = errors
-        self.headers = headers or {}
-
-
-def bad_request(message: str, errors=None) -> ApiError:
-    """A 400 ApiError."""
-    return ApiError(400, message, errors)
-
-
-INT_RE = re.compile(r"[+-]?[0-9]{1,25}")
-INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
-def parse_int(raw: str) -> int | None:
-    """A query value as a 64-bit integer (the range a stat may hold), or None."""
-    if not INT_RE.fullmatch(raw):
-        return None
-    number = int(raw)
-    return number if INT64[0] <= number <= INT64[1] else None
-STRING_OPS = ("contains", "icontains", "startswith", "istartswith", "endswith", "iendswith", "iexact")
-COMPARE_OPS = ("lt", "lte", "gt", "gte")
-OPERATORS = ("exact", "ne", "in", "nin", "exists") + COMPARE_OPS + STRING_OPS
-
-
-RANK_MISSING, RANK_NULL, RANK_BOOL, RANK_NUMBER, RANK_STRING, RANK_OTHER = range(6)
-
-
-def _rank(value) -> int:
-    """The rank of a value's type, which orders and separates values of mixed types."""
-    if value is MISSING:
-        return RANK_MISSING
-    if value is None:
-        return RANK_NULL
-    if isinstance(value, bool):
-        return RANK_BOOL
-    if isinstance(value, (int, float)):
-        return RANK_NUMBER
-    if isinstance(value, str):
-        return RANK_STRING
-    return RANK_OTHER
-
-
-UUID_RE = re.compile("[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
-
-
-def parse_uuid(value: str) -> str | None:
-    """A UUID (32 hex digits, hyphens where they belong or none) in its canonical form, or None.
-
-    uuid.UUID alone also takes braces, "urn:uuid:" and hyphens anywhere (even "-1234...").
-    """
-    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
-        return None
-    return str(uuidlib.UUID(value))
-
-
-def parse_datetime(value: str) -> str | None:
-    """A date or date-time (any offset) as a naive UTC ISO string with microseconds."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment.isoformat(timespec="microseconds")
-
-
-DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-DATE_RULE = "a date written YYYY-MM-DD"
-
-
-def parse_date(value) -> str | None:
-    """A calendar date written YYYY-MM-DD, or None."""
-    if not isinstance(value, str) or not DATE_RE.fullmatch(value):
-        return None
-    try:
-        date.fromisoformat(value)
-    except ValueError:
-        return None
-    return value
-
-
-def parse_json_scalar(raw: str):
-    """A query value inside `data`: a JSON number, true, false or null, else the string."""
-    if raw in ("true", "false", "null") or re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", raw):
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return raw
-        if not (isinstance(value, float) and not math.isfinite(value)):
-            return value
-    return raw
-
-
-def _converter(parse: Callable[[str], Any], problem: str) -> Callable[[str, str], Any]:
-    """A reader of query values: `parse` one, else a 400 naming the parameter and the `problem`."""
-    def convert(raw: str, name: str):
-        value = parse(raw)
-        if value is None:
-            raise bad_request(f"{name}: {raw!r} {problem}")
-        return value
-    return convert
-
-
-def parse_anr(raw: str) -> int | str | None:
-    """An analysis: a 64-bit integer or a UUID (canonical), or None."""
-    number = parse_int(raw)
-    return number if number is not None else parse_uuid(raw)
-
-
-_convert_int = _converter(parse_int, "is not a 64-bit integer")
-_convert_anr = _converter(parse_anr, "is neither an integer nor a UUID")
-_convert_uuid = _converter(parse_uuid, "is not a UUID")
-_convert_datetime = _converter(parse_datetime, "is not a date (2020-05-12) or date-time (2020-05-12T22:29:42.362000)")
-_convert_date = _converter(parse_date, f"is not {DATE_RULE} (2020-05-12)")
-_convert_bool = _converter(parse_bool, f"is not a boolean ({BOOL_WORDS_TEXT})")
-
-
-def _convert_text(raw: str, name: str):
-    return raw
-
-
-def _convert_json_scalar(raw: str, name: str):
-    return parse_json_scalar(raw)
-
-
-# field name -> (converter of a query value, whether string operators apply); the stats' table is
-# STAT_FIELDS, made from the field table STAT_TABLE
-ORG_FIELDS = {
-    "id": (_convert_text, True),
-    "name": (_convert_text, True),
-    "is_admin": (_convert_bool, False),
-    "created_at": (_convert_datetime, True),
-    "updated_at": (_convert_datetime, True),
-}
-
-
-def _getter(path: tuple[str, ...]) -> Callable[[dict], Any]:
-    """A function reading a field, or a path inside it, from a record (MISSING if absent)."""
-    if len(path) == 1 and path[0] != "data":
-        name = path[0]
-        return lambda doc: doc.get(name, MISSING)
-    first, rest = path[0], path[1:]
-
-    def get(doc):
-        value = doc.get(first, MISSING)
-        if value.__class__ in SERIALIZED:  # a stat's data
-            value = orjson.loads(json_data(value))
-        for part in rest:
-            if isinstance(value, dict):
-                value = value.get(part, MISSING)
-            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-                value = value[int(part)]
-            else:
-                return MISSING
-            if value is MISSING:
-                return MISSING
-        return value
-    return get
-
-
-def _same(stored, wanted) -> bool:
-    """Equality that never confuses types (true is not 1, "1" is not 1)."""
-    return stored == wanted and _rank(stored) == _rank(wanted)
-
-
-NUMBER = (int, float)
-COMPARE = {"lt": operator.lt, "lte": operator.le, "gt": operator.gt, "gte": operator.ge}
-
-
-def _value_test(op: str, value) -> Callable[[Any], bool]:
-    """The test of one filter on a stored value (MISSING when the record lacks it)."""
-    if op == "exact":
-        if value.__class__ is str:  # the common case, made fast
-            return lambda s: s.__class__ is str and s == value
-        return lambda s: _same(s, value)
-    if op == "ne":
-        exact = _value_test("exact", value)
-        return lambda s: not exact(s)
-    if op in ("in", "nin"):
-        keyed = {(_rank(v), v) for v in value}
-        hit = lambda s: s is not MISSING and _may_be_listed(s) and (_rank(s), s) in keyed
-        return hit if op == "in" else (lambda s: not hit(s))
-    if op == "exists":
-        return lambda s: (s is not MISSING) == value
-    if op in COMPARE:
-        compare = COMPARE[op]
-        if value.__class__ is str:
-            return lambda s: s.__class__ is str and compare(s, value)
-        if value.__class__ in NUMBER:
-            return lambda s: s.__class__ in NUMBER and compare(s, value)
-        return lambda s: False  # only numbers and strings are ordered
-    low = value.casefold()
-    test = {"iexact": lambda s: s.casefold() == low,
-            "contains": lambda s: value in s, "icontains": lambda s: low in s.casefold(),
-            "startswith": lambda s: s.startswith(value), "istartswith": lambda s: s.casefold().startswith(low),
-            "endswith": lambda s: s.endswith(value), "iendswith": lambda s: s.casefold().endswith(low)}[op]
-    return lambda s: s.__class__ is str and test(s)
-
-
-def _may_be_listed(value) -> bool:
-    """Whether a stored value can equal an item of an in/nin list (null, a string or a number)."""
-    return value is None or isinstance(value, (str, int, float))
-
-
-def _number_comparison(name: str, op: str, value) -> Callable[[dict], bool]:
-    """`record[name] OP value` for a number, in one call (period filters run on many records)."""
-    if op == "lt":
-        return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s < value
-    if op == "lte":
-        return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s <= value
-    if op == "gt":
-        return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s > value
-    return lambda doc: (s := doc.get(name)).__class__ in NUMBER and s >= value
-
-
-@dataclass
-class Filter:
-    """One `field__operator=value` condition."""
-
-    path: tuple
-    op: str
-    value: Any
-
-    @functools.cached_property
-    def key(self) -> tuple:
-        """This filter as a dictionary key."""
-        return self.path, self.op, tuple(self.value) if self.value.__class__ is list else self.value
-
-    @functools.cached_property
-    def value_test(self) -> Callable[[Any], bool]:
-        """The test of one stored value (MISSING when the record lacks it)."""
-        return _value_test(self.op, self.value)
-
-    @functools.cached_property
-    def record_test(self) -> Callable[[dict], bool]:
-        """The test of a whole record (its value at `path`)."""
-        direct = len(self.path) == 1 and self.path[0] != "data"  # data is kept serialized
-        if direct and self.op in COMPARE and self.value.__class__ in NUMBER:
-            return _number_comparison(self.path[0], self.op, self.value)
-        test = self.value_test
-        if direct:
-            name = self.path[0]
-            return lambda doc: test(doc.get(name, MISSING))
-        get = _getter(self.path)
-        return lambda doc: test(get(doc))
-
-
-@dataclass
-class Query:
-    """A parsed list request: filters, order, fields and page."""
-
-    filters: list = field(default_factory=list)
-    order_by: list = field(default_factory=list)  # (path, descending)
-    fields: list | None = None
-    skip: int = 0
-    limit: int = 100
-
-
-PAGE_ALIASES = {"_skip": "_skip", "offset": "_skip", "_limit": "_limit", "limit": "_limit"}
-
-
-def parse_query(params, schema: dict, config: Config, extra: Iterable[str] = (),
-                stored_as: dict[str, str] | None = None) -> Query:
-    """Turn query parameters into a Query; anything unknown or malformed is a 400.
-
-    `stored_as` maps a field that answers carry to the record field holding it
-    (an organization's `id` is its `name`).
-    """
-    stored_as = stored_as or {}
-    query = Query(limit=config.default_limit)
-    for name, raw in single_params(params, PAGE_ALIASES).items():
-        canonical = PAGE_ALIASES.get(name, name)
-        if canonical in ("_skip", "_limit"):
-            number = parse_int(raw)
-            if number is None or number < 0:
-                raise bad_request(f"{name}: {raw!r} is not a non-negative 64-bit integer")
-            if canonical == "_limit" and number > config.max_limit:
-                raise bad_request(f"{name}: {raw!r} is above the maximum of {config.max_limit}")
-            setattr(query, canonical[1:], number)
-        elif name == "_order_by":
-            query.order_by = _parse_order_by(raw, schema, stored_as)
-        elif name == "_fields":
-            query.fields = _parse_fields(raw, schema)
-        elif name == "api_key" or name in extra:
-            pass
-        elif name.startswith("_"):
-            raise bad_request(f"unknown query parameter {name!r}")
-        else:
-            _parse_filter(name, raw, schema, query, stored_as)
-            if len(query.filters) > MAX_FILTERS:
-                raise bad_request(f"more than {MAX_FILTERS} filters in one query; narrow it in steps")
-    return query
-
-
-def single_params(params, aliases: dict[str, str] | None = None) -> dict[str, str]:
-    """The query parameters, each given once, else a 400; `aliases` maps other names of a parameter to it."""
-    seen: dict[str, str] = {}
-    single: dict[str, str] = {}
-    for name, raw in params.items():
-        canonical = aliases.get(name, name) if aliases else name
-        if canonical in seen:
-            also = "" if seen[canonical] == name else f" (as {seen[canonical]})"
-            raise bad_request(f"query parameter {name!r} is given more than once{also}")
-        seen[canonical] = name
-        single[name] = raw
-    return single
-
-
-def _split_field(name: str, schema: dict, what: str, stored_as: dict[str, str]) -> tuple[str, ...]:
-    """The path of a field (or of a place inside `data`) in the stored records."""
-    path = tuple(name.split("__"))
-    if path[0] not in schema or (len(path) > 1 and path[0] != "data") or "" in path:
-        raise bad_request(f"unknown field {name!r} in {what}")
-    return (stored_as.get(path[0], path[0]),) + path[1:]
-
-
-LINK_FIELDS = ("link", "links")  # an answer's hypermedia links, which _fields may name
-MAX_ORDER_KEYS = 4  # fields in one _order_by
-MAX_FILTERS = 20  # filters in one query
-MAX_FIELDS = 32  # names in one _fields
-
-
-def _parse_order_by(raw: str, schema: dict, stored_as: dict[str, str]) -> list[tuple[tuple, bool]]:
-    """(path, descending) of each comma-separated _order_by field: at most MAX_ORDER_KEYS, each once."""
-    order, seen = [], set()
-    for part in raw.split(","):
-        descending = part.startswith("-")
-        path = _split_field(part[1:] if descending else part, schema, "_order_by", stored_as)
-        if path in seen:
-            raise bad_request(f"_order_by names {part.lstrip('-')!r} more than once")
-        seen.add(path)
-        order.append((path, descending))
-    if len(order) > MAX_ORDER_KEYS:
-        raise bad_request(f"_order_by takes at most {MAX_ORDER_KEYS} fields, not {len(order)}")
-    return order
-
-
-def _parse_fields(raw: str, schema: dict) -> list[str]:
-    """The fields of a _fields list, each once: at most MAX_FIELDS names."""
-    names = raw.split(",")
-    if len(names) > MAX_FIELDS:
-        raise bad_request(f"_fields takes at most {MAX_FIELDS} names, not {len(names)}")
-    for name in names:
-        if name not in schema and name not in LINK_FIELDS:
-            raise bad_request(f"unknown field {name!r} in _fields")
-    return list(dict.fromkeys(names))
-
-
-def _parse_filter(name: str, raw: str, schema: dict, query: Query, stored_as: dict[str, str]) -> None:
-    path = name.split("__")
-    op = "exact"
-    if len(path) > 1 and path[-1] in OPERATORS:
-        op = path.pop()
-    elif path[0] != "data" and len(path) > 1:
-        raise bad_request(f"unknown operator {path[-1]!r} in {name!r}"
-                          f" (operators: {', '.join(OPERATORS)})")
-    path = _split_field("__".join(path), schema, f"filter {name!r}", stored_as)
-    convert, strings_ok = schema[path[0]]
-    if op == "exists":
-        value = _convert_bool(raw, name)
-    elif op in STRING_OPS:
-        if not strings_ok:
-            raise bad_request(f"{name}: the string operator {op!r} does not apply to"
-                              f" the integer field {path[0]!r}")
-        value = raw
-    elif op in ("in", "nin"):
-        value = [convert(item, name) for item in raw.split(",")]
-    else:
-        value = convert(raw, name)
-    query.filters.append(Filter(path, op, value))
-
-
-class LoopBudget:
-    """Gives the event loop back whenever `seconds` of work have passed: long work never stalls others.
-
-    Long tasks then wait their turn (`Turns`): one slice of long work per
-    turn of the loop, so that eight long requests delay a short one by one
-    slice, not eight, at each of its awaits.
-    """
-
-    def __init__(self, seconds: float = 0.003):
-        self.seconds = seconds
-        self.since = time.perf_counter()
-
-    async def spend(self) -> None:
-        """Call between two small steps of a long task."""
-        if time.perf_counter() - self.since >= self.seconds:
-            await Turns.of(asyncio.get_running_loop()).wait()
-            self.since = time.perf_counter()
-
-
-class Turns:
-    """The long tasks of one event loop, let go on one at a time, a turn of the loop apart, first come first."""
-
-    _of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.waiting: collections.deque = collections.deque()
-        self.scheduled = False
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> "Turns":
-        """The turns of `loop` (one set per event loop)."""
-        turns = cls._of.get(loop)
-        if turns is None:
-            turns = cls._of[loop] = cls(loop)
-        return turns
-
-    async def wait(self) -> None:
-        """Return at this task's turn (after every long task that waited before it)."""
-        future = self.loop.create_future()
-        self.waiting.append(future)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self._next)
-        await future
-
-    def _next(self) -> None:
-        while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():  # (a cancelled task left its place)
-                future.set_result(None)
-                break
-        self.scheduled = bool(self.waiting)
-        if self.scheduled:
-            self.loop.call_soon(self._next)
-
-
-def _index_ids(table: RecordTable, f: Filter) -> dict | None:
-    """The ids an index gives for an equality filter, or None when no index applies."""
-    if f.op != "exact" or len(f.path) != 1 or not _indexable(f.value):
-        return None
-    name = f.path[0]
-    if name == table.key or name in table.unique:
-        doc_id = table.doc_id(f.value) if name == table.key else table.unique[name].get(f.value)
-        return {} if doc_id is None or not _same(table.docs[doc_id][name], f.value) else {doc_id: None}
-    index = table.indexes.get(name)
-    return None if index is None else index.lookup(f.value)
-
-
-STEP = 256  # records tested between two looks at the loop budget
-
-
-def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
-    """`ids` in lists of STEP."""
-    if isinstance(ids, (list, tuple)):
-        return (ids[start:start + STEP] for start in range(0, len(ids), STEP))
-    found = iter(ids)
-    return iter(lambda: list(itertools.islice(found, STEP)), [])
-
-
-async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterable[list[int]], list[Filter]]:
-    """Ids worth testing, in creation order and in lists of STEP, and the filters still to apply.
-
-    Equality filters on indexed fields become an intersection of id sets (with
-    the other filters on indexed fields, kept by RecordTable.matching); else a filter
-    inside `data` is run over that path's value column; else every record.
-    Every source is a snapshot, so writes may land while the caller yields.
-    """
-    indexed, narrowing, rest = [], [], []
-    for f in filters:
-        ids = _index_ids(table, f)
-        if ids is not None:
-            indexed.append((f, ids))
-        elif len(f.path) == 1 and f.path[0] in table.indexes:
-            narrowing.append(f)  # a cheap test of an indexed field, such as month__gte=6
-        else:
-            rest.append(f)
-    if len(indexed) == 1 and not narrowing:
-        return _steps(list(indexed[0][1])), rest
-    if indexed:
-        key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
-        ids, tested = table.matching(key, [ids for _, ids in indexed], [f.record_test for f in narrowing])
-        return _steps(ids), rest if tested else narrowing + rest
-    rest = narrowing + rest
-    for position, f in enumerate(rest):
-        if f.path[0] == "data":
-            column = await table.column(f.path)
-            ids, values, test = list(column), list(column.values()), f.value_test
-            steps = (list(itertools.compress(ids[start:start + STEP], map(test, values[start:start + STEP])))
-                     for start in range(0, len(ids), STEP))
-            return steps, rest[:position] + rest[position + 1:]
-    return _steps(list(table.docs)), rest
-
-
-def _sort_value(value):
-    """A value as a sort key: by type rank, then value (objects and arrays by their JSON)."""
-    rank = _rank(value)
-    if rank == RANK_OTHER:
-        value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-    elif rank < RANK_BOOL:
-        value = 0
-    return rank, value
-
-
-async def _sort_values(table: RecordTable, order_by: list) -> Callable[[dict], tuple]:
-    """A record's sort value per `order_by` field, then its primary key; paths inside `data` read their column."""
-    getters = []
-    for path, _ in order_by:
-        if path[0] == "data":
-            column, doc_id, key = await table.column(path), table.by_key.get, table.key
-            getters.append(functools.partial(lambda column, doc: column.get(doc_id(doc[key]), MISSING), column))
-        else:
-            getters.append(_getter(path))
-    key = table.key
-    return lambda doc: (*(_sort_value(get(doc)) for get in getters), doc[key])
-
-
-def _sort_run(run: list, order_by: list) -> None:
-    """Order sort keys (values, then primary key): by primary key, then stably by each field from the last (C-level sorts).
-
-    Runs hold the keys alone, never the records: tuples of plain values are
-    soon untracked by the garbage collector, so a long sort does not make
-    every collection walk it.
-    """
-    run.sort(key=lambda values: values[-1])
-    for i in range(len(order_by) - 1, -1, -1):
-        run.sort(key=lambda values, i=i: values[i], reverse=order_by[i][1])
-
-
-def _merge_key(order_by: list):
-    """The key that merges sorted runs: the same order as _sort_run, in one comparison."""
-    directions = [descending for _, descending in order_by]
-
-    def compare(a, b):
-        for i, descending in enumerate(directions):
-            x, y = a[i], b[i]
-            if x != y:
-                return (1 if x < y else -1) if descending else (-1 if x < y else 1)
-        return -1 if a[-1] < b[-1] else (a[-1] > b[-1])
-    return functools.cmp_to_key(compare)
-
-
-RUN = 1024  # records sorted at once (a few passes of C sorts stay within the loop budget); more are merged
-
-
-async def _merge_runs(table: RecordTable, found: list, runs: list, run: list, order_by: list, wanted: int,
-                      budget: LoopBudget) -> None:
-    """Add to `found`, up to `wanted` records in all, the records of the sorted keys `runs` and
-    `run` (sorted here), in order: each record found again by its primary key, the last value."""
-    _sort_run(run, order_by)
-    merged = heapq.merge(*runs, run, key=_merge_key(order_by)) if runs else iter(run)
-    while len(found) < wanted:
-        keys = list(itertools.islice(merged, min(STEP, wanted - len(found))))
-        if not keys:
-            break
-        found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
-        await budget.spend()
-
-
-async def run_query(table: RecordTable, query: Query, by_date: Callable | None = None) -> tuple[list[dict], bool]:
-    """The page of matching records and whether more follow it.
-
-    Records are tested STEP at a time and the loop is given back whenever its
-    budget is spent. An ordered query sorts runs of RUN records and merges them
-    only as far as the page (skip + limit) reaches; one ordered by date first
-    walks the kept date order instead, when `by_date` (Store.stats_by_date)
-    gives it and the walk cannot cost much more than the sort (_walk_by_date).
-    """
-    wanted = query.skip + query.limit + 1
-    budget = LoopBudget()
-    found = None
-    if by_date is not None and query.order_by and query.order_by[0][0] == ("date",):
-        found = await _walk_by_date(table, query, by_date, wanted, budget)
-    if found is None:
-        key = await _sort_values(table, query.order_by) if query.order_by else None
-        found = await _sorted_matches(table, query, key, wanted, budget)
-    page = found[query.skip:wanted]
-    return page[:query.limit], len(page) > query.limit
-
-
-async def _sorted_matches(table: RecordTable, query: Query, key, wanted: int, budget: LoopBudget) -> list[dict]:
-    """The first `wanted` matching records in the query's order: every candidate tested, the matches sorted."""
-    steps, remaining = await _candidates(table, query.filters)
-    # a path inside data is read from its column (parsing each record's data would outlast any budget)
-    columns = [(await table.column(f.path), f.value_test) for f in remaining if f.path[0] == "data"]
-    predicates = [f.record_test for f in remaining if f.path[0] != "data"]
-    docs = table.docs
-    found, runs, run = [], [], []
-    for ids in steps:
-        for values, test in columns:
-            ids = [doc_id for doc_id in ids if test(values.get(doc_id, MISSING))]
-        records = [doc for doc in map(docs.get, ids) if doc is not None]
-        for predicate in predicates:
-            records = list(filter(predicate, records))
-        if key is None:
-            found += records
-            if len(found) >= wanted:
-                break
-        else:
-            run += map(key, records)
-            if len(run) >= RUN:
-                _sort_run(run, query.order_by)
-                runs.append(run)
-                run = []
-        await budget.spend()
-    if key is not None:
-        await _merge_runs(table, found, runs, run, query.order_by, wanted, budget)
-    return found
-
-
-WALK_FACTOR = 4  # a walk by date reads at most this many times the entries of the smallest index set
-
-
-def _walk_sources(table: RecordTable, filters: list[Filter]) -> tuple[dict, int] | None:
-    """The arguments of Store.stats_by_date that narrow a walk for `filters`, and the size of the
-    smallest id set an index gives for them (the candidates of _sorted_matches, at most); None when
-    _sorted_matches would read a column of `data` (a walk would parse each record's data instead)."""
-    narrow: dict[str, Any] = {}
-    kinds = [f.record_test for f in filters if f.path == ("type",)]
-    narrow["kinds"] = lambda kind: all(test({"type": kind}) for test in kinds)
-    smallest = len(table.docs)
-    indexed = False
-    for f in filters:
-        ids = _index_ids(table, f)
-        if ids is not None:
-            indexed = True
-            smallest = min(smallest, len(ids))
-        if f.op == "exact" and f.path == ("organization",) and f.value.__class__ is str:
-            narrow["organization"] = f.value
-        elif f.op == "exact" and f.path == ("anr",) and _indexable(f.value):
-            narrow["anr"] = f.value
-        elif f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "gt", "gte"):
-            narrow["date_from"] = max(narrow.get("date_from", ""), f.value)
-        if f.path == ("date",) and f.value.__class__ is str and f.op in ("exact", "lt", "lte"):
-            narrow["date_to"] = min(narrow.get("date_to", "\uffff"), f.value)
-    if not indexed and any(f.path[0] == "data" for f in filters):
-        return None
-    return narrow, smallest
-
-
-async def _walk_by_date(table: RecordTable, query: Query, by_date: Callable, wanted: int,
-                        budget: LoopBudget) -> list[dict] | None:
-    """The first `wanted` matching stats of a query ordered by `date` or `-date` first, from the kept
-    date order: a day's matches at a time, each day sorted by the later keys (then the primary key,
-    as in the full sort), stopping at the first day that completes the page. None when the lists to
-    walk hold more than WALK_FACTOR times the candidates that sorting would read.
-
-    Stats with no `date` sort before every date (after, with -date): they come from their own list.
-    A stat whose date changes while the walk gives the loop back is left out of that answer.
-    """
-    sources = _walk_sources(table, query.filters)
-    if sources is None:
-        return None
-    narrow, smallest = sources
-    lists, undated = by_date(**narrow)
-    if sum(map(len, lists)) > WALK_FACTOR * max(smallest, STEP):
-        return None
-    predicates = [f.record_test for f in query.filters if f.path[0] != "data"] + \
-        [f.record_test for f in query.filters if f.path[0] == "data"]  # cheap tests first
-    docs, order_by, descending = table.docs, query.order_by[1:], query.order_by[0][1]  # within a day: the rest
-    key = await _sort_values(table, order_by)
-    found: list[dict] = []
-
-    def matching(records: list) -> list:
-        for predicate in predicates:
-            records = list(filter(predicate, records))
-        return records
-
-    async def add_undated() -> None:  # they sort as one day, before (or after) every date
-        runs, run = [], []
-        for chunk in _steps(undated):
-            records = [doc for doc in map(docs.get, chunk) if doc is not None and "date" not in doc]
-            run += map(key, matching(records))
-            if len(run) >= RUN:
-                _sort_run(run, order_by)
-                runs.append(run)
-                run = []
-            await budget.spend()
-        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
-
-    if undated and not descending:
-        await add_undated()
-        if len(found) >= wanted:
-            return found
-    if len(lists) == 1:
-        entries = reversed(lists[0]) if descending else iter(lists[0])
-    else:
-        entries = heapq.merge(*(reversed(entries) if descending else entries for entries in lists),
-                              reverse=descending)
-    day, runs, run = None, [], []  # the day being read and its matches, as in _sorted_matches
-    for chunk in iter(lambda: list(itertools.islice(entries, STEP)), []):
-        for entry_day, same_day in itertools.groupby(chunk, key=operator.itemgetter(0)):
-            if entry_day != day:
-                if runs or run:
-                    await _merge_runs(table, found, runs, run, order_by, wanted, budget)
-                    runs, run = [], []
-                    if len(found) >= wanted:
-                        break
-                day = entry_day
-            records = [doc for doc in map(docs.get, [doc_id for _, doc_id in same_day])
-                       if doc is not None and doc.get("date") == day]  # (else deleted, undated or moved)
-            run += map(key, matching(records))
-            if len(run) >= RUN:
-                _sort_run(run, order_by)
-                runs.append(run)
-                run = []
-        if len(found) >= wanted:
-            break
-        await budget.spend()
-    else:
-        await _merge_runs(table, found, runs, run, order_by, wanted, budget)
-        if undated and descending:
-            await add_undated()
-    return found
-
-
-# ------------------------------------------------------ validation of bodies ---
-
-PERIODS = {"day": (1, 366), "week": (1, 53), "month": (1, 12), "quarter": (1, 4)}
-MAX_DATA_DEPTH = 64
-
-
-def _is_int(value) -> bool:
-    """Whether `value` is a JSON integer a stat may hold (64 bits; not a boolean)."""
-    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
-
-
-CONTAINERS = (dict, list)
-
-
-def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
-    """Whether objects and arrays nest at most `limit` deep in `value` (parsed JSON)."""
-    if value.__class__ is dict:
-        children = value.values()
-    elif value.__class__ is list:
-        children = value
-    else:
-        return True
-    if limit < 1:
-        return False
-    for child in children:
-        if child.__class__ in CONTAINERS and not _depth_ok(child, limit - 1):
-            return False
-    return True
-
-
-def _whole(value):
-    """A whole float as an int: JSON does not tell 1.0 from 1 (nor does the OpenAPI description)."""
-    return int(value) if value.__class__ is float and value.is_integer() else value
-
-
-# The rules of the stat fields in a body: value -> (normalized value, None) or (None, what is wrong).
-
-def _check_uuid(value) -> tuple[Any, str | None]:
-    parsed = parse_uuid(value)
-    return (parsed, None) if parsed else (None, "must be a UUID string")
-
-
-def _check_organization(value) -> tuple[Any, str | None]:
-    return (value, None) if isinstance(value, str) else (None, "must be an organization name")
-
-
-def _check_anr(value) -> tuple[Any, str | None]:
-    value = _whole(value)
-    if _is_int(value):
-        return value, None
-    parsed = parse_uuid(value)
-    return (parsed, None) if parsed else (None, "must be an integer or a UUID string")
-
-
-def _check_type(value) -> tuple[Any, str | None]:
-    if not isinstance(value, str) or not 1 <= len(value) <= 120 or not value.strip():
-        return None, "must be a string of 1 to 120 characters, not only white space"
-    return value, None
-
-
-def _check_date(value) -> tuple[Any, str | None]:
-    parsed = parse_date(value)
-    return (parsed, None) if parsed else (None, f"must be {DATE_RULE}")
-
-
-def _check_period(low: int, high: int) -> Callable[[Any], tuple[Any, str | None]]:
-    def check(value):
-        value = _whole(value)
-        if not _is_int(value) or not low <= value <= high:
-            return None, f"must be an integer from {low} to {high}"
-        return value, None
-    return check
-
-
-def _check_year(value) -> tuple[Any, str | None]:
-    value = _whole(value)
-    return (value, None) if _is_int(value) else (None, "must be an integer")
-
-
-def _check_data(value) -> tuple[Any, str | None]:
-    return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
-
-
-def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
-    """The OpenAPI schema of an integer from `low` to `high`."""
-    return {"type": "integer", "minimum": low, "maximum": high}
-
-
-@dataclass(frozen=True)
-class StatField:
-    """One field of a stat record: who sets it, its rule in a body, its reading in a query, its OpenAPI schema."""
-
-    name: str
-    schema: dict  # the OpenAPI schema of its value
-    convert: Callable = _convert_text  # a query value -> the value filters compare, or a 400
-    strings_ok: bool = True  # whether the string operators apply
-    check: Callable | None = None  # a body's value -> (normalized, None) or (None, what is wrong); None: the server sets it
-    kept: bool = False  # set when the stat is created, then read-only (a PUT keeps it)
-
-
-UUID_SCHEMA = {"type": "string", "format": "uuid"}
-STAMP_SCHEMA = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}$"}
-STAT_TABLE = (  # in the order of a stored record's fields
-    StatField("uuid", UUID_SCHEMA, _convert_uuid, check=_check_uuid, kept=True),
-    StatField("organization", {"type": "string", "description": "taken from the API key; with authentication off,"
-                               " an existing organization's name"}, check=_check_organization, kept=True),
-    StatField("anr", {"anyOf": [_oa_int(), UUID_SCHEMA]}, _convert_anr, check=_check_anr),
-    StatField("type", {"type": "string", "minLength": 1, "maxLength": 120, "pattern": r"\S"}, check=_check_type),
-    StatField("date", {"type": "string", "format": "date", "description": "sets the period fields that are not given"},
-              _convert_date, check=_check_date),
-    *(StatField(name, _oa_int(low, high), _convert_int, False, check=_check_period(low, high))
-      for name, (low, high) in PERIODS.items()),
-    StatField("year", _oa_int(), _convert_int, False, check=_check_year),
-    StatField("data", {"description": f"any JSON value (null included), nested at most {MAX_DATA_DEPTH} levels"},
-              _convert_json_scalar, check=_check_data),
-    StatField("created_at", STAMP_SCHEMA, _convert_datetime, kept=True),
-    StatField("updated_at", STAMP_SCHEMA, _convert_datetime),
-    StatField("id", {"type": "string", "pattern": "^[0-9a-f]{24}$"}, kept=True),
-)
-STAT_FIELD = {f.name: f for f in STAT_TABLE}
-STAT_ORDER = tuple(STAT_FIELD)  # a stored record's fields, in order
-STAT_CLIENT_FIELDS = tuple(f.name for f in STAT_TABLE if f.check)
-STAT_READ_ONLY = (*(f.name for f in STAT_TABLE if not f.check), *LINK_FIELDS)  # a new stat may not set them
-STAT_KEPT = tuple(f.name for f in STAT_TABLE if f.kept)
-STAT_FIELDS = {f.name: (f.convert, f.strings_ok) for f in sorted(STAT_TABLE, key=lambda f: f.name != "id")}
-
-
-def check_stat_value(name: str, value) -> tuple[Any, str | None]:
-    """(normalized value, None) or (None, what is wrong) for one client field."""
-    return STAT_FIELD[name].check(value)
-
+# ---------------------------------------------------- validation of bodies ---
 
 PERIOD_FIELDS = (*PERIODS, "year")
 
@@ -2745,6 +2764,12 @@ class Routes:
 
 ROUTES = Routes()
 route = ROUTES.route
+DASHBOARD_PREFIX = "/dashboard"  # the dashboard's pages (and `/`, its overview)
+
+
+def is_dashboard_path(path: str) -> bool:
+    """Whether a path is the dashboard's (`/` included)."""
+    return path == "/" or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
 
 # ------------------------------------------- auth and rate-limit middleware ---
 
@@ -4253,7 +4278,6 @@ async def v1_processors(request: web.Request) -> web.Response:
 # same kept per-day sums, read once for every month of a chart and added up as the processors
 # add them: the same means); the overview's from stat_counts_by_month and organization_activity.
 
-DASHBOARD_PREFIX = "/dashboard"
 DASHBOARD_MODES = ("key", "public", "off")
 SESSION_COOKIE = "statsd_session"
 LOGIN_RATE_LIMIT = "10/minute"  # login attempts per client address, whatever rate_limit says
@@ -4276,11 +4300,6 @@ LOGIN_LIMIT_KEY = web.AppKey("dashboard_login_limit", object)
 def dashboard_on(config: Config) -> bool:
     """Whether the dashboard's routes are served (`/` is then its overview)."""
     return config.dashboard != "off"
-
-
-def is_dashboard_path(path: str) -> bool:
-    """Whether a path is the dashboard's (`/` included)."""
-    return path == "/" or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
 
 
 @dataclass
