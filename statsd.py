@@ -2534,40 +2534,43 @@ def read_checkpoint(path: str, tables: dict[str, RecordTable]) -> dict:
 BLOCK = 8 << 20  # bytes of the file read at once when loading
 
 
-def _blocks(f) -> Iterable[bytes]:
-    """The rest of file `f` in blocks of about BLOCK bytes, each of whole lines.
+def _blocks(f) -> Iterable[tuple[bytes, int]]:
+    """The rest of file `f` as (block, end): blocks of about BLOCK bytes read once each, whose
+    first `end` bytes are whole lines (the partial line after them is read again with the next).
 
     Records keep views of their block, so a block's memory goes back whole,
     and soon, once its records are packed (one block the size of the file
-    would go back in one long unmapping, on the loop).
+    would go back in one long unmapping, on the loop). Nothing is copied:
+    the file is read once, at C speed, whatever its size.
     """
-    rest = b""
+    size = BLOCK
     while True:
-        block = f.read(BLOCK)
+        at = f.tell()
+        block = f.read(size)
         if not block:
-            if rest:
-                yield rest
             return
-        block = rest + block if rest else block
-        cut = block.rfind(b"\n") + 1
-        if cut == 0:
-            rest = block
+        end = block.rfind(b"\n") + 1
+        if end == 0 and len(block) == size:  # a line longer than the block: read it whole
+            f.seek(at)
+            size *= 2
             continue
-        rest = block[cut:]
-        yield block[:cut] if rest else block
+        end = end or len(block)  # (the last line, without its newline)
+        yield block, end
+        f.seek(at + end)
+        size = BLOCK
 
 
-def _line_spans(raw: bytes) -> Iterable[tuple[int, int]]:
-    """(start, end) of each line of `raw`, one at a time (copies of them all would double the memory)."""
+def _line_spans(raw: bytes, stop: int) -> Iterable[tuple[int, int]]:
+    """(start, end) of each line of `raw` before `stop`, one at a time (copies of them all would double the memory)."""
     start = 0
-    while start < len(raw):
-        end = raw.find(b"\n", start)
-        end = len(raw) if end == -1 else end
+    while start < stop:
+        end = raw.find(b"\n", start, stop)
+        end = stop if end == -1 else end
         yield start, end
         start = end + 1
 
 
-def _checkpoint_rows(blocks: Iterable[bytes]) -> dict | None:
+def _checkpoint_rows(blocks: Iterable[tuple[bytes, int]]) -> dict | None:
     """name -> [(doc_id, record)] or other table, from a file in statsd's layout (after its mark); None if it is not.
 
     Each stat's `data` is left in its block of the file, as a memoryview: nothing is copied.
@@ -2575,18 +2578,19 @@ def _checkpoint_rows(blocks: Iterable[bytes]) -> dict | None:
     rows: dict[str, Any] = {}
     current = None
     try:
-        for raw in blocks:
-            current = _block_rows(raw, rows, current)
+        for raw, stop in blocks:
+            current = _block_rows(raw, stop, rows, current)
     except (ValueError, KeyError, IndexError) as e:
         log.warning("%s: not in statsd's own layout (%s); reading it as plain TinyDB JSON", "checkpoint", e)
         return None
     return rows
 
 
-def _block_rows(raw: bytes, rows: dict, current: list | None) -> list | None:
-    """Add the records of one block of whole lines to `rows`; the table being read at its end (None between tables)."""
+def _block_rows(raw: bytes, stop: int, rows: dict, current: list | None) -> list | None:
+    """Add the records of the whole lines before `stop` of one block to `rows`; the table being read
+    at their end (None between tables)."""
     view = memoryview(raw)
-    for start, end in _line_spans(raw):
+    for start, end in _line_spans(raw, stop):
         if current is None:
             line = raw[start:end]
             if line.endswith(b":{"):
