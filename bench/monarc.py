@@ -355,8 +355,18 @@ def world(seed: int, items: int):
     return rng, cat, orgs
 
 
+PART = 200_000  # stats per export file: `statsd import` reads a whole file at once (1M stats: 5 files)
+
+
+def export_parts(size: int) -> list:
+    """The statsd export files of `size` stats: one, or one per PART stats."""
+    if size <= PART:
+        return [os.path.join(DATA, f"statsd-export-{size}.json")]
+    return [os.path.join(DATA, f"statsd-export-{size}.part{k}.json") for k in range(-(-size // PART))]
+
+
 def data_paths(size: int) -> dict:
-    return {"export": os.path.join(DATA, f"statsd-export-{size}.json"),
+    return {**{f"export{k}": path for k, path in enumerate(export_parts(size))},
             "clients": os.path.join(DATA, f"upstream-clients-{size}.csv"),
             "stats": os.path.join(DATA, f"upstream-stats-{size}.csv"),
             "meta": os.path.join(DATA, f"meta-{size}.json")}
@@ -392,9 +402,12 @@ def generate(size: int, seed: int, items: int, today: dt.date) -> dict:
                 for n, (name, token, admin) in enumerate(clients, 1)]
     client_id = {name: n for n, (name, _, _) in enumerate(clients, 1)}
     count = 0
-    with open(paths["export"] + ".tmp", "wb") as ex, open(paths["stats"] + ".tmp", "w", newline="") as st:
+    parts = export_parts(size)
+    export_head = b'{"format":"statsd-export","version":1,"organizations":' + dumps(org_docs) + b',"stats":['
+    with open(paths["stats"] + ".tmp", "w", newline="") as st:
         w = csv.writer(st)
-        ex.write(b'{"format":"statsd-export","version":1,"organizations":' + dumps(org_docs) + b',"stats":[')
+        ex = open(parts[0] + ".tmp", "wb")
+        ex.write(export_head)
         for k in range(days):
             day = first + dt.timedelta(days=k)
             moment = dt.datetime.combine(day, dt.time(2, 0))
@@ -410,15 +423,22 @@ def generate(size: int, seed: int, items: int, today: dt.date) -> dict:
                         head = dumps({"uuid": stat_uuid, "organization": name, "anr": anr.uuid, "type": kind,
                                       "date": day.isoformat(), **periods(day), "created_at": stamp,
                                       "updated_at": stamp})
-                        ex.write((b"," if count else b"") + head[:-1] + b',"data":' + raw + b"}")
+                        if count and count % PART == 0 and len(parts) > 1:
+                            ex.write(b"]}\n")
+                            ex.close()
+                            ex = open(parts[count // PART] + ".tmp", "wb")
+                            ex.write(export_head)
+                        first_in_part = count % PART == 0 if len(parts) > 1 else count == 0
+                        ex.write((b"" if first_in_part else b",") + head[:-1] + b',"data":' + raw + b"}")
                         w.writerow([stat_uuid, anr.uuid, kind, day.isoformat(), raw.decode(), stamp,
                                     client_id[name]])
                         count += 1
         ex.write(b"]}\n")
-    for key in ("export", "clients", "stats"):
-        os.replace(paths[key] + ".tmp", paths[key])
+        ex.close()
+    for path in (*parts, paths["clients"], paths["stats"]):
+        os.replace(path + ".tmp", path)
     org = next(o for o in orgs if o[0] == ORG)
-    meta = dict(wanted, days=days, first=first.isoformat(), bytes=os.path.getsize(paths["export"]),
+    meta = dict(wanted, days=days, first=first.isoformat(), bytes=sum(os.path.getsize(path) for path in parts),
                 org=ORG, org_token=org[1], org_anrs=[a.uuid for a in org[2]],
                 seconds=round(time.perf_counter() - t0, 1))
     # The collection job's batch: five stats, one per type, for a new analysis ("@ANR@"), dated today.
@@ -588,10 +608,11 @@ def load_statsd(size: int) -> tuple[str, float]:
         if os.path.exists(db + extra):
             os.remove(db + extra)
     t0 = time.perf_counter()
-    out = subprocess.run(statsd_cmd() + ["import", data_paths(size)["export"], "--database", db],
-                         env=statsd_env(), cwd=RUN, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"statsd import failed ({out.returncode}): {out.stdout}{out.stderr}")
+    for part in export_parts(size):  # (the organizations of each part after the first are kept as they are)
+        out = subprocess.run(statsd_cmd() + ["import", part, "--database", db],
+                             env=statsd_env(), cwd=RUN, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"statsd import failed ({out.returncode}): {out.stdout}{out.stderr}")
     return db, time.perf_counter() - t0
 
 
@@ -960,12 +981,14 @@ def machine() -> str:
 
 def bench_size(size: int, args, pg, today: dt.date, notes: list, previous: dict) -> dict:
     log(f"== {size:,} stats")
-    # statsd import reads the whole export at once and the server holds it: skip what cannot fit,
-    # by statsd's RSS per byte of database on the largest size done (else 5), plus the export itself.
+    # statsd import reads a whole export file (PART stats at most) at once, and the server holds the
+    # database: skip what cannot fit, by statsd's RSS per byte of database on the largest size done
+    # (else 1.5, as packed at 100k), plus 8 times one export file for the import.
     done = [r for r in previous.values() if r.get("statsd", {}).get("rss")]
     per_byte = max(done, key=lambda r: r["db_mb"])["statsd"]["rss"] / max(done, key=lambda r: r["db_mb"])["db_mb"] \
-        if done else 5
-    need = (per_byte + 1) * size * (300 + 210 * args.items) / 2**20
+        if done else 1.5
+    stat_mb = (300 + 210 * args.items) / 2**20
+    need = per_byte * size * stat_mb + 8 * min(size, PART) * stat_mb
     available = 0.9 * mem_available_mb()
     if need > available:
         raise RuntimeError(f"skipped: statsd would need about {need:,.0f} MB and {available:,.0f} MB are available")
