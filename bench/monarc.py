@@ -981,14 +981,14 @@ def machine() -> str:
 
 def bench_size(size: int, args, pg, today: dt.date, notes: list, previous: dict) -> dict:
     log(f"== {size:,} stats")
-    # statsd import reads a whole export file (PART stats at most) at once, and the server holds the
-    # database: skip what cannot fit, by statsd's RSS per byte of database on the largest size done
-    # (else 1.5, as packed at 100k), plus 8 times one export file for the import.
-    done = [r for r in previous.values() if r.get("statsd", {}).get("rss")]
+    # statsd import holds the database it builds plus one export file (PART stats at most) parsed, and
+    # the server holds the database: skip what cannot fit, by statsd's RSS per byte of database on the
+    # largest size done of 100k or more (else 1.3, as packed at 100k), and 5 bytes per byte of the file.
+    done = [r for r in previous.values() if r.get("statsd", {}).get("rss") and r["db_mb"] >= 300]
     per_byte = max(done, key=lambda r: r["db_mb"])["statsd"]["rss"] / max(done, key=lambda r: r["db_mb"])["db_mb"] \
-        if done else 1.5
+        if done else 1.3
     stat_mb = (300 + 210 * args.items) / 2**20
-    need = per_byte * size * stat_mb + 8 * min(size, PART) * stat_mb
+    need = max(per_byte, 1.3) * size * stat_mb + 5 * min(size, PART) * stat_mb
     available = 0.9 * mem_available_mb()
     if need > available:
         raise RuntimeError(f"skipped: statsd would need about {need:,.0f} MB and {available:,.0f} MB are available")
