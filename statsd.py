@@ -350,14 +350,28 @@ def _rank(value) -> int:
 UUID_RE = re.compile("[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
+CANONICAL_UUID_RE = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_uuid(value: str) -> str | None:
     """A UUID (32 hex digits, hyphens where they belong or none) in its canonical form, or None.
 
     uuid.UUID alone also takes braces, "urn:uuid:" and hyphens anywhere (even "-1234...").
     """
-    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
+    if not isinstance(value, str):
+        return None
+    if CANONICAL_UUID_RE.fullmatch(value):  # as MONARC sends them: already canonical
+        return value
+    if not UUID_RE.fullmatch(value):
         return None
     return str(uuidlib.UUID(value))
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID in its canonical form, as str(uuid.uuid4()) but a quarter of the cost."""
+    digits = os.urandom(16).hex()
+    return (f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{'89ab'[int(digits[16], 16) & 3]}{digits[17:20]}"
+            f"-{digits[20:]}")
 
 
 def parse_datetime(value: str) -> str | None:
@@ -441,15 +455,19 @@ ORG_FIELDS = {
 }
 
 
-def _getter(path: tuple[str, ...]) -> Callable[[dict], Any]:
-    """A function reading a field, or a path inside it, from a record (MISSING if absent)."""
+def _getter(path: tuple[str, ...]) -> Callable[..., Any]:
+    """A function reading a field, or a path inside it, from a record (MISSING if absent).
+
+    It takes the record and, optionally, the record's `data` already parsed
+    (a writer has it: no second parse).
+    """
     if len(path) == 1 and path[0] != "data":
         name = path[0]
-        return lambda doc: doc.get(name, MISSING)
+        return lambda doc, data=MISSING: doc.get(name, MISSING)
     first, rest = path[0], path[1:]
 
-    def get(doc):
-        value = doc.get(first, MISSING)
+    def get(doc, data=MISSING):
+        value = data if first == "data" and data is not MISSING else doc.get(first, MISSING)
         if value.__class__ in SERIALIZED:  # a stat's data
             value = orjson.loads(json_data(value))
         for part in rest:
@@ -1107,13 +1125,15 @@ class Column:
         self.complete = False
         self.changed = False  # a write landed while filling: the order needs restoring
 
-    def put(self, doc_id: int, doc: dict | None) -> None:
-        """Keep the column true for a write (None deletes)."""
+    def put(self, doc_id: int, doc: dict | None, data: Any = MISSING) -> None:
+        """Keep the column true for a write (None deletes; `data`: the record's data parsed, if known)."""
         if doc is None:
             self.values.pop(doc_id, None)
         else:
-            self.values[doc_id] = self.get(doc)
+            self.values[doc_id] = self.get(doc, data)
         self.changed = self.changed or self.filling
+
+    PARSES = 16  # records read between two looks at the loop budget (a path inside data parses each one)
 
     async def fill(self, table: "RecordTable", path: tuple) -> None:
         """Read every record; if this is interrupted, the column is dropped, never left half full."""
@@ -1121,12 +1141,12 @@ class Column:
         try:
             ids = list(table.docs)
             docs, values, get, budget = table.docs, self.values, self.get, LoopBudget()
-            for start in range(0, len(ids), STEP):
-                for doc_id in ids[start:start + STEP]:
+            for start in range(0, len(ids), self.PARSES):
+                for doc_id in ids[start:start + self.PARSES]:
                     doc = docs.get(doc_id)
                     if doc is not None and doc_id not in values:
                         values[doc_id] = get(doc)
-                await budget.spend()  # a path inside data parses each record's JSON
+                await budget.spend()
             if self.changed:
                 ordered = sorted(values.items())
                 values.clear()
@@ -1137,6 +1157,27 @@ class Column:
             if not self.complete and table.columns.get(path) is self:
                 del table.columns[path]
             self.ready.set()
+
+
+class RecordView:
+    """What a RecordTable keeps true beside its records (`views`): date lists, aggregates, the packer.
+
+    The table calls `load` once with every record read from disk, then
+    `added` and `removed` in the same step as each write (a change is a
+    removal of the old record, then an addition of the new one).
+    """
+
+    def load(self, pairs: list[tuple[int, dict]]) -> None:
+        """Start from the loaded (doc_id, record) pairs."""
+        raise NotImplementedError
+
+    def added(self, doc_id: int, doc: dict, data: Any = MISSING) -> None:
+        """A new record (`data`: its `data` parsed, when the writer has it)."""
+        raise NotImplementedError
+
+    def removed(self, doc_id: int, doc: dict) -> None:
+        """A record gone (deleted, or replaced by a change)."""
+        raise NotImplementedError
 
 
 class RecordTable:
@@ -1156,7 +1197,7 @@ class RecordTable:
         self.columns: dict[tuple, Column] = {}
         self.intersections: dict[tuple, tuple[int, ...] | None] = {}
         self.intersection_ids = 0  # how many ids self.intersections holds
-        self.views: list = []  # kept views of the records (date lists, aggregates): added/removed/load
+        self.views: list[RecordView] = []  # kept true beside the records (date lists, aggregates, packer)
 
     NOT_ASKED = MISSING  # the states of an intersection: no query asked for it since the last write,
     ASKED_ONCE = None  # asked once (the next ask keeps its ids), else the tuple of ids kept
@@ -1287,7 +1328,7 @@ class RecordTable:
             for view in self.views:
                 view.removed(doc_id, old)
         for column in self.columns.values():
-            column.put(doc_id, doc)
+            column.put(doc_id, doc, data)
         if doc is None:
             self.docs.pop(doc_id, None)
             return
@@ -1587,7 +1628,7 @@ def stat_date(doc: dict) -> str:
     return doc["created_at"][:10]
 
 
-class StatDates:
+class StatDates(RecordView):
     """The stats in (date, doc_id) order, per type and per type and organization or analysis.
 
     A list of one organization's stats of one type over some days then costs
@@ -1709,6 +1750,7 @@ EXACT = 1 << 1074  # every finite float is a whole multiple of 1/EXACT, so sums 
 
 
 _EXACT_CACHE: dict = {}  # value -> exact(value): measures repeat (counts, "2.35" rates)
+CACHED_EXACT = frozenset((int, float, str))  # the classes whose exact() is cached (not bool: True == 1)
 
 
 def exact(value) -> int | None:
@@ -1759,46 +1801,72 @@ def add_measures(days: dict, doc: dict, sign: int, labels: dict | None = None, d
     object, the item of its latest stat (for its labels) and how many stats name it.
     """
     kind = doc.get("type")
+    if kind not in OBJECT_TYPES and kind != "risk":
+        return
     if data is MISSING:
         data = parsed_data(doc)
-    if kind in OBJECT_TYPES:
-        found = []
-        for item in data if data.__class__ is list else ():
-            if item.__class__ is dict and "uuid" in item:
-                count, top, rate = exact(item.get("count")), exact(item.get("maxRisk")), exact(item.get("averageRate"))
-                if count is not None and top is not None and rate is not None:
-                    uuid = item["uuid"]
-                    uuid = uuid if uuid.__class__ is str else str(uuid)
-                    found.append((uuid, (count, top, rate)))
-                    if labels is not None:
-                        _count_labels(labels, uuid, item, sign)
-    elif kind == "risk":
-        found = [(key, (value,)) for key, value in risk_measures(data)]
-    else:
-        return
-    if not found:
-        return
     day = stat_date(doc)
     bucket = days.get(day)
     if bucket is None:
-        bucket = days[day] = {}
-    for key, measures in found:
-        sums = bucket.get(key)
-        if sums is None:
-            if sign > 0:  # (a stat is taken away only after it was added)
-                bucket[key] = [1, *measures]
-            continue
-        sums[0] += sign
-        if not sums[0]:
-            del bucket[key]
-        elif sign > 0:
-            for i, value in enumerate(measures, 1):
-                sums[i] += value
-        else:
-            for i, value in enumerate(measures, 1):
-                sums[i] -= value
-    if not bucket:
-        del days[day]
+        bucket = {}
+    if kind == "risk":
+        for key, value in risk_measures(data):
+            _add_sums(bucket, key, sign, (value,))
+    elif data.__class__ is list:  # (one loop, inlined: a threat or vulnerability stat has ~40 objects)
+        cache = _EXACT_CACHE.get
+        for item in data:
+            if item.__class__ is not dict or "uuid" not in item:
+                continue
+            c, m, r = item.get("count"), item.get("maxRisk"), item.get("averageRate")
+            count = top = rate = MISSING
+            if c.__class__ in CACHED_EXACT and m.__class__ in CACHED_EXACT and r.__class__ in CACHED_EXACT:
+                count, top, rate = cache(c, MISSING), cache(m, MISSING), cache(r, MISSING)  # exact(), as seen before
+            if count is MISSING or top is MISSING or rate is MISSING:
+                count, top, rate = exact(c), exact(m), exact(r)
+            if count is None or top is None or rate is None:
+                continue
+            uuid = item["uuid"]
+            uuid = uuid if uuid.__class__ is str else str(uuid)
+            if labels is not None:
+                _count_labels(labels, uuid, item, sign)
+            sums = bucket.get(uuid)
+            if sums is None:
+                if sign > 0:  # (a stat is taken away only after it was added)
+                    bucket[uuid] = [1, count, top, rate]
+            elif sign > 0:
+                sums[0] += 1
+                sums[1] += count
+                sums[2] += top
+                sums[3] += rate
+            elif sums[0] == 1:
+                del bucket[uuid]
+            else:
+                sums[0] -= 1
+                sums[1] -= count
+                sums[2] -= top
+                sums[3] -= rate
+    if bucket:
+        days[day] = bucket
+    else:
+        days.pop(day, None)
+
+
+def _add_sums(bucket: dict, key, sign: int, measures: tuple) -> None:
+    """Count one more (sign 1) or one less (-1) stat with `measures` under `key`."""
+    sums = bucket.get(key)
+    if sums is None:
+        if sign > 0:  # (a stat is taken away only after it was added)
+            bucket[key] = [1, *measures]
+        return
+    sums[0] += sign
+    if not sums[0]:
+        del bucket[key]
+    elif sign > 0:
+        for i, value in enumerate(measures, 1):
+            sums[i] += value
+    else:
+        for i, value in enumerate(measures, 1):
+            sums[i] -= value
 
 
 def _count_labels(labels: dict, uuid: str, item: dict, sign: int) -> None:
@@ -1823,7 +1891,7 @@ def object_labels(labels: dict, uuid: str) -> dict:
     return {f"label{i}": item.get(f"label{i}", "") for i in range(1, 5)}
 
 
-class StatAggregates:
+class StatAggregates(RecordView):
     """Per type and day, over every organization, the exact sums and counts that the processors average.
 
     Kept in the same step as every write, so a processor combines the days it
@@ -1900,7 +1968,7 @@ def release_free_memory() -> None:
         pass
 
 
-class DataPacker:
+class DataPacker(RecordView):
     """The stats whose `data` is still plain JSON bytes, waiting to be compressed (`pack_waiting`).
 
     Records arrive plain (loading and writing stay fast) and are packed later,
@@ -1994,6 +2062,7 @@ class Store:
 
     def _use_tables(self, tables: dict[str, RecordTable]) -> None:
         self.tables = tables
+        self.organizations_version = getattr(self, "organizations_version", 0) + 1
         self.orgs, self.stats = tables["organizations"], tables["stats"]
         self.dates, self.aggregates, self.packer = self.stats.views
 
@@ -2010,6 +2079,9 @@ class Store:
     def organization(self, name: str) -> dict | None:
         """The organization named `name`, or None."""
         return self.orgs.get(name)
+
+    # organizations_version: changes with every write to the organizations (a caller resolved at an
+    # earlier version may have lost its key, its admin role or its organization since)
 
     def organization_with_token(self, token_sha256: str) -> dict | None:
         """The organization whose API key has this SHA-256."""
@@ -2308,6 +2380,8 @@ class Store:
         if not self._writable.is_set():
             raise StorageError("the database is reloading after a failed write; try again")
         parsed = [serialize_data(table, doc) for table, _, doc in ops]
+        if any(table == "organizations" for table, _, _ in ops):
+            self.organizations_version += 1  # (callers resolved before this write are resolved again)
         line = _encode_journal_line(ops)
         for (table, doc_id, doc), data in zip(ops, parsed):
             self.tables[table].apply(doc_id, doc, data)
@@ -2802,6 +2876,7 @@ RATE_LIMIT_KEY = web.AppKey("rate_limit", object)
 TRUSTED_PROXIES_KEY = web.AppKey("trusted_proxies", list)
 LIMITER_KEY = web.AppKey("limiter", Limiter)
 CALLER_KEY = web.RequestKey("caller", Caller)
+CALLER_VERSION_KEY = web.RequestKey("caller_version", int)  # Store.organizations_version when the caller was resolved
 LIMIT_HEADERS_KEY = web.RequestKey("limit_headers", dict)  # for answers whose headers leave before the handler returns
 STAT_VIEWS_KEY = web.AppKey("stat_views", object)
 STAT_QUERIES_KEY = web.AppKey("stat_queries", object)
@@ -2950,6 +3025,7 @@ def authenticate(request: web.Request) -> None:
     if path.startswith(V1_PREFIX + "/") and request.match_info.http_exception is not None:
         return
     request[CALLER_KEY] = resolve_caller(request)
+    request[CALLER_VERSION_KEY] = request.app[STORE_KEY].organizations_version
 
 
 V1_UNAUTHORIZED = "Unauthorized - Authentication required."
@@ -3238,7 +3314,7 @@ def new_stat(request: web.Request, body, now: str, also: dict | None = None) -> 
         if problem:
             errors["uuid"] = problem
     else:
-        clean["uuid"] = str(uuidlib.uuid4())
+        clean["uuid"] = new_uuid()
     organization = _stat_organization(request, body, errors)
     if organization is not None:
         clean["organization"] = organization
@@ -3387,8 +3463,12 @@ async def ready_to_write(request: web.Request) -> Caller:
     been rotated, its organization demoted or deleted. Call this after the
     handler's last await and before the checks that justify its write.
     """
-    await request.app[STORE_KEY].writable()
+    store: Store = request.app[STORE_KEY]
+    await store.writable()
+    if request.get(CALLER_VERSION_KEY) == store.organizations_version and CALLER_KEY in request:
+        return request[CALLER_KEY]  # no organization changed since: the caller stands
     caller = request[CALLER_KEY] = resolve_caller(request)
+    request[CALLER_VERSION_KEY] = store.organizations_version
     return caller
 
 
