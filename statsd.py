@@ -1649,7 +1649,11 @@ class StatDates(RecordView):
         """Put a new stat in its type's, organization's and analysis' date lists."""
         entry = (stat_date(doc), doc_id)
         for key in self._keys(doc):
-            bisect.insort(self.lists.setdefault(key, []), entry)
+            entries = self.lists.setdefault(key, [])
+            if not entries or entries[-1] < entry:  # (today's new stat goes last: one comparison)
+                entries.append(entry)
+            else:
+                bisect.insort(entries, entry)
         self._count_anr(doc, 1)
         if "date" not in doc:
             self.undated[doc_id] = None
@@ -2733,6 +2737,7 @@ def hash_token(token: str) -> str:
 PERIOD_FIELDS = (*PERIODS, "year")
 
 
+@functools.lru_cache(maxsize=4096)  # (a batch, and a day's collection, share their date; callers only read it)
 def periods_of(day: str) -> dict:
     """The periods of a YYYY-MM-DD date: day of year, ISO week, month, quarter, year."""
     moment = date.fromisoformat(day)

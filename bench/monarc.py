@@ -770,7 +770,7 @@ def statsd_hostile(server: Server, key: str, today: dt.date, notes: list, size: 
              ("GET", "/api/v2/stats/?type=threat&data__5__averageRate__gt=50", None)]
     order = None
     wanted = args_order_keys()
-    for n in sorted({wanted} | {k for k in (10, 5, 3, 2, 1) if k < wanted}, reverse=True):
+    for n in sorted({wanted} | {k for k in (10, 5, 4, 3, 2, 1) if k < wanted}, reverse=True):
         keys = ",".join(f"{'-' if k % 2 else ''}data__{k}__count" for k in range(n))
         path = f"/api/v2/stats/?_order_by={keys}&_limit=1"
         t0 = time.perf_counter()
