@@ -71,8 +71,15 @@ async def answers(client, token: str, anrs: list) -> dict:
             for name, value in got.items()}
 
 
+def dictionaries_used(client) -> set:
+    """The preset dictionaries (PACK_DICTIONARIES indexes) the packed stats were packed with."""
+    return {doc["data"][0] for doc in client.app[statsd.STORE_KEY].stats_of() if type(doc["data"]) is statsd.PackedData}
+
+
 async def test_answers_are_the_same_in_every_form_of_data(make_client, db_path, monkeypatch):
     monkeypatch.setattr(statsd.UNPACKED, "MAX_BYTES", 20_000)  # the answers' cache starts over often
+    monkeypatch.setattr(statsd, "PACK_DICTIONARIES", [b""])  # (other tests' stores used theirs up)
+    monkeypatch.setattr(statsd.DataPacker, "SAMPLES", 3)  # each type's first 3 stats make its dictionary
     client = await make_client()
     admin = await new_org(client, "admin", admin=True)
     token = await new_org(client, "CASES")
@@ -84,6 +91,8 @@ async def test_answers_are_the_same_in_every_form_of_data(make_client, db_path, 
 
     await pack(client)
     assert forms(client).get("PackedData", 0) > len(stats) // 2, forms(client)  # the long ones are packed
+    used = dictionaries_used(client)
+    assert 0 in used and len(used - {0}) >= 3, used  # packed before and with their type's dictionary
     assert await answers(client, admin, anrs) == written
 
     # A write beside packed records, then a restart: the file is read back as memoryviews
@@ -100,6 +109,7 @@ async def test_answers_are_the_same_in_every_form_of_data(make_client, db_path, 
     assert await answers(client, admin, anrs) == written
     await pack(client)
     assert "memoryview" not in forms(client)
+    assert len(dictionaries_used(client) - {0}) >= 3  # a new store makes new dictionaries
     assert await answers(client, admin, anrs) == written
 
     # An update and a delete of packed records, then a restart again
@@ -114,3 +124,32 @@ async def test_answers_are_the_same_in_every_form_of_data(make_client, db_path, 
     client = await make_client()
     assert await answers(client, admin, anrs) == after
     await client.close()
+
+
+async def test_freed_memory_goes_back_once_requests_pause(make_client, monkeypatch):
+    """_keep_memory trims the C heap after the process grew, only in a pause between requests."""
+    trims, size = [], [100 << 20]
+    monkeypatch.setattr(statsd, "MEMORY_LOOK", 0.1)
+    monkeypatch.setattr(statsd, "resident_bytes", lambda: size[0])
+    monkeypatch.setattr(statsd, "release_free_memory", lambda: (trims.append(size[0]), size.__setitem__(0, 90 << 20)))
+    client = await make_client()
+    token = await new_org(client, "CASES")
+    await asyncio.sleep(0.5)
+    del trims[:]  # (the packer hands memory back after its first pass too)
+    await asyncio.sleep(0.3)
+    assert trims == []  # no growth since: nothing to hand back
+    resp = await client.get("/api/v1/client/me", headers=key(token))
+    size[0] = 200 << 20  # a big answer grew the process
+    deadline = asyncio.get_running_loop().time() + 0.5
+    while asyncio.get_running_loop().time() < deadline:  # requests keep coming: no trim meanwhile
+        resp = await client.get("/api/v1/client/me", headers=key(token))
+        assert resp.status == 200
+        await asyncio.sleep(0.002)
+    assert trims == []
+    for _ in range(100):  # then a pause
+        if trims:
+            break
+        await asyncio.sleep(0.05)
+    assert trims == [200 << 20]
+    await asyncio.sleep(0.3)
+    assert trims == [200 << 20]  # back to 90 MB: no second trim
