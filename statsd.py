@@ -2108,6 +2108,9 @@ class Store:
         self._broken: str | None = None
         self.open_seconds = 0.0  # what the last open took
         self.last_checkpoint: str | None = None  # UTC time of the last checkpoint written
+        # changes with every write to the organizations and every reload: a caller resolved at an
+        # earlier version may have lost its key, its admin role or its organization since
+        self.organizations_version = 0
         self._new_tables()
 
     def _new_tables(self) -> None:
@@ -2123,7 +2126,7 @@ class Store:
 
     def _use_tables(self, tables: dict[str, RecordTable]) -> None:
         self.tables = tables
-        self.organizations_version = getattr(self, "organizations_version", 0) + 1
+        self.organizations_version += 1
         self.orgs, self.stats = tables["organizations"], tables["stats"]
         self.dates, self.aggregates, self.packer = self.stats.views
 
@@ -2140,9 +2143,6 @@ class Store:
     def organization(self, name: str) -> dict | None:
         """The organization named `name`, or None."""
         return self.orgs.get(name)
-
-    # organizations_version: changes with every write to the organizations (a caller resolved at an
-    # earlier version may have lost its key, its admin role or its organization since)
 
     def organization_with_token(self, token_sha256: str) -> dict | None:
         """The organization whose API key has this SHA-256."""

@@ -423,13 +423,12 @@ def generate(size: int, seed: int, items: int, today: dt.date) -> dict:
                         head = dumps({"uuid": stat_uuid, "organization": name, "anr": anr.uuid, "type": kind,
                                       "date": day.isoformat(), **periods(day), "created_at": stamp,
                                       "updated_at": stamp})
-                        if count and count % PART == 0 and len(parts) > 1:
+                        if count and count % PART == 0:  # (only when there are several parts)
                             ex.write(b"]}\n")
                             ex.close()
                             ex = open(parts[count // PART] + ".tmp", "wb")
                             ex.write(export_head)
-                        first_in_part = count % PART == 0 if len(parts) > 1 else count == 0
-                        ex.write((b"" if first_in_part else b",") + head[:-1] + b',"data":' + raw + b"}")
+                        ex.write((b"," if count % PART else b"") + head[:-1] + b',"data":' + raw + b"}")
                         w.writerow([stat_uuid, anr.uuid, kind, day.isoformat(), raw.decode(), stamp,
                                     client_id[name]])
                         count += 1
@@ -985,10 +984,10 @@ def bench_size(size: int, args, pg, today: dt.date, notes: list, previous: dict)
     # the server holds the database: skip what cannot fit, by statsd's RSS per byte of database on the
     # largest size done of 100k or more (else 1.3, as packed at 100k), and 5 bytes per byte of the file.
     done = [r for r in previous.values() if r.get("statsd", {}).get("rss") and r["db_mb"] >= 300]
-    per_byte = max(done, key=lambda r: r["db_mb"])["statsd"]["rss"] / max(done, key=lambda r: r["db_mb"])["db_mb"] \
-        if done else 1.3
+    largest = max(done, key=lambda r: r["db_mb"], default=None)
+    per_byte = max(largest["statsd"]["rss"] / largest["db_mb"] if largest else 0, 1.3)
     stat_mb = (300 + 210 * args.items) / 2**20
-    need = max(per_byte, 1.3) * size * stat_mb + 5 * min(size, PART) * stat_mb
+    need = per_byte * size * stat_mb + 5 * min(size, PART) * stat_mb
     available = 0.9 * mem_available_mb()
     if need > available:
         raise RuntimeError(f"skipped: statsd would need about {need:,.0f} MB and {available:,.0f} MB are available")
