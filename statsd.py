@@ -45,6 +45,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 import tomllib
 import uuid as uuidlib
@@ -85,6 +86,8 @@ def _raw_json(value):
         return orjson.Fragment(UNPACKED.of(value))
     if value.__class__ is memoryview:
         return orjson.Fragment(bytes(value))
+    if value.__class__ is CheckedData:
+        return orjson.Fragment(value.json)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -101,6 +104,16 @@ class PackedData(bytes):
     """
 
     __slots__ = ()
+
+
+class CheckedData:
+    """A body's `data` once checked: its parsed value (for the views) and its JSON (what is stored),
+    both from one pass; Store.apply keeps the JSON (serialize_data)."""
+
+    __slots__ = ("value", "json")
+
+    def __init__(self, value, json: bytes):
+        self.value, self.json = value, json
 
 
 # Preset zlib dictionaries, one per stat type, made by DataPacker from the first stats of that type:
@@ -184,12 +197,16 @@ def json_data(value) -> bytes:
         return unpack_data(value)
     if cls is memoryview:
         return bytes(value)
+    if cls is CheckedData:
+        return value.json
     return orjson.dumps(value)
 
 
 def parsed_data(doc: dict):
     """A stat's `data` as JSON values (MISSING when the record has none)."""
     value = doc.get("data", MISSING)
+    if value.__class__ is CheckedData:
+        return value.value
     return orjson.loads(json_data(value)) if value.__class__ in SERIALIZED else value
 
 
@@ -742,23 +759,46 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
 
 
-CONTAINERS = (dict, list)
+class _NestedShell(threading.local):
+    """Lists nested ORJSON_MAX_DEPTH - MAX_DATA_DEPTH deep, the innermost one holding a slot: a value
+    put there and serialized fails exactly when it nests deeper than MAX_DATA_DEPTH (one per thread)."""
+
+    def __init__(self):
+        self.slot = [None]
+        self.outer = self.slot
+        for _ in range(ORJSON_MAX_DEPTH - MAX_DATA_DEPTH - 1):
+            self.outer = [self.outer]
+        self.depth = ORJSON_MAX_DEPTH - MAX_DATA_DEPTH
 
 
-def _depth_ok(value, limit: int = MAX_DATA_DEPTH) -> bool:
-    """Whether objects and arrays nest at most `limit` deep in `value` (parsed JSON)."""
-    if value.__class__ is dict:
-        children = value.values()
-    elif value.__class__ is list:
-        children = value
-    else:
-        return True
-    if limit < 1:
-        return False
-    for child in children:
-        if child.__class__ in CONTAINERS and not _depth_ok(child, limit - 1):
-            return False
-    return True
+def _orjson_max_depth() -> int:
+    """How deep orjson.dumps nests containers before it refuses with "Recursion limit reached" (254)."""
+    value, depth = [], 1
+    while depth < 4096:
+        try:
+            orjson.dumps([value])
+        except orjson.JSONEncodeError:
+            return depth
+        value, depth = [value], depth + 1
+    raise RuntimeError("orjson.dumps has no nesting limit: statsd's data depth check relies on one")
+
+
+ORJSON_MAX_DEPTH = _orjson_max_depth()
+_SHELL = _NestedShell()
+
+
+def checked_json(value) -> bytes | None:
+    """The JSON of `value` (parsed JSON), or None when objects and arrays nest in it deeper than
+    MAX_DATA_DEPTH: the serialization that is stored is the depth check (in C, no walk in Python)."""
+    shell = _SHELL
+    shell.slot[0] = value
+    try:
+        wrapped = orjson.dumps(shell.outer)
+    except orjson.JSONEncodeError:
+        return None
+    finally:
+        shell.slot[0] = None
+    return wrapped[shell.depth:-shell.depth]
 
 
 def _whole(value):
@@ -811,7 +851,10 @@ def _check_year(value) -> tuple[Any, str | None]:
 
 
 def _check_data(value) -> tuple[Any, str | None]:
-    return (value, None) if _depth_ok(value) else (None, f"is nested deeper than {MAX_DATA_DEPTH} levels")
+    json = checked_json(value)
+    if json is None:
+        return None, f"is nested deeper than {MAX_DATA_DEPTH} levels"
+    return CheckedData(value, json), None
 
 
 def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
@@ -2608,6 +2651,9 @@ def serialize_data(table: str, doc: dict | None):
     """
     if table == "stats" and isinstance(doc, dict) and "data" in doc and doc["data"].__class__ not in SERIALIZED:
         parsed = doc["data"]
+        if parsed.__class__ is CheckedData:  # (checked in a body: serialized already)
+            doc["data"] = parsed.json
+            return parsed.value
         doc["data"] = orjson.dumps(parsed)
         return parsed
     return MISSING

@@ -71,6 +71,52 @@ async def test_deeply_nested_json_is_refused(seeded, depth):
                   400, "stats")
 
 
+def nested(depth: int, leaf, kinds: str = "ld"):
+    """`leaf` inside `depth` containers, alternating list and object in the order of `kinds`."""
+    value = leaf
+    for i in range(depth):
+        value = [value] if kinds[i % len(kinds)] == "l" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kinds", ["l", "d", "ld", "dl"])
+async def test_data_nested_exactly_max_data_depth_is_stored_and_one_deeper_is_refused(seeded, kinds):
+    """The limit is MAX_DATA_DEPTH containers on a path, whatever the containers: 64 is stored
+    as sent (v2 and v1), 65 is a 400 naming the limit, in a batch as alone."""
+    deepest = nested(statsd.MAX_DATA_DEPTH, "[{x}]", kinds)
+    resp = await seeded.post(STATS, json={"type": "risk", "anr": 9, "data": deepest}, headers=key(seeded.cases))
+    assert resp.status == 201, await resp.text()
+    stat = await resp.json()
+    assert stat["data"] == deepest
+    got = await seeded.get(f"{STATS}{stat['id']}/", headers=key(seeded.cases))
+    assert (await got.json())["data"] == deepest
+    deleted = await seeded.delete(f"{STATS}{stat['id']}/", headers=key(seeded.cases))
+    assert deleted.status == 204
+
+    too_deep = nested(statsd.MAX_DATA_DEPTH + 1, 1, kinds)
+    body = await refused(seeded, await seeded.post(STATS, json=[{"type": "risk", "data": {"ok": 1}},
+                                                                {"type": "risk", "data": too_deep}],
+                                                   headers=key(seeded.cases)), 400, "stats")
+    assert body["errors"] == {"1": {"data": f"is nested deeper than {statsd.MAX_DATA_DEPTH} levels"}}
+
+
+async def test_v1_batch_refuses_only_the_item_nested_too_deep(make_client):
+    client = await make_client()
+    token = await new_org(client, "deep")
+    anr = "11111111-2222-4333-8444-555555555555"
+    items = [{"anr": anr, "type": "risk", "date": "2026-01-05", "data": nested(statsd.MAX_DATA_DEPTH, 0)},
+             {"anr": anr, "type": "risk", "date": "2026-01-06", "data": nested(statsd.MAX_DATA_DEPTH + 1, 0)}]
+    resp = await client.post("/api/v1/stats/", json=items,
+                             headers={"X-API-KEY": token, "User-Agent": "MONARC/2.13.1"})
+    assert resp.status == 207, await resp.text()
+    results = (await resp.json())["results"]
+    assert [r["status"] for r in results] == [201, 400]
+    assert results[1]["errors"]["data"] == f"is nested deeper than {statsd.MAX_DATA_DEPTH} levels"
+    listed = await client.get("/api/v1/stats/", json={"type": "risk", "date_from": "2026-01-01"},
+                              headers={"X-API-KEY": token, "User-Agent": "MONARC/2.13.1"})
+    assert [s["data"] for s in (await listed.json())["data"]] == [items[0]["data"]]
+
+
 async def test_invalid_utf8_in_a_body_is_refused(seeded):
     for raw in (b'{"type": "ri\xffsk", "data": 1}', b'\xfe\xff{}', b'{"type": "\xed\xa0\x80", "data": 1}'):
         await refused(seeded, await seeded.post(STATS, data=raw, headers={**key(seeded.cases),
