@@ -53,7 +53,7 @@ import weakref
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote, urlencode, urlsplit
 
 import limits
@@ -978,11 +978,22 @@ STEP = 256  # records tested between two looks at the loop budget
 
 
 def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
-    """`ids` in lists of STEP."""
+    """`ids` (a snapshot: nothing changes it meanwhile) in lists of STEP."""
     if isinstance(ids, (list, tuple)):
         return (ids[start:start + STEP] for start in range(0, len(ids), STEP))
     found = iter(ids)
     return iter(lambda: list(itertools.islice(found, STEP)), [])
+
+
+def _live_steps(ids: dict) -> Iterator[list[int]]:
+    """The ids of `ids` (record ids in creation order, which writes may change between two steps) in
+    lists of STEP: each step read at once; after the first one (a page seldom needs more), the ids
+    past it, as they are then. A page of 10 thus never copies 20,000 ids."""
+    first = list(itertools.islice(ids, STEP))
+    yield first
+    if len(first) == STEP:
+        last = first[-1]
+        yield from _steps(sorted(doc_id for doc_id in ids if doc_id > last))
 
 
 # ----------------------------------------- storage: files, indexes, tables ---
@@ -1442,7 +1453,7 @@ async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterab
     Equality filters on indexed fields become an intersection of id sets (with
     the other filters on indexed fields, kept by RecordTable.matching); else a filter
     inside `data` is run over that path's value column; else every record.
-    Every source is a snapshot, so writes may land while the caller yields.
+    Each step is read at once (a snapshot, or _live_steps), so writes may land while the caller yields.
     """
     indexed, narrowing, rest = [], [], []
     for f in filters:
@@ -1454,7 +1465,7 @@ async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterab
         else:
             rest.append(f)
     if len(indexed) == 1 and not narrowing:
-        return _steps(list(indexed[0][1])), rest
+        return _live_steps(indexed[0][1]), rest
     if indexed:
         key = tuple(f.key for f, _ in indexed) + tuple(f.key for f in narrowing)
         ids, tested = table.matching(key, [ids for _, ids in indexed], [f.record_test for f in narrowing])
@@ -1463,11 +1474,27 @@ async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterab
     for position, f in enumerate(rest):
         if f.path[0] == "data":
             column = await table.column(f.path)
-            ids, values, test = list(column), list(column.values()), f.value_test
-            steps = (list(itertools.compress(ids[start:start + STEP], map(test, values[start:start + STEP])))
-                     for start in range(0, len(ids), STEP))
+            ids, values, hits = list(column), list(column.values()), _column_hits(f)
+            steps = (hits(ids[start:start + STEP], values[start:start + STEP]) for start in range(0, len(ids), STEP))
             return steps, rest[:position] + rest[position + 1:]
-    return _steps(list(table.docs)), rest
+    return _live_steps(table.docs), rest
+
+
+def _column_hits(f: Filter) -> Callable[[list, list], list]:
+    """(ids, their values in a column) -> the ids whose value passes `f`. An order comparison with a
+    number or a string runs at C speed: the values of that kind, then the comparison (a full scan of
+    100,000 values calls no Python function per value); any other filter tests each value."""
+    if f.op in COMPARE and (f.value.__class__ is str or f.value.__class__ in NUMBER):
+        kinds = frozenset((str,) if f.value.__class__ is str else NUMBER).__contains__
+        compare, bound = COMPARE[f.op], itertools.repeat(f.value)
+
+        def hits(ids: list, values: list) -> list:
+            comparable = list(map(kinds, map(type, values)))  # (type(True) is bool: no boolean is a number)
+            return list(itertools.compress(itertools.compress(ids, comparable),
+                                           map(compare, itertools.compress(values, comparable), bound)))
+        return hits
+    test = f.value_test
+    return lambda ids, values: list(itertools.compress(ids, map(test, values)))
 
 
 def _sort_value(value):

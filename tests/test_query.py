@@ -615,6 +615,39 @@ async def test_filters_and_order_see_every_create_update_and_delete(open_api):
     assert await all_ids(open_api, queries[3]) == [ids[1], *ties, ids[0]]
 
 
+async def test_queries_whose_candidates_span_many_steps_see_each_match_once_in_creation_order(open_api):
+    """More candidates than one step of the query engine (statsd.STEP): an index set, the whole
+    table and a data column are read a step at a time, after updates and deletes anywhere in them."""
+    count = 3 * statsd.STEP + 17
+    values = [i if i % 5 else float(i) for i in range(count)]
+    values[7], values[300], values[600] = "700", True, None  # neither numbers nor the compared kind
+    made = await create(open_api, [{"type": "a" if i % 3 else "b", "data": {"v": v}} for i, v in enumerate(values)])
+    ids = [m["id"] for m in made]
+    for i in (2, statsd.STEP + 1, 2 * statsd.STEP + 3):  # a change in each of the first three steps
+        resp = await open_api.patch(f"{STATS}{ids[i]}/", json={"type": "b"})
+        assert resp.status == 200
+    for i in (4, statsd.STEP + 4):
+        assert (await open_api.delete(f"{STATS}{ids[i]}/")).status == 204
+    types = {i: ("b" if i in (2, statsd.STEP + 1, 2 * statsd.STEP + 3) else "a" if i % 3 else "b")
+             for i in range(count) if i not in (4, statsd.STEP + 4)}
+
+    def number(v):
+        return v.__class__ in (int, float)
+    cases = [
+        ([("type", "a"), ("data__v__gte", str(count - 40))], [i for i in types if types[i] == "a" and
+                                                              number(values[i]) and values[i] >= count - 40]),
+        ([("data__v__gt", "250")], [i for i in types if number(values[i]) and values[i] > 250]),
+        ([("data__v__lt", "8x")], [i for i in types if values[i].__class__ is str and values[i] < "8x"]),
+        ([("data__v__exists", "true"), ("type", "b")], [i for i in types if types[i] == "b"]),
+        ([("month__exists", "false")], list(types)),
+    ]
+    for params, expected in cases:
+        assert await all_ids(open_api, params) == [ids[i] for i in expected], params
+        resp, body = await listing(open_api, params + [("_limit", "3")])
+        assert [s["id"] for s in body["data"]] == [ids[i] for i in expected[:3]], params
+        assert body["has_more"] == (len(expected) > 3)
+
+
 async def test_filters_of_every_kind_never_fail_on_mixed_types(sample):
     """Comparisons between different types never match and never raise (no 500)."""
     client, pairs = sample
