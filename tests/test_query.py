@@ -640,12 +640,14 @@ async def test_queries_whose_candidates_span_many_steps_see_each_match_once_in_c
         ([("data__v__lt", "8x")], [i for i in types if values[i].__class__ is str and values[i] < "8x"]),
         ([("data__v__exists", "true"), ("type", "b")], [i for i in types if types[i] == "b"]),
         ([("month__exists", "false")], list(types)),
+        ([("type", "a")], [i for i in types if types[i] == "a"]),  # a deleted one among the first five
+        ([], list(types)),
     ]
     for params, expected in cases:
         assert await all_ids(open_api, params) == [ids[i] for i in expected], params
-        resp, body = await listing(open_api, params + [("_limit", "3")])
-        assert [s["id"] for s in body["data"]] == [ids[i] for i in expected[:3]], params
-        assert body["has_more"] == (len(expected) > 3)
+        resp, body = await listing(open_api, params + [("_limit", "5")])
+        assert [s["id"] for s in body["data"]] == [ids[i] for i in expected[:5]], params
+        assert body["has_more"] == (len(expected) > 5)
 
 
 async def test_filters_of_every_kind_never_fail_on_mixed_types(sample):
