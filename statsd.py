@@ -778,6 +778,9 @@ def _orjson_max_depth() -> int:
         try:
             orjson.dumps([value])
         except orjson.JSONEncodeError:
+            if depth <= MAX_DATA_DEPTH:
+                raise RuntimeError(f"orjson.dumps nests at most {depth} deep: statsd's data may nest"
+                                   f" {MAX_DATA_DEPTH}")
             return depth
         value, depth = [value], depth + 1
     raise RuntimeError("orjson.dumps has no nesting limit: statsd's data depth check relies on one")
@@ -787,15 +790,17 @@ ORJSON_MAX_DEPTH = _orjson_max_depth()
 _SHELL = _NestedShell()
 
 
-def checked_json(value) -> bytes | None:
-    """The JSON of `value` (parsed JSON), or None when objects and arrays nest in it deeper than
-    MAX_DATA_DEPTH: the serialization that is stored is the depth check (in C, no walk in Python)."""
+def checked_json(value) -> bytes:
+    """The JSON of `value` (parsed JSON), or ValueError(what is wrong), when objects and arrays nest
+    in it deeper than MAX_DATA_DEPTH: the serialization that is stored is the depth check (in C)."""
     shell = _SHELL
     shell.slot[0] = value
     try:
         wrapped = orjson.dumps(shell.outer)
-    except orjson.JSONEncodeError:
-        return None
+    except orjson.JSONEncodeError as e:
+        if "recursion" in str(e).lower():
+            raise ValueError(f"is nested deeper than {MAX_DATA_DEPTH} levels") from None
+        raise ValueError(f"cannot be stored as JSON ({e})") from None
     finally:
         shell.slot[0] = None
     return wrapped[shell.depth:-shell.depth]
@@ -851,10 +856,10 @@ def _check_year(value) -> tuple[Any, str | None]:
 
 
 def _check_data(value) -> tuple[Any, str | None]:
-    json = checked_json(value)
-    if json is None:
-        return None, f"is nested deeper than {MAX_DATA_DEPTH} levels"
-    return CheckedData(value, json), None
+    try:
+        return CheckedData(value, checked_json(value)), None
+    except ValueError as e:
+        return None, str(e)
 
 
 def _oa_int(low: int = INT64[0], high: int = INT64[1]) -> dict:
@@ -986,14 +991,18 @@ def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
 
 
 def _live_steps(ids: dict) -> Iterator[list[int]]:
-    """The ids of `ids` (record ids in creation order, which writes may change between two steps) in
-    lists of STEP: each step read at once; after the first one (a page seldom needs more), the ids
-    past it, as they are then. A page of 10 thus never copies 20,000 ids."""
+    """The ids of `ids` (record ids in creation order, which writes may change between two steps)
+    in lists of STEP: the first step read now, in order; the rest (a page seldom needs it) only
+    when asked for, then from the ids as they are, past the first step. A page of 10 thus never
+    copies 20,000 ids."""
     first = list(itertools.islice(ids, STEP))
-    yield first
-    if len(first) == STEP:
-        last = first[-1]
-        yield from _steps(sorted(doc_id for doc_id in ids if doc_id > last))
+    return itertools.chain((first,), _steps_past(ids, first[-1]) if len(first) == STEP else ())
+
+
+def _steps_past(ids: dict, last: int) -> Iterator[list[int]]:
+    """The ids of `ids` above `last`, in order, in lists of STEP (read when the first is asked for)."""
+    rest = sorted(ids)  # (at C speed, and in one pass where writes have not moved an id to the end)
+    yield from _steps(rest[bisect.bisect_right(rest, last):])
 
 
 # ----------------------------------------- storage: files, indexes, tables ---

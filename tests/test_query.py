@@ -3,6 +3,7 @@
 Every expected result is computed here, in plain Python, from the stats the test sent.
 """
 
+import asyncio
 import functools
 import json
 import random
@@ -648,6 +649,27 @@ async def test_queries_whose_candidates_span_many_steps_see_each_match_once_in_c
         resp, body = await listing(open_api, params + [("_limit", "5")])
         assert [s["id"] for s in body["data"]] == [ids[i] for i in expected[:5]], params
         assert body["has_more"] == (len(expected) > 5)
+
+
+async def test_writes_landing_while_a_query_waits_for_its_column_change_no_answer_order(open_api, monkeypatch):
+    """A query that waits (a data column being filled, giving the loop back at every step) while
+    PATCHes move records to the end of its index set still answers each match once, in creation order."""
+    async def give_back_every_step(self):  # the loop budget, spent at every step
+        await asyncio.sleep(0)
+    monkeypatch.setattr(statsd.LoopBudget, "spend", give_back_every_step)
+    count = statsd.STEP + 44
+    made = await create(open_api, [{"type": "a", "data": {"v": i}} for i in range(count)])
+    ids = [m["id"] for m in made]
+    patched = [1, 5, statsd.STEP - 1, statsd.STEP + 3]
+
+    async def patch(i):
+        resp = await open_api.patch(f"{STATS}{ids[i]}/", json={"data": {"v": i, "patched": True}})
+        assert resp.status == 200
+    query = open_api.get(STATS, params={"type": "a", "data__v__gte": "0", "_limit": "1000"})
+    resp, *_ = await asyncio.gather(query, *(patch(i) for i in patched))
+    assert resp.status == 200
+    assert [s["id"] for s in (await resp.json())["data"]] == ids
+    assert await all_ids(open_api, [("type", "a"), ("data__patched", "true")]) == [ids[i] for i in patched]
 
 
 async def test_filters_of_every_kind_never_fail_on_mixed_types(sample):
