@@ -86,8 +86,6 @@ def _raw_json(value):
         return orjson.Fragment(UNPACKED.of(value))
     if value.__class__ is memoryview:
         return orjson.Fragment(bytes(value))
-    if value.__class__ is CheckedData:
-        return orjson.Fragment(value.json)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -104,16 +102,6 @@ class PackedData(bytes):
     """
 
     __slots__ = ()
-
-
-class CheckedData:
-    """A body's `data` once checked: its parsed value (for the views) and its JSON (what is stored),
-    both from one pass; Store.apply keeps the JSON (serialize_data)."""
-
-    __slots__ = ("value", "json")
-
-    def __init__(self, value, json: bytes):
-        self.value, self.json = value, json
 
 
 # Preset zlib dictionaries, one per stat type, made by DataPacker from the first stats of that type:
@@ -197,16 +185,12 @@ def json_data(value) -> bytes:
         return unpack_data(value)
     if cls is memoryview:
         return bytes(value)
-    if cls is CheckedData:
-        return value.json
     return orjson.dumps(value)
 
 
 def parsed_data(doc: dict):
     """A stat's `data` as JSON values (MISSING when the record has none)."""
     value = doc.get("data", MISSING)
-    if value.__class__ is CheckedData:
-        return value.value
     return orjson.loads(json_data(value)) if value.__class__ in SERIALIZED else value
 
 
@@ -790,6 +774,17 @@ ORJSON_MAX_DEPTH = _orjson_max_depth()
 _SHELL = _NestedShell()
 
 
+class CheckedData:
+    """A body's `data` once checked: its parsed value (for the views) and its JSON (what is stored),
+    both from one pass. It lives only until Store.apply, whose serialize_data keeps the JSON in the
+    record and hands the value to the views: nothing reads a record's data before that."""
+
+    __slots__ = ("value", "json")
+
+    def __init__(self, value, json: bytes):
+        self.value, self.json = value, json
+
+
 def checked_json(value) -> bytes:
     """The JSON of `value` (parsed JSON), or ValueError(what is wrong), when objects and arrays nest
     in it deeper than MAX_DATA_DEPTH: the serialization that is stored is the depth check (in C)."""
@@ -983,7 +978,7 @@ STEP = 256  # records tested between two looks at the loop budget
 
 
 def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
-    """`ids` (a snapshot: nothing changes it meanwhile) in lists of STEP."""
+    """`ids` in lists of STEP."""
     if isinstance(ids, (list, tuple)):
         return (ids[start:start + STEP] for start in range(0, len(ids), STEP))
     found = iter(ids)
@@ -1605,7 +1600,8 @@ async def _sorted_matches(table: RecordTable, query: Query, key, wanted: int, bu
         for values, test in columns:
             ids = [doc_id for doc_id in ids if test(values.get(doc_id, MISSING))]
         if every_one:  # (a page of 10 reads the 11 records it needs of the step, not 256)
-            records = list(itertools.islice(filter(None, map(docs.get, ids)), min(wanted - len(found), sys.maxsize)))
+            needed = min(wanted - len(found), sys.maxsize)
+            records = list(itertools.islice(filter(None, map(docs.get, ids)), needed))
         else:
             records = [doc for doc in map(docs.get, ids) if doc is not None]
         for predicate in predicates:
