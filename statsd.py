@@ -1796,23 +1796,33 @@ class StatDates(RecordView):
                     del self.anrs[key]
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
-        """Fill the lists from the loaded (doc_id, record) pairs at once, then sort each."""
-        lists, anrs = self.lists, collections.Counter()
+        """Fill the lists from the loaded (doc_id, record) pairs at once, then sort each.
+
+        Each record is put in one list, its analysis' in its organization; the
+        wider lists are those joined (one pass over the records, not three).
+        """
+        groups: dict[tuple, list] = {}  # (type, organization, anr) -> its (date, doc_id) in load order
         for doc_id, doc in pairs:
-            entry = (stat_date(doc), doc_id)
-            for key in self._keys(doc):
+            key = (doc.get("type"), doc.get("organization"), doc.get("anr"))
+            entry = (doc["date"] if "date" in doc else stat_date(doc), doc_id)
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [entry]
+            else:
+                found.append(entry)
+        lists = self.lists
+        for (kind, organization, anr), entries in groups.items():
+            for key in ((kind,), (kind, "organization", organization), (kind, "anr", anr)):
                 found = lists.get(key)
                 if found is None:
-                    lists[key] = [entry]
+                    lists[key] = entries[:]
                 else:
-                    found.append(entry)
-            anrs[(doc.get("type"), doc.get("organization"), doc.get("anr"))] += 1
-        for entries in lists.values():
-            entries.sort()
-        for (kind, organization, anr), count in anrs.items():
+                    found += entries
             for key in ((kind,), (kind, organization)):
                 counts = self.anrs.setdefault(key, {})
-                counts[anr] = counts.get(anr, 0) + count
+                counts[anr] = counts.get(anr, 0) + len(entries)
+        for entries in lists.values():
+            entries.sort()  # (runs in order already: timsort merges them)
         self.undated = {doc_id: None for doc_id, doc in pairs if "date" not in doc}
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
@@ -2723,29 +2733,36 @@ def read_checkpoint(path: str, tables: dict[str, RecordTable]) -> dict:
     Returns the file's other tables, which are kept as they are.
     """
     storage = AtomicJSONStorage(path)
+    keys = {name: table.key for name, table in tables.items()}
     try:
         with storage.open_raw() as f:
-            rows = _checkpoint_rows(_blocks(f)) if f.read(len(CHECKPOINT_MARK)) == CHECKPOINT_MARK else None
+            rows = _checkpoint_rows(_blocks(f), keys) if f.read(len(CHECKPOINT_MARK)) == CHECKPOINT_MARK else None
     except FileNotFoundError:
         return {}
     if rows is None:
         data = storage.read() or {}
-        rows = {name: [(doc_id, as_record(name, doc)) for doc_id, doc in table.items()]
-                if name in tables else table for name, table in data.items()}
+        rows = {name: _plain_pairs(path, name, table, keys[name]) if name in tables else table
+                for name, table in data.items()}
     extra = {}
     for name, rows_of in rows.items():
-        table = tables.get(name)
-        if table is None:
+        if name in tables:
+            tables[name].load(rows_of)
+        else:
             extra[name] = rows_of
-            continue
-        pairs = []
-        for doc_id, doc in rows_of:
-            if not (doc_id.isdigit() and isinstance(doc, dict) and isinstance(doc.get(table.key), str)):
-                raise StorageError(f"{path}: table {name}, document {doc_id} is not a"
-                                   f" statsd record; the file was left untouched")
-            pairs.append((int(doc_id), doc))
-        table.load(pairs)
     return extra
+
+
+def _plain_pairs(path: str, name: str, table, key: str) -> list[tuple[int, dict]]:
+    """(doc_id, record) of a table of a plain TinyDB file; StorageError if one is not a statsd record."""
+    if not isinstance(table, dict):
+        raise StorageError(f"{path}: table {name} is not a TinyDB table; the file was left untouched")
+    pairs = []
+    for doc_id, doc in table.items():
+        if not (doc_id.isdigit() and isinstance(doc, dict) and isinstance(doc.get(key), str)):
+            raise StorageError(f"{path}: table {name}, document {doc_id} is not a"
+                               f" statsd record; the file was left untouched")
+        pairs.append((int(doc_id), as_record(name, doc)))
+    return pairs
 
 
 BLOCK = 8 << 20  # bytes of the file read at once when loading
@@ -2777,18 +2794,9 @@ def _blocks(f) -> Iterable[tuple[bytes, int]]:
         size = BLOCK
 
 
-def _line_spans(raw: bytes, stop: int) -> Iterable[tuple[int, int]]:
-    """(start, end) of each line of `raw` before `stop`, one at a time (copies of them all would double the memory)."""
-    start = 0
-    while start < stop:
-        end = raw.find(b"\n", start, stop)
-        end = stop if end == -1 else end
-        yield start, end
-        start = end + 1
-
-
-def _checkpoint_rows(blocks: Iterable[tuple[bytes, int]]) -> dict | None:
-    """name -> [(doc_id, record)] or other table, from a file in statsd's layout (after its mark); None if it is not.
+def _checkpoint_rows(blocks: Iterable[tuple[bytes, int]], keys: dict[str, str]) -> dict | None:
+    """name -> [(doc_id, record)] (the tables of `keys`, table -> key field) or other table, from a file in
+    statsd's layout (after its mark); None if it is not (or holds a record that is not statsd's).
 
     Each stat's `data` is left in its block of the file, as a memoryview: nothing is copied.
     """
@@ -2796,42 +2804,61 @@ def _checkpoint_rows(blocks: Iterable[tuple[bytes, int]]) -> dict | None:
     current = None
     try:
         for raw, stop in blocks:
-            current = _block_rows(raw, stop, rows, current)
+            current = _block_rows(raw, stop, rows, keys, current)
     except (ValueError, KeyError, IndexError) as e:
         log.warning("%s: not in statsd's own layout (%s); reading it as plain TinyDB JSON", "checkpoint", e)
         return None
     return rows
 
 
-def _block_rows(raw: bytes, stop: int, rows: dict, current: list | None) -> list | None:
-    """Add the records of the whole lines before `stop` of one block to `rows`; the table being read
-    at their end (None between tables)."""
-    view = memoryview(raw)
-    for start, end in _line_spans(raw, stop):
+def _block_rows(raw: bytes, stop: int, rows: dict, keys: dict[str, str], current: tuple | None) -> tuple | None:
+    """Add the records of the whole lines before `stop` of one block to `rows`; (its list, its key field)
+    of the table being read at their end (None between tables). ValueError at a line that is not statsd's.
+
+    One line a record: `"doc_id":{fields...,"data":...}`. (The hot loop of a load: a line at a time, inline.)
+    """
+    view, find, loads = memoryview(raw), raw.find, orjson.loads
+    start = 0
+    while start < stop:
+        end = find(b"\n", start, stop)
+        if end == -1:
+            end = stop
+        line, start = start, end + 1
         if current is None:
-            line = raw[start:end]
-            if line.endswith(b":{"):
-                current = rows[orjson.loads(line[:-2])] = []
+            text = raw[line:end]
+            if text.endswith(b":{"):
+                name = loads(text[:-2])
+                key = keys.get(name)  # (another table is kept as it is: a TinyDB table, whole records)
+                rows[name] = found = [] if key is not None else {}
+                current = (found, key)
                 continue
-            name, _, value = line.rstrip(b",").partition(b":")
-            rows[orjson.loads(name)] = orjson.loads(value)
+            name, _, value = text.rstrip(b",").partition(b":")
+            rows[loads(name)] = loads(value)
             continue
-        if end - start <= 2 and raw[start:end] in (b"}", b"},", b"}}"):
+        if end - line <= 2 and raw[line:end] in (b"}", b"},", b"}}"):
             current = None
             continue
         if raw[end - 1] == 44:  # ","
             end -= 1
-        colon = raw.index(b'":', start, end)
-        doc_id, body = raw[start + 1:colon].decode(), colon + 2
-        at = raw.find(b',"data":', body, end) if raw[body] == 123 else -1  # "{"
-        if at == -1 and raw.startswith(b'{"data":', body, end):
+        colon = raw.index(b'":', line, end)
+        doc_id, body = raw[line + 1:colon], colon + 2
+        if not doc_id.isdigit():
+            raise ValueError(f"document id {doc_id!r} is not a number")
+        found, key = current
+        at = find(b',"data":', body, end) if raw[body] == 123 and key is not None else -1  # "{"
+        if at == -1 and key is not None and raw.startswith(b'{"data":', body, end):
             at = body
         if at >= 0 and raw[end - 1] == 125:  # "}"
-            doc = orjson.loads(raw[body:at] + b"}") if at > body else {}
+            doc = loads(raw[body:at] + b"}") if at > body else {}
             doc["data"] = view[(at + 8 if at > body else body + 8):end - 1]
         else:
-            doc = orjson.loads(raw[body:end])
-        current.append((doc_id, doc))
+            doc = loads(raw[body:end])
+        if key is None:
+            found[doc_id.decode()] = doc
+        elif doc.__class__ is dict and doc.get(key).__class__ is str:
+            found.append((int(doc_id), doc))
+        else:
+            raise ValueError(f"document {doc_id.decode()} is not a statsd record")
     return current
 
 

@@ -353,6 +353,53 @@ def test_invalid_database_file_is_refused_and_never_overwritten(tmp_path, conten
     assert not os.path.exists(str(db) + ".tmp")
 
 
+STAT_LINE = b'{"uuid":"5b0e2bb1-8c67-4a43-9c3d-8f4c2b5d1e01","type":"risk","date":"2024-03-05",' \
+            b'"created_at":"2024-03-05T10:00:00.000000","updated_at":"2024-03-05T10:00:00.000000",'
+
+
+@pytest.mark.parametrize("record", [
+    b'"1":' + STAT_LINE + b'"data":{"n":1}}',  # no id
+    b'"x1":' + STAT_LINE + b'"id":"aa","data":{"n":1}}',  # a document id that is not a number
+    b'"1":' + STAT_LINE + b'"id":7,"data":{"n":1}}',  # an id that is not a string
+    b'"1":[1,2]',  # not an object
+], ids=["no-id", "doc-id", "id-number", "list"])
+def test_a_file_in_statsd_layout_with_a_foreign_record_is_refused_and_never_overwritten(tmp_path, record):
+    db = tmp_path / "statsd.json"
+    content = statsd.CHECKPOINT_MARK + b'"stats":{\n' + record + b"\n}}\n"
+    db.write_bytes(content)
+    done = cli("serve", "--database", str(db), "--port", str(free_port()),
+               env={**NO_AUTH, "STATSD_RATE_LIMIT": ""}, timeout=30)
+    assert done.returncode != 0
+    assert str(db) in done.stderr and "not a statsd record" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert read_bytes(db) == content
+
+
+@pytest.mark.parametrize("layout", ["statsd", "plain"])
+def test_other_tables_of_the_file_are_kept_as_they_are(server, tmp_path, layout):
+    """A table statsd does not know, even one of records with a `data` field, comes back whole after a checkpoint."""
+    notes = {"1": {"text": "kept", "data": {"a": [1, 2]}}, "7": {"data": "x"}}
+    db = tmp_path / "statsd.json"
+    stat = json.loads(STAT_LINE + b'"id":"aa","data":{"n":1}}')
+    if layout == "statsd":
+        db.write_bytes(statsd.CHECKPOINT_MARK + b'"notes":{\n"1":{"text":"kept","data":{"a":[1,2]}},\n'
+                       b'"7":{"data":"x"}\n},\n"stats":{\n"1":' + json.dumps(stat).encode() + b"\n}}\n")
+    else:
+        db.write_text(json.dumps({"notes": notes, "stats": {"1": stat}}))
+    srv = server(db, env=NO_AUTH)
+    status, new = call(srv.url, "POST", STATS, {"type": "risk", "data": {"n": 2}})
+    assert status == 201
+    assert [s["id"] for s in http_all_stats(srv.url)] == ["aa", new["id"]]
+    assert srv.stop() == 0
+    tables = tinydb_tables(db)
+    assert tables["notes"] == {int(k): v for k, v in notes.items()}
+    assert sorted(d["id"] for d in tables["stats"].values()) == sorted(["aa", new["id"]])
+    srv = server(db, env=NO_AUTH)  # and again, from the file statsd wrote
+    assert [s["data"] for s in http_all_stats(srv.url)] == [{"n": 1}, {"n": 2}]
+    assert srv.stop() == 0
+    assert tinydb_tables(db)["notes"] == {int(k): v for k, v in notes.items()}
+
+
 # ---------------------------------------------------------- one server only ---
 
 def test_second_server_on_same_database_exits_at_once(server, tmp_path):
