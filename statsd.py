@@ -1802,9 +1802,14 @@ class StatDates(RecordView):
         wider lists are those joined (one pass over the records, not three).
         """
         groups: dict[tuple, list] = {}  # (type, organization, anr) -> its (date, doc_id) in load order
+        undated = self.undated
         for doc_id, doc in pairs:
             key = (doc.get("type"), doc.get("organization"), doc.get("anr"))
-            entry = (doc["date"] if "date" in doc else stat_date(doc), doc_id)
+            if "date" in doc:
+                entry = (doc["date"], doc_id)
+            else:
+                entry = (stat_date(doc), doc_id)
+                undated[doc_id] = None
             found = groups.get(key)
             if found is None:
                 groups[key] = [entry]
@@ -1823,7 +1828,6 @@ class StatDates(RecordView):
                 counts[anr] = counts.get(anr, 0) + len(entries)
         for entries in lists.values():
             entries.sort()  # (runs in order already: timsort merges them)
-        self.undated = {doc_id: None for doc_id, doc in pairs if "date" not in doc}
 
     def between(self, kind: str, date_from: str | None, date_to: str | None, *,
                 organization: str | None = None, anrs: Iterable | None = None) -> list[int]:
