@@ -2105,7 +2105,7 @@ class DataPacker(RecordView):
 
     Records arrive plain (loading and writing stay fast) and are packed later,
     in a thread: a stat then costs a third of the memory, and reading its
-    data costs one decompression.
+    data costs one decompression. `waiting_bytes` is about how much plain data waits.
     """
 
     CHUNK = 512
@@ -2114,6 +2114,7 @@ class DataPacker(RecordView):
 
     def __init__(self):
         self.waiting: list[dict] = []
+        self.waiting_bytes = 0
         self.dictionaries: dict[str, int] = {}  # type -> its index in PACK_DICTIONARIES
         self.samples: dict[str, list[bytes]] = {}  # type -> the data seen so far, until its dictionary is made
 
@@ -2121,6 +2122,7 @@ class DataPacker(RecordView):
         """Put a new stat whose data is plain JSON in the waiting list."""
         if doc.get("data").__class__ in self.PLAIN:
             self.waiting.append(doc)
+            self.waiting_bytes += len(doc["data"])
 
     def removed(self, doc_id: int, doc: dict) -> None:
         """Nothing: a removed record is packed for nothing at worst."""
@@ -2129,14 +2131,16 @@ class DataPacker(RecordView):
     def load(self, pairs: list[tuple[int, dict]]) -> None:
         """Every loaded stat waits to be packed."""
         self.waiting = [doc for _, doc in pairs if doc.get("data").__class__ in self.PLAIN]
+        self.waiting_bytes = sum(len(doc["data"]) for doc in self.waiting)
 
-    async def pack_waiting(self) -> int:
-        """Pack every waiting record, a chunk at a time in a thread; the number packed."""
+    async def pack_waiting(self, keep_going: Callable[[], bool] = lambda: True) -> int:
+        """Pack the waiting records, a chunk at a time in a thread, while `keep_going()`; the number packed."""
         loop, packed = asyncio.get_running_loop(), 0
-        while self.waiting:
+        while self.waiting and keep_going():
             docs, self.waiting = self.waiting[:self.CHUNK], self.waiting[self.CHUNK:]
             docs = [doc for doc in docs if doc.get("data").__class__ in self.PLAIN]
             plain = [doc["data"] for doc in docs]
+            self.waiting_bytes = max(0, self.waiting_bytes - sum(map(len, plain))) if self.waiting else 0
             presets = [self._dictionary(doc.get("type"), raw) for doc, raw in zip(docs, plain)]
             done = await loop.run_in_executor(None, lambda: [pack_data(raw, d) for raw, d in zip(plain, presets)])
             for doc, raw, value in zip(docs, plain, done):
@@ -2204,6 +2208,7 @@ class Store:
         # changes with every write to the organizations and every reload: a caller resolved at an
         # earlier version may have lost its key, its admin role or its organization since
         self.organizations_version = 0
+        self.writes = 0  # transactions applied since start (the packer waits for a pause in them)
         self._new_tables()
 
     def _new_tables(self) -> None:
@@ -2537,6 +2542,7 @@ class Store:
         if any(table == "organizations" for table, _, _ in ops):
             self.organizations_version += 1  # (callers resolved before this write are resolved again)
         line = _encode_journal_line(ops)
+        self.writes += 1
         for (table, doc_id, doc), data in zip(ops, parsed):
             self.tables[table].apply(doc_id, doc, data)
         future = asyncio.get_running_loop().create_future()
@@ -2566,18 +2572,31 @@ class Store:
         await self.apply(ops)
 
     PACK_PAUSE = 1.0  # seconds between two passes of the packer
+    PACK_BACKLOG = 64 << 20  # bytes of plain data that may wait for a pause in the writes
 
     async def _pack_forever(self) -> None:
-        """Fill deferred indexes and compress new records' data in the background; give freed memory back."""
-        loop, first = asyncio.get_running_loop(), True
+        """Fill deferred indexes and compress new records' data in the background; give freed memory back.
+
+        Packing beside a run of writes slows each write by a fifth (its thread, and the GIL passed
+        back and forth), so new records wait for a pass with no write (PACK_PAUSE), unless
+        PACK_BACKLOG bytes wait; the loaded records are packed at once.
+        """
+        loop, first, seen = asyncio.get_running_loop(), True, -1
         while True:
             for index in self.stats.indexes.values():
                 await index.fill()  # the deferred ones; the others return at once
-            packed = await self.packer.pack_waiting()
-            if first or packed >= 10_000:
-                gc.freeze()  # the packed records live long too: out of every later collection
-                await loop.run_in_executor(None, release_free_memory)
-                first = False
+            quiet = self.writes
+
+            def keep_going() -> bool:
+                return first or self.writes == quiet or self.packer.waiting_bytes >= self.PACK_BACKLOG // 2
+
+            if first or quiet == seen or self.packer.waiting_bytes >= self.PACK_BACKLOG:
+                packed = await self.packer.pack_waiting(keep_going)
+                if first or packed >= 10_000:
+                    gc.freeze()  # the packed records live long too: out of every later collection
+                    await loop.run_in_executor(None, release_free_memory)
+                    first = False
+            seen = self.writes
             await asyncio.sleep(self.PACK_PAUSE)
 
     async def _flush_forever(self) -> None:

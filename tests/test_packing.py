@@ -153,3 +153,39 @@ async def test_freed_memory_goes_back_once_requests_pause(make_client, monkeypat
     assert trims == [200 << 20]
     await asyncio.sleep(0.3)
     assert trims == [200 << 20]  # back to 90 MB: no second trim
+
+
+async def test_new_records_wait_for_a_pause_in_the_writes(make_client, monkeypatch):
+    """Packing beside writes slows them, so new records stay plain while writes keep landing, are packed
+    once the writes pause, and are packed beside the writes once PACK_BACKLOG bytes wait."""
+    monkeypatch.setattr(statsd.Store, "PACK_PAUSE", 0.4)
+    client = await make_client()
+    store = client.app[statsd.STORE_KEY]
+    token = await new_org(client, "CASES")
+    stats = organization_stats(3, 2, date(2026, 11, 30), 400, every=2)[1]
+    headers = {**key(token), "Content-Type": "application/json"}
+    sent = iter(range(0, len(stats), 2))
+
+    async def write_for(seconds: float, until=lambda: False) -> None:
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline and not until():
+            i = next(sent)
+            resp = await client.post("/api/v1/stats/", data=orjson.dumps(stats[i:i + 2]), headers=headers)
+            assert resp.status == 201, await resp.text()
+            await asyncio.sleep(0.01)
+
+    await asyncio.sleep(0.5)  # the packer's first pass (over the loaded records: none) is over
+    await write_for(1.5)
+    assert set(forms(client)) == {"bytes"}, forms(client)  # writes never paused for a pass: nothing packed
+    assert store.packer.waiting_bytes == sum(len(doc["data"]) for doc in store.stats_of()) > 100_000
+    for _ in range(100):  # then a pause
+        if not store.packer.waiting:
+            break
+        await asyncio.sleep(0.05)
+    assert "PackedData" in forms(client) and store.packer.waiting_bytes == 0, forms(client)
+
+    monkeypatch.setattr(statsd.Store, "PACK_BACKLOG", 60_000)  # about ten stats of plain data
+    before = forms(client)["PackedData"]
+    await write_for(6, until=lambda: forms(client)["PackedData"] > before)
+    assert forms(client)["PackedData"] > before  # packed while the writes went on
+    await client.close()
