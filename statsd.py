@@ -1798,8 +1798,8 @@ class StatDates(RecordView):
     def load(self, pairs: list[tuple[int, dict]]) -> None:
         """Fill the lists from the loaded (doc_id, record) pairs at once, then sort each.
 
-        Each record is put in one list, its analysis' in its organization; the
-        wider lists are those joined (one pass over the records, not three).
+        One pass puts each record in the list of its type, organization and analysis;
+        the type's, organization's and analysis' lists are those lists joined.
         """
         groups: dict[tuple, list] = {}  # (type, organization, anr) -> its (date, doc_id) in load order
         undated = self.undated
