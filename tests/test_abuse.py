@@ -100,6 +100,17 @@ async def test_data_nested_exactly_max_data_depth_is_stored_and_one_deeper_is_re
     assert body["errors"] == {"1": {"data": f"is nested deeper than {statsd.MAX_DATA_DEPTH} levels"}}
 
 
+async def test_wide_shallow_data_with_many_brackets_is_stored_as_sent(seeded):
+    """Containers side by side, and brackets inside strings, are no depth: far more than
+    MAX_DATA_DEPTH of them, two levels deep, are stored and answered as sent."""
+    wide = {"lists": [[i] for i in range(200)], "text": "[{" * 100,
+            "objects": [{"k": i, "in": [{}]} for i in range(100)]}
+    resp = await seeded.post(STATS, json={"type": "risk", "anr": 9, "data": wide}, headers=key(seeded.cases))
+    assert resp.status == 201, await resp.text()
+    got = await seeded.get(f"{STATS}{(await resp.json())['id']}/", headers=key(seeded.cases))
+    assert (await got.json())["data"] == wide
+
+
 async def test_v1_batch_refuses_only_the_item_nested_too_deep(make_client):
     client = await make_client()
     token = await new_org(client, "deep")
