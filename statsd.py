@@ -1735,11 +1735,19 @@ def stat_date(doc: dict) -> str:
     if "date" in doc:
         return doc["date"]
     if "year" in doc and "day" in doc:
-        try:
-            return date.fromordinal(date(doc["year"], 1, 1).toordinal() + doc["day"] - 1).isoformat()
-        except (ValueError, OverflowError):
-            pass
+        day = _day_of_year(doc["year"], doc["day"])
+        if day is not None:
+            return day
     return doc["created_at"][:10]
+
+
+@functools.lru_cache(maxsize=8192)  # (a load of undated stats asks for the same few hundred days)
+def _day_of_year(year: int, day: int) -> str | None:
+    """The YYYY-MM-DD of day `day` of `year` (1: January 1st), or None if there is none."""
+    try:
+        return date.fromordinal(date(year, 1, 1).toordinal() + day - 1).isoformat()
+    except (ValueError, OverflowError):
+        return None
 
 
 class StatDates(RecordView):
