@@ -3491,9 +3491,12 @@ def validated_fields(body: dict, allowed: Iterable[str], errors: dict, skip: Ite
     return clean
 
 
+CLIENT_FIELDS_SKIPPED = frozenset(("uuid", "organization", *STAT_READ_ONLY))  # checked on their own
+
+
 def stat_client_fields(body: dict, errors: dict) -> dict:
     """The validated, normalized client fields of a body (uuid and organization aside)."""
-    return validated_fields(body, STAT_CLIENT_FIELDS, errors, skip=("uuid", "organization", *STAT_READ_ONLY))
+    return validated_fields(body, STAT_CLIENT_FIELDS, errors, skip=CLIENT_FIELDS_SKIPPED)
 
 
 def ordered_stat(values: dict) -> dict:
