@@ -836,7 +836,10 @@ def measure(server: Server, side: str, size: int, name: str, method: str, path: 
         log(f"    {side}: {name}: FAILED {what}")
         return {"failed": what}
     if mode == "wrk" and probe < SLOW_MS:
+        ticks = cpu_ticks(server.pids())
         r = wrk(server.port, [(method, path, body)], key, args, name=f"{side}-{size}")
+        if r["requests"]:  # the side's CPU (every process and thread) over the wrk run, per answer
+            r["cpu_ms"] = (cpu_ticks(server.pids()) - ticks) / os.sysconf("SC_CLK_TCK") * 1000 / r["requests"]
         if method == "GET":  # a few sequential ones too, for the ratio when the other side is slow
             server.wait_idle()
             r["seq_p50"] = sequential(server.port, method, path, body, key, least=3, most=20, budget=1.5)["p50"]
@@ -910,7 +913,25 @@ def ms_of(r, key: str) -> str:
 
 def fmt_result(r) -> str:
     return f"{rps(r)} req/s, p50 {ms_of(r, 'p50')} ms, p99 {ms_of(r, 'p99')} ms" + \
+        (f", CPU {r['cpu_ms']:.2f} ms a request" if r.get("cpu_ms") else "") + \
         (f", {r['errors']} errors" if r.get("errors") else "")
+
+
+def cpu_table(res: dict) -> str:
+    """CPU per answered request of the wrk rows, each side's processes summed: what a request costs the
+    machine, which moves less than req/s when the two cores are shared with the load tool."""
+    s, u = res["statsd"], res.get("upstream") or {}
+    rows = []
+    for name, a in s.items():
+        b = u.get(name) if isinstance(u.get(name), dict) else None
+        if isinstance(a, dict) and a.get("cpu_ms"):
+            mine, theirs = a["cpu_ms"], b and b.get("cpu_ms")
+            other = f"{theirs:.2f} | {theirs / mine:.1f}x" if theirs else "n/a | n/a"
+            rows.append(f"| {name} | {mine:.2f} | {other} |")
+    if not rows:
+        return ""
+    return "\n".join(["| CPU ms per answered request (wrk rows) | statsd | upstream | upstream / statsd |",
+                      "|---|---:|---:|---:|", *rows])
 
 
 def ratio(a, b) -> str:
@@ -1043,6 +1064,9 @@ def report(results: dict, notes: list, args, started: float) -> str:
         m = res["meta"]
         out += [f"## {size:,} stats ({m['days']} day(s) from {m['first']}, {ORGS} organizations x {ANRS_PER_ORG} analyses"
                 f" x 5 types; statsd database file {res['db_mb']:,.0f} MB)", "", table(res), ""]
+        cpu = cpu_table(res)
+        if cpu:
+            out += [cpu, ""]
     out += ["Notes:",
             "- Every request is one the MONARC front office sends (v1, JSON body also on GET, `X-API-KEY`,"
             f" `User-Agent: {USER_AGENT}`), with the key of organization {ORG} (not an admin); the batch"
