@@ -102,7 +102,7 @@ async def test_data_nested_exactly_max_data_depth_is_stored_and_one_deeper_is_re
 
 async def test_wide_shallow_data_with_many_brackets_is_stored_as_sent(seeded):
     """Containers side by side, and brackets inside strings, are no depth: far more than
-    MAX_DATA_DEPTH of them, two levels deep, are stored and answered as sent."""
+    MAX_DATA_DEPTH of them, at most five containers deep, are stored and answered as sent."""
     wide = {"lists": [[i] for i in range(200)], "text": "[{" * 100,
             "objects": [{"k": i, "in": [{}]} for i in range(100)]}
     resp = await seeded.post(STATS, json={"type": "risk", "anr": 9, "data": wide}, headers=key(seeded.cases))
