@@ -1564,6 +1564,10 @@ async def _merge_runs(table: RecordTable, found: list, runs: list, run: list, or
             break
         found += [doc for doc in map(table.get, (values[-1] for values in keys)) if doc is not None]
         await budget.spend()
+    merged = None
+    while runs:  # a run at a time: freeing 100,000 sort keys at once would hold the loop for tens of ms
+        runs.pop()
+        await budget.spend()
 
 
 async def run_query(table: RecordTable, query: Query, by_date: Callable | None = None) -> tuple[list[dict], bool]:
