@@ -2050,11 +2050,30 @@ class StatAggregates(RecordView):
         self.version = 0  # changes with every write that changes a sum
         self._sorted: dict[str, list[str]] = {}
         self.answers: dict[tuple, tuple[int, Any]] = {}  # processor answers, valid while version holds
+        self.answer_bytes = 0  # the size of the JSON answers among them
         self.counted: set | None = set()  # while the first count runs: the doc ids counted so far
         self.pairs: list = []  # what load gave, for the first count
         self.ready: asyncio.Event | None = None
 
     MAX_ANSWERS = 256
+    MAX_ANSWER_BYTES = 64 << 20  # of JSON answers (a year of vulnerability lists is 2.6 MB at 100k stats)
+
+    def kept(self, key: tuple) -> Any:
+        """The answer kept under `key`, or None when a sum changed since it was kept."""
+        kept = self.answers.get(key)
+        return kept[1] if kept is not None and kept[0] == self.version else None
+
+    def keep(self, key: tuple, version: int, answer: Any) -> None:
+        """Keep `answer`, computed at `version`, unless a sum changed meanwhile (or it is more than all may
+        be); all are dropped when full."""
+        size = len(answer) if answer.__class__ is bytes else 0
+        if version != self.version or size > self.MAX_ANSWER_BYTES:
+            return
+        if len(self.answers) >= self.MAX_ANSWERS or self.answer_bytes + size > self.MAX_ANSWER_BYTES:
+            self.answers.clear()
+            self.answer_bytes = 0
+        self.answers[key] = (version, answer)
+        self.answer_bytes += size
 
     def added(self, doc_id: int, doc: dict, data: Any = MISSING) -> None:
         """Add a new stat's measures to its day (from `data` parsed, when given)."""
@@ -4199,24 +4218,39 @@ V1_PROCESSORS = {func.__name__: func for func in (threat_average_on_date, vulner
 
 
 async def processed_stats(store: Store, kind: str, processor: str, params: dict, *, date_from: str | None = None,
-                          date_to: str | None = None, anrs: set | None = None, organization: str | None = None):
-    """A processor's data over the stats of one type (of one organization, of some analyses) within the dates."""
+                          date_to: str | None = None, anrs: set | None = None, organization: str | None = None,
+                          as_json: bool = False):
+    """A processor's data over the stats of one type (of one organization, of some analyses) within the dates;
+    with `as_json`, its JSON, serialized an object at a time. Each is kept until a write changes a sum."""
     aggregates = store.aggregates
     key = (kind, processor, orjson.dumps(params, option=orjson.OPT_SORT_KEYS), date_from, date_to,
-           None if anrs is None else tuple(sorted(anrs)), organization)
-    kept = aggregates.answers.get(key)
-    if kept is not None and kept[0] == aggregates.version:
-        return kept[1]
+           None if anrs is None else tuple(sorted(anrs)), organization, as_json)
+    kept = aggregates.kept(key)
+    if kept is not None:
+        return kept
     version = aggregates.version
     days = await store.measures_by_day(kind, date_from, date_to, organization=organization, anrs=anrs)
     data = await V1_PROCESSORS[processor](days, aggregates.labels, params)
     if not days and not store.has_stats(kind, date_from, date_to, organization=organization, anrs=anrs):
         data = []
-    if version == aggregates.version and store.aggregates is aggregates:  # no write landed meanwhile
-        if len(aggregates.answers) >= aggregates.MAX_ANSWERS:
-            aggregates.answers.clear()
-        aggregates.answers[key] = (version, data)
+    if as_json:
+        data = await json_of_consumed(data)
+    if store.aggregates is aggregates:  # (not reloaded meanwhile)
+        aggregates.keep(key, version, data)
     return data
+
+
+async def json_of_consumed(data) -> bytes:
+    """The JSON of `data`, a list emptied as it goes: an item at a time, each freed once serialized (a
+    year of threat lists is 100,000 objects, too many to build or free in one go on the loop)."""
+    if data.__class__ is not list:
+        return dumps(data)
+    budget, parts = LoopBudget(), []
+    data.reverse()
+    while data:
+        parts.append(dumps(data.pop()))
+        await budget.spend()
+    return b"[" + b",".join(parts) + b"]"
 
 
 def stat_counts_by_month(store: Store, organization: str | None, months: int = 12) -> dict:
@@ -4539,8 +4573,8 @@ async def v1_processed(request: web.Request) -> web.Response:
         if not caller.sees(organization):
             raise ApiError(403, "Forbidden: an ordinary organization may ask only for its own organization")
     data = await processed_stats(request.app[STORE_KEY], kind, processor, processor_params, date_from=date_from,
-                                 date_to=date_to, anrs=anrs, organization=organization)
-    return json_response({"type": kind, "processor": processor, "data": data})
+                                 date_to=date_to, anrs=anrs, organization=organization, as_json=True)
+    return json_response({"type": kind, "processor": processor, "data": data})  # (its bytes spliced in)
 
 
 @route("GET", V1_PREFIX + "/", summary="MONARC: the v1 routes (no key)", public=True,
@@ -5155,9 +5189,9 @@ async def period_sums(ctx: ChartContext, kind: str, periods: list[tuple[str | No
     store, aggregates = ctx.store, ctx.store.aggregates
     key = ("period_sums", kind, tuple(periods), None if ctx.sel.anrs is None else tuple(sorted(ctx.sel.anrs)),
            ctx.organization)
-    kept = aggregates.answers.get(key)
-    if kept is not None and kept[0] == aggregates.version:
-        return kept[1]
+    kept = aggregates.kept(key)
+    if kept is not None:
+        return kept
     version = aggregates.version
     days = await store.measures_by_day(kind, periods[0][0], periods[-1][1], organization=ctx.organization,
                                        anrs=ctx.sel.anrs)
@@ -5174,10 +5208,8 @@ async def period_sums(ctx: ChartContext, kind: str, periods: list[tuple[str | No
             else:
                 entry[:] = map(operator.add, entry, measures)
         await budget.spend()
-    if version == aggregates.version and store.aggregates is aggregates:  # no write landed meanwhile
-        if len(aggregates.answers) >= aggregates.MAX_ANSWERS:
-            aggregates.answers.clear()
-        aggregates.answers[key] = (version, found)
+    if store.aggregates is aggregates:  # (not reloaded meanwhile)
+        aggregates.keep(key, version, found)
     return found
 
 

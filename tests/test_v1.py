@@ -666,3 +666,28 @@ async def test_a_processor_that_is_not_a_name_is_a_400(api):
         resp = await api.get("/api/v1/stats/processed/", json={"type": "risk", "processor": processor},
                              headers=monarc(api.admin))
         assert resp.status == 400, (processor, resp.status)
+
+
+async def test_kept_processor_answers_follow_writes_and_stay_within_their_byte_cap(api):
+    """A processor's JSON answer is kept until a write changes a sum: asked again, it is the same; after a
+    write it counts the new stat; with a cap smaller than a few answers, every answer is still right."""
+    aggregates = api.app[statsd.STORE_KEY].aggregates
+    aggregates.MAX_ANSWER_BYTES = 600  # about two of the answers below
+    await load_processing_set(api)
+    ask = {"type": "threat", "processor": "threat_average_on_date"}
+    first = await processed(api, api.cases, ask)
+    assert await processed(api, api.cases, ask) == first
+    assert aggregates.answer_bytes > 0  # (kept)
+    await post(api, api.cases, [{"anr": A1, "type": "threat", "date": "2024-03-10",
+                                 "data": [threat_item(T2, "Flood", 8, 5, "2")]}])
+    after = {d["object"]: d for d in await processed(api, api.cases, ask)}
+    assert after[T2]["values"][-1] == {"count": 5, "maxRisk": 8, "averageRate": 2, "date": "2024-03-10"}
+    assert after[T1] == {d["object"]: d for d in first}[T1]
+    ranges = [("2024-01-01", "2024-12-31"), ("2024-02-01", None), (None, "2024-02-28"), ("2024-03-01", None)]
+    for _ in range(2):
+        for date_from, date_to in ranges:
+            params = {**ask, **({"date_from": date_from} if date_from else {}), **({"date_to": date_to} if date_to else {})}
+            data = await processed(api, api.cases, params)
+            days = sorted({v["date"] for d in data for v in d["values"]})
+            assert days and all((date_from or "") <= day <= (date_to or "9999") for day in days), (params, days)
+            assert aggregates.answer_bytes <= aggregates.MAX_ANSWER_BYTES
