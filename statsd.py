@@ -980,7 +980,8 @@ STEP = 256  # records tested between two looks at the loop budget
 
 def id_array(ids: Iterable[int]) -> array.array:
     """Record ids as one block of C integers, which the garbage collector never walks: a list of
-    100,000 ids is walked by each collection that meets it, a pause of milliseconds on the loop."""
+    100,000 ids is walked by each collection that meets it, a pause of milliseconds on the loop.
+    Reading one back makes a new int per id, so the hot scans keep lists; the fills use arrays."""
     return array.array("q", ids)
 
 
@@ -1003,7 +1004,7 @@ def _live_steps(ids: dict) -> Iterator[list[int]]:
 
 def _steps_past(ids: dict, last: int) -> Iterator[list[int]]:
     """The ids of `ids` above `last`, in order, in lists of STEP (read when the first is asked for)."""
-    rest = id_array(sorted(ids))  # (at C speed, and in one pass where writes have not moved an id to the end)
+    rest = sorted(ids)  # (at C speed, and in one pass where writes have not moved an id to the end)
     yield from _steps(rest[bisect.bisect_right(rest, last):])
 
 
@@ -1367,7 +1368,7 @@ class RecordTable:
         if ids.__class__ is tuple:
             return ids, True
         smallest, *others = sorted(id_sets, key=len)
-        found = iter(id_array(smallest))  # a snapshot: the caller may yield to writers while it reads
+        found = iter(list(smallest))  # a snapshot: the caller may yield to writers while it reads
         for other in others:
             found = filter(other.__contains__, found)  # at C speed
         if ids is self.NOT_ASKED:
@@ -1485,7 +1486,7 @@ async def _candidates(table: RecordTable, filters: list[Filter]) -> tuple[Iterab
     for position, f in enumerate(rest):
         if f.path[0] == "data":
             column = await table.column(f.path)
-            ids, values, hits = id_array(column), tuple(column.values()), _column_hits(f)  # (see id_array)
+            ids, values, hits = list(column), list(column.values()), _column_hits(f)
             steps = (hits(ids[start:start + STEP], values[start:start + STEP]) for start in range(0, len(ids), STEP))
             return steps, rest[:position] + rest[position + 1:]
     return _live_steps(table.docs), rest
