@@ -24,7 +24,6 @@ grows and when the server stops.
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
 import collections
 import contextlib
@@ -978,16 +977,9 @@ class Turns:
 STEP = 256  # records tested between two looks at the loop budget
 
 
-def id_array(ids: Iterable[int]) -> array.array:
-    """Record ids as one block of C integers, which the garbage collector never walks: a list of
-    100,000 ids is walked by each collection that meets it, a pause of milliseconds on the loop.
-    Reading one back makes a new int per id, so the hot scans keep lists; the fills use arrays."""
-    return array.array("q", ids)
-
-
 def _steps(ids: Iterable[int]) -> Iterable[list[int]]:
     """`ids` in lists of STEP."""
-    if isinstance(ids, (list, tuple, array.array)):
+    if isinstance(ids, (list, tuple)):
         return (ids[start:start + STEP] for start in range(0, len(ids), STEP))
     found = iter(ids)
     return iter(lambda: list(itertools.islice(found, STEP)), [])
@@ -1161,7 +1153,7 @@ class Index:
         if self.docs is None or self.touched is not None:
             return
         docs, budget, ids, shared = self.docs, LoopBudget(), {}, {}
-        doc_ids, self.touched = id_array(docs), set()
+        doc_ids, self.touched = list(docs), set()
         for start in range(0, len(doc_ids), self.FILL_STEP):
             chunk = doc_ids[start:start + self.FILL_STEP]
             _index_buckets(self.name, [(doc_id, docs[doc_id]) for doc_id in chunk if doc_id in docs], ids, shared)
@@ -1240,7 +1232,7 @@ class Column:
         """Read every record; if this is interrupted, the column is dropped, never left half full."""
         self.filling = True
         try:
-            ids = id_array(table.docs)
+            ids = list(table.docs)
             docs, values, get, budget = table.docs, self.values, self.get, LoopBudget()
             for start in range(0, len(ids), self.PARSES):
                 for doc_id in ids[start:start + self.PARSES]:
@@ -2058,9 +2050,10 @@ class StatAggregates(RecordView):
         self.version = 0  # changes with every write that changes a sum
         self._sorted: dict[str, list[str]] = {}
         self.answers: dict[tuple, tuple[int, Any]] = {}  # processor answers, valid while version holds
-        self.answer_bytes = 0  # the size of the JSON answers among them
+        self.answer_bytes = 0  # the size of the JSON answers among them (bytes; the others are not counted)
+        self.answers_version = 0  # the version the kept answers were computed at
         self.counted: set | None = set()  # while the first count runs: the doc ids counted so far
-        self.loaded = id_array(())  # the ids of what load gave, for the first count
+        self.loaded: list[int] = []  # the ids of what load gave, for the first count
         self.ready: asyncio.Event | None = None
 
     MAX_ANSWERS = 256
@@ -2077,6 +2070,12 @@ class StatAggregates(RecordView):
         size = len(answer) if answer.__class__ is bytes else 0
         if version != self.version or size > self.MAX_ANSWER_BYTES:
             return
+        if version != self.answers_version:  # every kept answer is of an older version: none can match
+            self.answers.clear()
+            self.answer_bytes, self.answers_version = 0, version
+        old = self.answers.pop(key, None)  # (two requests computed the same answer)
+        if old is not None and old[1].__class__ is bytes:
+            self.answer_bytes -= len(old[1])
         if len(self.answers) >= self.MAX_ANSWERS or self.answer_bytes + size > self.MAX_ANSWER_BYTES:
             self.answers.clear()
             self.answer_bytes = 0
@@ -2107,13 +2106,13 @@ class StatAggregates(RecordView):
 
     def load(self, pairs: list[tuple[int, dict]]) -> None:
         """Keep the ids of the loaded stats for the first count (`count_all`), run after start."""
-        self.loaded = id_array(doc_id for doc_id, doc in pairs if doc.get("type") in self.days)
+        self.loaded = [doc_id for doc_id, doc in pairs if doc.get("type") in self.days]
 
     async def count_all(self, docs: dict) -> None:
         """Count the loaded records (once), giving the loop back between chunks."""
         if self.ready is None:
             self.ready = asyncio.Event()
-            budget, loaded, self.loaded = LoopBudget(), self.loaded, id_array(())
+            budget, loaded, self.loaded = LoopBudget(), self.loaded, []
             for doc_id in loaded:
                 doc = docs.get(doc_id)
                 if doc is not None and doc_id not in self.counted:

@@ -1,5 +1,6 @@
 """The MONARC /api/v1/ routes: what today's MONARC front office sends, answered as it expects."""
 
+import asyncio
 import datetime
 import uuid
 
@@ -670,24 +671,39 @@ async def test_a_processor_that_is_not_a_name_is_a_400(api):
 
 async def test_kept_processor_answers_follow_writes_and_stay_within_their_byte_cap(api):
     """A processor's JSON answer is kept until a write changes a sum: asked again, it is the same; after a
-    write it counts the new stat; with a cap smaller than a few answers, every answer is still right."""
+    write or a delete it follows; with a cap of about two answers, every answer is still right and the
+    kept bytes stay under the cap however often the same answer is computed again."""
     aggregates = api.app[statsd.STORE_KEY].aggregates
-    aggregates.MAX_ANSWER_BYTES = 600  # about two of the answers below
     await load_processing_set(api)
     ask = {"type": "threat", "processor": "threat_average_on_date"}
     first = await processed(api, api.cases, ask)
     assert await processed(api, api.cases, ask) == first
-    assert aggregates.answer_bytes > 0  # (kept)
-    await post(api, api.cases, [{"anr": A1, "type": "threat", "date": "2024-03-10",
+    size = aggregates.answer_bytes
+    assert size > 0  # (kept)
+    aggregates.MAX_ANSWER_BYTES = 2 * size + 100  # about two of these answers
+    a3 = str(uuid.uuid4())
+    await post(api, api.cases, [{"anr": a3, "type": "threat", "date": "2024-03-10",
                                  "data": [threat_item(T2, "Flood", 8, 5, "2")]}])
     after = {d["object"]: d for d in await processed(api, api.cases, ask)}
     assert after[T2]["values"][-1] == {"count": 5, "maxRisk": 8, "averageRate": 2, "date": "2024-03-10"}
     assert after[T1] == {d["object"]: d for d in first}[T1]
-    ranges = [("2024-01-01", "2024-12-31"), ("2024-02-01", None), (None, "2024-02-28"), ("2024-03-01", None)]
-    for _ in range(2):
+    resp = await api.delete(f"/api/v1/stats/{a3}", headers=monarc(api.cases))
+    assert resp.status == 204
+    assert await processed(api, api.cases, ask) == first
+    ranges = [("2024-01-01", "2024-12-31"), ("2024-02-01", None), (None, "2024-02-28"), ("2024-01-15", None)]
+    for round_ in range(3):
+        if round_ == 1:
+            aggregates.MAX_ANSWER_BYTES = 100 * size  # room for all: the count alone must stay exact
         for date_from, date_to in ranges:
             params = {**ask, **({"date_from": date_from} if date_from else {}), **({"date_to": date_to} if date_to else {})}
-            data = await processed(api, api.cases, params)
-            days = sorted({v["date"] for d in data for v in d["values"]})
+            answers = await asyncio.gather(*(processed(api, api.cases, params) for _ in range(3)))
+            assert answers[0] == answers[1] == answers[2]
+            days = sorted({v["date"] for d in answers[0] for v in d["values"]})
             assert days and all((date_from or "") <= day <= (date_to or "9999") for day in days), (params, days)
+            assert aggregates.answer_bytes == sum(len(a) for _, a in aggregates.answers.values() if a.__class__ is bytes)
             assert aggregates.answer_bytes <= aggregates.MAX_ANSWER_BYTES
+        other = str(uuid.uuid4())  # a write and a delete: the same answers are computed and kept again
+        await post(api, api.cases, [{"anr": other, "type": "threat", "date": "2024-02-20",
+                                     "data": [threat_item(T1, "Fire", 1, 1, "1")]}])
+        resp = await api.delete(f"/api/v1/stats/{other}", headers=monarc(api.cases))
+        assert resp.status == 204
