@@ -2049,9 +2049,9 @@ class StatAggregates(RecordView):
         self.labels: dict[str, list] = {}  # object uuid -> [item of its latest stat, stats naming it]
         self.version = 0  # changes with every write that changes a sum
         self._sorted: dict[str, list[str]] = {}
-        self.answers: dict[tuple, tuple[int, Any]] = {}  # processor answers, valid while version holds
+        self.answers: dict[tuple, Any] = {}  # processor answers, valid while answers_version is version
+        self.answers_version = 0  # the version every kept answer was computed at
         self.answer_bytes = 0  # the size of the JSON answers among them (bytes; the others are not counted)
-        self.answers_version = 0  # the version the kept answers were computed at
         self.counted: set | None = set()  # while the first count runs: the doc ids counted so far
         self.loaded: list[int] = []  # the ids of what load gave, for the first count
         self.ready: asyncio.Event | None = None
@@ -2061,8 +2061,7 @@ class StatAggregates(RecordView):
 
     def kept(self, key: tuple) -> Any:
         """The answer kept under `key`, or None when a sum changed since it was kept."""
-        kept = self.answers.get(key)
-        return kept[1] if kept is not None and kept[0] == self.version else None
+        return self.answers.get(key) if self.answers_version == self.version else None
 
     def keep(self, key: tuple, version: int, answer: Any) -> None:
         """Keep `answer`, computed at `version`, unless a sum changed meanwhile (or it is more than all may
@@ -2074,12 +2073,12 @@ class StatAggregates(RecordView):
             self.answers.clear()
             self.answer_bytes, self.answers_version = 0, version
         old = self.answers.pop(key, None)  # (two requests computed the same answer)
-        if old is not None and old[1].__class__ is bytes:
-            self.answer_bytes -= len(old[1])
+        if old.__class__ is bytes:
+            self.answer_bytes -= len(old)
         if len(self.answers) >= self.MAX_ANSWERS or self.answer_bytes + size > self.MAX_ANSWER_BYTES:
             self.answers.clear()
             self.answer_bytes = 0
-        self.answers[key] = (version, answer)
+        self.answers[key] = answer
         self.answer_bytes += size
 
     def added(self, doc_id: int, doc: dict, data: Any = MISSING) -> None:
