@@ -335,6 +335,21 @@ async def test_a_partly_failing_batch_is_207_with_per_item_results(api):
     assert [(s["type"], s["data"]) for s in stored] == [("risk", 0), ("threat", [1])]
 
 
+async def test_the_uuids_the_server_gives_are_distinct_random_version_4_uuids(api):
+    anr = str(uuid.uuid4())
+    given = []
+    for _ in range(3):  # 900 stats: more than the server draws from one os.urandom call, several times over
+        body = await post(api, api.cases, [{"anr": anr, "type": "risk", "date": today(), "data": i} for i in range(300)])
+        given += [s["uuid"] for s in body["data"]]
+    parsed = [uuid.UUID(u) for u in given]
+    assert all(p.version == 4 and p.variant == uuid.RFC_4122 and str(p) == u for p, u in zip(parsed, given))
+    assert len(set(given)) == 900
+    assert sorted(s["uuid"] for s in await v2_stats(api, api.cases)) == sorted(given)
+    # the random digits differ from uuid to uuid: no position is constant but the version and variant ones
+    constant = [i for i in range(36) if len({u[i] for u in given}) == 1]
+    assert constant == [8, 13, 14, 18, 23], constant
+
+
 async def test_an_empty_batch_is_201_and_a_non_list_body_is_400(api):
     body = await post(api, api.cases, [])
     assert body["metadata"]["count"] == "0" and body["data"] == []
