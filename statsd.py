@@ -404,7 +404,8 @@ def parse_uuid(value: str) -> str | None:
 
 
 _RANDOM_DIGITS: list[str] = []  # 32 random hex digits each, from one os.urandom call per 256 (pop() is atomic)
-os.register_at_fork(after_in_child=_RANDOM_DIGITS.clear)  # (a child must not hand out its parent's uuids)
+if hasattr(os, "register_at_fork"):  # (POSIX; a child must not hand out its parent's uuids)
+    os.register_at_fork(after_in_child=_RANDOM_DIGITS.clear)
 
 
 def new_uuid() -> str:
