@@ -502,6 +502,14 @@ ORG_FIELDS = {
 }
 
 
+def _list_index(part: str) -> int:
+    """The list index a path step names (ASCII digits, at most 18 of them past leading zeros), else -1.
+
+    Longer steps cannot index any list, and int() refuses strings of over 4,300 digits."""
+    digits = part.lstrip("0") or "0"
+    return int(digits) if part.isascii() and part.isdigit() and len(digits) <= 18 else -1
+
+
 def _getter(path: tuple[str, ...]) -> Callable[..., Any]:
     """A function reading a field, or a path inside it, from a record (MISSING if absent).
 
@@ -512,8 +520,7 @@ def _getter(path: tuple[str, ...]) -> Callable[..., Any]:
         name = path[0]
         return lambda doc, data=MISSING: doc.get(name, MISSING)
     first, in_data = path[0], path[0] == "data"
-    steps = tuple((part, int(part) if part.isascii() and part.isdigit() else -1)  # (key, list index or -1)
-                  for part in path[1:])
+    steps = tuple((part, _list_index(part)) for part in path[1:])  # (key, list index or -1)
 
     def get(doc, data=MISSING):
         value = data if in_data and data is not MISSING else doc.get(first, MISSING)

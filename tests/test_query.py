@@ -1150,3 +1150,14 @@ async def whole_list_of(client):
         if not body["has_more"]:
             return found
         skip += 1000
+
+
+async def test_a_data_path_step_of_thousands_of_digits_matches_nothing_rather_than_failing(api):
+    long_step = "9" * 5000  # past int()'s 4,300-digit limit
+    resp = await api.post("/api/v2/stats/", json={"type": "risk", "anr": 1, "data": {"x": {"a": 1}, "l": [1, 2]}},
+                          headers=key(api.admin))
+    assert resp.status == 201, await resp.text()
+    for query in (f"data__x__{long_step}=1", f"data__l__{long_step}=1", f"_order_by=data__l__{long_step}"):
+        resp = await api.get(f"/api/v2/stats/?{query}", headers=key(api.admin))
+        assert resp.status == 200, (query[:40], await resp.text())
+        assert len((await resp.json())["data"]) == (1 if query.startswith("_order_by") else 0)
