@@ -838,7 +838,7 @@ def measure(server: Server, side: str, size: int, name: str, method: str, path: 
         return {"failed": what}
     if mode == "wrk" and probe < SLOW_MS:
         runs = []
-        for run in range(1 if method == "GET" else args.write_runs):  # a write row: the median of a few runs
+        for run in range(1 if method == "GET" else max(1, args.write_runs)):  # a write row: the median of a few runs
             if run:
                 server.wait_idle()
             ticks = cpu_ticks(server.pids())
@@ -846,7 +846,7 @@ def measure(server: Server, side: str, size: int, name: str, method: str, path: 
             if r["requests"]:  # the side's CPU (every process and thread) over the wrk run, per answer
                 r["cpu_ms"] = (cpu_ticks(server.pids()) - ticks) / os.sysconf("SC_CLK_TCK") * 1000 / r["requests"]
             runs.append(r)
-        r = sorted(runs, key=lambda run: run["rps"] or 0)[len(runs) // 2]
+        r = sorted(runs, key=lambda run: run["rps"] or 0)[(len(runs) - 1) // 2]  # (of an even count, the lower)
         if len(runs) > 1:
             r["runs_rps"] = [run["rps"] for run in runs]
             notes.append(f"{size:,} {side}: {name}: {len(runs)} wrk runs, "
