@@ -2,6 +2,9 @@
 
 import asyncio
 import datetime
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -348,6 +351,33 @@ async def test_the_uuids_the_server_gives_are_distinct_random_version_4_uuids(ap
     # the random digits differ from uuid to uuid: no position is constant but the version and variant ones
     constant = [i for i in range(36) if len({u[i] for u in given}) == 1]
     assert constant == [8, 13, 14, 18, 23], constant
+
+
+FORKED_UUIDS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import statsd
+statsd.new_uuid()  # the parent's pool of random digits is filled before the fork
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, " ".join(statsd.new_uuid() for _ in range(100)).encode())
+    os._exit(0)
+os.close(write)
+child = b""
+while chunk := os.read(read, 65536):
+    child += chunk
+os.wait()
+print(len(set(child.decode().split()) & {statsd.new_uuid() for _ in range(100)}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_forked_process_does_not_hand_out_the_uuids_of_its_parent():
+    """A forking server (or a forked test) must not give two stats the same uuid from a copied pool."""
+    done = subprocess.run([sys.executable, "-c", FORKED_UUIDS, os.path.dirname(os.path.abspath(statsd.__file__))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
 
 
 async def test_an_empty_batch_is_201_and_a_non_list_body_is_400(api):
