@@ -849,8 +849,11 @@ def measure(server: Server, side: str, size: int, name: str, method: str, path: 
         r = sorted(runs, key=lambda run: run["rps"] or 0)[(len(runs) - 1) // 2]  # (of an even count, the lower)
         if len(runs) > 1:
             r["runs_rps"] = [run["rps"] for run in runs]
+            errors = [run.get("errors") or 0 for run in runs]
+            r["errors"] = sum(errors)  # (every run's: the row's * flag)
             notes.append(f"{size:,} {side}: {name}: {len(runs)} wrk runs, "
-                         + ", ".join(f"{v:,.0f}" for v in r["runs_rps"]) + " req/s (the median run is shown)")
+                         + ", ".join(f"{v:,.0f}" for v in r["runs_rps"]) + " req/s (the median run is shown)"
+                         + ("; errors " + ", ".join(map(str, errors)) if r["errors"] else ""))
         if method == "GET":  # a few sequential ones too, for the ratio when the other side is slow
             server.wait_idle()
             r["seq_p50"] = sequential(server.port, method, path, body, key, least=3, most=20, budget=1.5)["p50"]
@@ -1068,7 +1071,7 @@ def report(results: dict, notes: list, args, started: float) -> str:
            if args.side == "both" else "statsd only (BENCH_SIDE=statsd).",
            f"Rows with req/s: `wrk -t1 -c{args.connections} -d{args.duration}s`; \"seq xN\": N requests one after"
            f" another (calls slower than {SLOW_MS} ms, and the processors), median and slowest. The batch POST"
-           f" row: the median of {args.write_runs} wrk runs by req/s (all of them in the notes). Ratio: statsd over"
+           f" row: the median of {max(1, args.write_runs)} wrk runs by req/s (all of them in the notes). Ratio: statsd over"
            " upstream by req/s; by median latency of sequential requests where a side was sequential (\"(seq)\":"
            " the other side's sequential median, measured beside its wrk run); by p99 for the cheap request under"
            " hostile load.", ""]
