@@ -4,7 +4,7 @@ bench's batch of 5 (bench/monarc.py's collection job), and wrk measures each in 
 - inproc: the handler parses the body and prepares the records (fields, `data` serialized again,
   the threat and vulnerability measures as tuples), as statsd's handler does;
 - helper: the handler sends the raw body to a forked helper process over a socket pair, which
-  does that work and sends the prepared records back pickled.
+  does that work and sends the prepared records back pickled, one call at a time (lock-step).
 
 What matters is the CPU the front process spends per request: it is the one that would still
 own the store, so it must get cheaper for statsd's single-writer design to go faster.

@@ -359,15 +359,20 @@ sys.path.insert(0, sys.argv[1])
 import statsd
 statsd.new_uuid()  # the parent's pool of random digits is filled before the fork
 read, write = os.pipe()
-if os.fork() == 0:
-    os.write(write, " ".join(statsd.new_uuid() for _ in range(100)).encode())
-    os._exit(0)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.write(write, " ".join(statsd.new_uuid() for _ in range(100)).encode())
+    finally:
+        os._exit(0 if sys.exc_info()[0] is None else 1)
 os.close(write)
 child = b""
 while chunk := os.read(read, 65536):
     child += chunk
-os.wait()
-print(len(set(child.decode().split()) & {statsd.new_uuid() for _ in range(100)}))
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the child failed"
+child = set(child.decode().split())
+assert len(child) == 100, child
+print(len(child & {statsd.new_uuid() for _ in range(100)}))
 """
 
 
