@@ -1,5 +1,5 @@
-"""Would a helper process lift the batch POST?  Two bare aiohttp apps (no statsd code) answer the
-bench's batch of 5 (bench/monarc.py's collection job), and wrk measures each in turn:
+"""Would a helper process lift the batch POST?  Two bare aiohttp apps (no statsd code) answer a
+batch of 5 built by bench/monarc.py's generator (its shape, another seed), and wrk measures each in turn:
 
 - inproc: the handler parses the body and prepares the records (fields, `data` serialized again,
   the threat and vulnerability measures as tuples), as statsd's handler does;
@@ -135,7 +135,7 @@ def measure(mode: str, requests_file: str) -> dict:
 
 def main() -> None:
     sys.path.insert(0, HERE)
-    import monarc  # the bench's generator: the same batch as `make bench-monarc`'s collection job
+    import monarc  # the bench's generator: a batch shaped as `make bench-monarc`'s collection job
     _, catalog, _ = monarc.world(1, 40)
     analysis, rng = monarc.Analysis(random.Random(8), catalog, 40), random.Random(9)
     batch = [{"anr": "@ANR@", "type": kind, "date": dt.date.today().isoformat(), "data": monarc.data_for(kind, rng, analysis)}
