@@ -29,6 +29,9 @@ import orjson
 from aiohttp import web
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import monarc  # noqa: E402  (the bench's generator and its /proc helpers)
+
 DURATION = 5
 
 
@@ -97,16 +100,8 @@ def serve(mode: str, port: int) -> None:
     web.run_app(app(), host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def measure(mode: str, requests_file: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = monarc.free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(port)])
     try:
         for _ in range(100):
@@ -116,12 +111,12 @@ def measure(mode: str, requests_file: str) -> dict:
             except OSError:
                 time.sleep(0.1)
         time.sleep(0.5)
-        pids = [server.pid] + [int(p) for p in open(f"/proc/{server.pid}/task/{server.pid}/children").read().split()]
-        before = [ticks(p) for p in pids]
+        pids = [server.pid] + monarc.children(server.pid)
+        before = [monarc.cpu_ticks([p]) for p in pids]
         out = subprocess.run(["wrk", "-t1", "-c16", f"-d{DURATION}s", "-s", os.path.join(HERE, "monarc.lua"),
                               f"http://127.0.0.1:{port}/", "--", requests_file, "-", "-", "0badcafe"],
                              capture_output=True, text=True, check=True).stdout
-        used = [ticks(p) - b for p, b in zip(pids, before)]
+        used = [monarc.cpu_ticks([p]) - b for p, b in zip(pids, before)]
     finally:
         server.terminate()
         server.wait()
@@ -134,8 +129,6 @@ def measure(mode: str, requests_file: str) -> dict:
 
 
 def main() -> None:
-    sys.path.insert(0, HERE)
-    import monarc  # the bench's generator: a batch shaped as `make bench-monarc`'s collection job
     _, catalog, _ = monarc.world(1, 40)
     analysis, rng = monarc.Analysis(random.Random(8), catalog, 40), random.Random(9)
     batch = [{"anr": "@ANR@", "type": kind, "date": dt.date.today().isoformat(), "data": monarc.data_for(kind, rng, analysis)}
